@@ -1,0 +1,72 @@
+"""``bgsynth <command>``: a thin layer over the public Python API.
+
+Each command is a module of this package with ``register(subparsers)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+# module names under engine.cli, in the order `bgsynth --help` lists them
+COMMANDS = (
+    "demo",
+    "make_dataset",
+    "ingest",
+    "prepare",
+    "show",
+    "export",
+    "train",
+    "eval",
+    "challenge",
+    "report",
+)
+
+
+def _modules():
+    mods = []
+    for name in COMMANDS:
+        try:
+            mods.append(importlib.import_module(f"engine.cli.{name}"))
+        except ModuleNotFoundError as e:
+            if e.name != f"engine.cli.{name}":
+                raise
+    return mods
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from engine import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="bgsynth",
+        description="Batched foreground/background variant synthesis, evaluation and the Backgrounds Challenge.",
+    )
+    parser.add_argument("--version", action="version", version=f"bgsynth {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for mod in _modules():
+        p = mod.register(sub)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.errors import BgsynthError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except BgsynthError as e:
+        print(f"bgsynth {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bgsynth {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Typed exceptions of bgsynth.
+
+Every error raised for bad user input derives from :class:`BgsynthError` and says what was expected, what was
+found, and which file or tensor is at fault.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BgsynthError",
+    "IndexFormatError",
+    "DecodeError",
+    "BackendUnavailableError",
+    "PoolTooLargeError",
+    "CheckpointError",
+    "ConfigError",
+]
+
+
+class BgsynthError(Exception):
+    """Base class of every error bgsynth raises on purpose."""
+
+
+class IndexFormatError(BgsynthError, ValueError):
+    """A dataset index (COCO-format JSON) is malformed; the message names the file and the field."""
+
+
+class DecodeError(BgsynthError, RuntimeError):
+    """An image could not be decoded; the message names the file and the reason."""
+
+
+class BackendUnavailableError(BgsynthError, RuntimeError):
+    """A backend (decode, kernel, distributed) was requested but is not installed or not usable here."""
+
+
+class PoolTooLargeError(BgsynthError, MemoryError):
+    """A background pool would not fit in the target device's memory."""
+
+
+class CheckpointError(BgsynthError, RuntimeError):
+    """A model checkpoint or a run checkpoint could not be loaded safely or completely."""
+
+
+class ConfigError(BgsynthError, ValueError):
+    """An argument or configuration value is out of range or inconsistent."""

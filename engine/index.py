@@ -1,0 +1,570 @@
+"""The dataset index: the single description of a dataset that every stage after ingest reads.
+
+An index is one COCO-format JSON file that :class:`pycocotools.coco.COCO` loads as is:
+
+* ``images``: ``id``, ``file_name`` (relative to the image root), ``width``/``height`` (stored pixel size, no EXIF
+  rotation), ``label`` (IN-9 id), ``in1k_class`` (ImageNet-1k index or ``None``), ``wnid`` (or ``None``),
+  ``split`` (``"train"``/``"val"``/...), optional ``format`` (``"JPEG"``, ``"PNG"``, ...) and ``mode``.
+* ``annotations``: ``id``, ``image_id``, ``category_id`` (IN-9 id), ``bbox`` ``[x, y, w, h]`` covering pixels
+  ``x..x+w-1`` and ``y..y+h-1``, ``area``, ``iscrowd`` 0, optional ``segmentation`` as compressed RLE and
+  ``mask_source`` (``released``/``grabcut``/``synthetic``/``external``) when a mask is known.
+* ``categories``: the 9 IN-9 classes (ids 0..8).
+* ``rejects``: ``{"path", "reason", "detail"}`` for every input that was not indexed, and ``info`` with the
+  image root, counts of skipped (e.g. unmapped-class) inputs and free-form provenance.
+
+>>> from engine.index import DatasetIndex
+>>> idx = DatasetIndex.empty(image_root="/data")
+>>> len(idx)
+0
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from .classes import IN9_CLASSES, NUM_IN9
+from .errors import IndexFormatError
+
+__all__ = [
+    "INDEX_VERSION",
+    "MASK_SOURCES",
+    "Reject",
+    "ImageRecord",
+    "DatasetIndex",
+    "rle_encode",
+    "rle_decode",
+    "rle_union",
+    "atomic_write_bytes",
+    "atomic_write_json",
+]
+
+INDEX_VERSION = 1
+MASK_SOURCES = ("released", "grabcut", "synthetic", "external")
+
+
+class Reject:
+    """Reason strings of rejected inputs (one vocabulary for ingest, prepare and decode)."""
+
+    ZERO_BYTE = "zero_byte_file"
+    UNREADABLE = "unreadable_image"
+    TRUNCATED = "truncated_image"
+    MISSING_FILE = "missing_file"
+    MISSING_ANNOTATION = "missing_annotation"
+    BAD_ANNOTATION = "unparsable_annotation"
+    SIZE_MISMATCH = "annotation_size_mismatch"
+    NO_OBJECT = "no_object"
+    EMPTY_BOX = "empty_box"
+    BOX_OUTSIDE_IMAGE = "box_outside_image"
+    MISSING_MASK = "missing_mask"
+    MASK_SHAPE = "mask_shape_mismatch"
+    UNMAPPED_CLASS = "unmapped_class"
+    MULTIPLE_OBJECTS = "multiple_objects"
+    BOX_TOO_LARGE = "box_too_large"
+    BOX_OUTSIDE_CROP = "box_outside_crop"
+    NO_BGT_MARGIN = "no_bgt_margin"
+    GRABCUT_FAILED = "grabcut_failed"
+    DECODE_FAILED = "decode_failed"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# RLE helpers (pycocotools compressed RLE with ``counts`` as str so the JSON stays plain)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def rle_encode(mask: np.ndarray) -> dict:
+    """Encode a binary ``[H, W]`` mask as COCO compressed RLE with a ``str`` ``counts`` field.
+
+    >>> m = np.zeros((4, 5), np.uint8); m[1:3, 2:4] = 1
+    >>> bool((rle_decode(rle_encode(m)) == m).all())
+    True
+    """
+    from pycocotools import mask as mask_utils
+
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise IndexFormatError(f"rle_encode: expected a 2-D mask, got shape {mask.shape}")
+    rle = mask_utils.encode(np.asfortranarray((mask != 0).astype(np.uint8)))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def rle_decode(rle: Mapping[str, Any]) -> np.ndarray:
+    """Decode a COCO RLE (compressed or uncompressed) into a ``uint8`` 0/1 array ``[H, W]``."""
+    from pycocotools import mask as mask_utils
+
+    if not isinstance(rle, Mapping) or "size" not in rle or "counts" not in rle:
+        raise IndexFormatError(f"rle_decode: expected an RLE dict with 'size' and 'counts', got {type(rle).__name__}")
+    counts = rle["counts"]
+    h, w = int(rle["size"][0]), int(rle["size"][1])
+    if isinstance(counts, list):
+        obj = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+    else:
+        obj = {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return np.ascontiguousarray(mask_utils.decode(obj)).astype(np.uint8)
+
+
+def rle_union(rles: Sequence[Mapping[str, Any]], height: int, width: int) -> dict | None:
+    """Union of several RLE masks of the same ``[height, width]`` (``None`` for an empty list)."""
+    if not rles:
+        return None
+    if len(rles) == 1:
+        return dict(rles[0])
+    acc = np.zeros((height, width), np.uint8)
+    for r in rles:
+        m = rle_decode(r)
+        if m.shape != (height, width):
+            raise IndexFormatError(f"rle_union: expected masks of size {(height, width)}, got {m.shape}")
+        acc |= m
+    return rle_encode(acc)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:
+    """Serialise ``obj`` as JSON and write it atomically."""
+    atomic_write_bytes(path, json.dumps(obj, indent=indent, sort_keys=False).encode("utf-8"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecord:
+    """One image of an index with its annotations joined.
+
+    Attributes:
+        id: image id (unique in the index).
+        path: absolute path of the image file.
+        file_name: path relative to the image root, as stored.
+        width, height: stored pixel size.
+        label: IN-9 class id.
+        split: split name.
+        boxes: ``int64 [K, 4]`` inclusive ``(x0, y0, x1, y1)`` of each annotation (K may be 0).
+        mask_rle: RLE of the foreground mask M (union of the annotations' masks) or ``None``.
+        mask_source: where the mask came from, or ``None``.
+        meta: the raw image entry (extra fields such as ``in1k_class``, ``wnid``, ``format``).
+    """
+
+    id: int
+    path: str
+    file_name: str
+    width: int
+    height: int
+    label: int
+    split: str
+    boxes: np.ndarray
+    mask_rle: dict | None
+    mask_source: str | None
+    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def union_box(self) -> tuple[int, int, int, int] | None:
+        """Inclusive ``(x0, y0, x1, y1)`` of the union of all boxes (the paper's B), ``None`` without boxes."""
+        if len(self.boxes) == 0:
+            return None
+        b = self.boxes
+        return int(b[:, 0].min()), int(b[:, 1].min()), int(b[:, 2].max()), int(b[:, 3].max())
+
+    def mask(self) -> np.ndarray | None:
+        """The decoded foreground mask ``uint8 [H, W]`` (0/1), or ``None`` if the image has no mask."""
+        if self.mask_rle is None:
+            return None
+        m = rle_decode(self.mask_rle)
+        if m.shape != (self.height, self.width):
+            raise IndexFormatError(
+                f"image {self.id} ({self.file_name}): mask size {m.shape} != image size {(self.height, self.width)}"
+            )
+        return m
+
+
+def bbox_to_inclusive(bbox: Sequence[float]) -> tuple[int, int, int, int]:
+    """COCO ``[x, y, w, h]`` -> inclusive integer ``(x0, y0, x1, y1)``."""
+    x, y, w, h = (float(v) for v in bbox)
+    x0, y0 = int(round(x)), int(round(y))
+    return x0, y0, x0 + max(int(round(w)), 1) - 1, y0 + max(int(round(h)), 1) - 1
+
+
+def inclusive_to_bbox(box: Sequence[int]) -> list[int]:
+    """Inclusive ``(x0, y0, x1, y1)`` -> COCO ``[x, y, w, h]``."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    return [x0, y0, x1 - x0 + 1, y1 - y0 + 1]
+
+
+def mask_extent(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Inclusive ``(x0, y0, x1, y1)`` extent of the nonzero pixels of a mask (``None`` if empty)."""
+    ys = np.flatnonzero(mask.any(axis=1))
+    xs = np.flatnonzero(mask.any(axis=0))
+    if len(ys) == 0:
+        return None
+    return int(xs[0]), int(ys[0]), int(xs[-1]), int(ys[-1])
+
+
+__all__ += ["bbox_to_inclusive", "inclusive_to_bbox", "mask_extent"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The index
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _categories() -> list[dict]:
+    return [{"id": i, "name": n, "supercategory": "in9"} for i, n in enumerate(IN9_CLASSES)]
+
+
+class DatasetIndex:
+    """A COCO-format dataset description plus the list of rejected inputs.
+
+    Args:
+        data: the COCO dict (``images``, ``annotations``, ``categories``, ``info``, ``rejects``).
+        path: where the index was loaded from (used to resolve a relative image root and in error messages).
+
+    The image root is ``data["info"]["image_root"]``; a relative root is relative to the index file's folder.
+    """
+
+    def __init__(self, data: dict, path: str | os.PathLike | None = None):
+        self.data = data
+        self.path = None if path is None else pathlib.Path(path)
+        self.data.setdefault("info", {})
+        self.data.setdefault("rejects", [])
+        self.data.setdefault("categories", _categories())
+        self._build()
+
+    # ---------------------------------------------------------------------------------------------- creation
+    @classmethod
+    def empty(cls, image_root: str | os.PathLike, description: str = "") -> "DatasetIndex":
+        """A new index with no images, rooted at ``image_root``."""
+        info = {"version": INDEX_VERSION, "image_root": str(image_root), "description": description, "skipped": {}}
+        return cls({"info": info, "images": [], "annotations": [], "categories": _categories(), "rejects": []})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "DatasetIndex":
+        """Load and validate an index JSON; raises :class:`IndexFormatError` naming the file on any problem."""
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise IndexFormatError(f"{path}: index file not found")
+        try:
+            with open(path, "r", encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise IndexFormatError(f"{path}: not a readable JSON index ({e})") from e
+        if not isinstance(data, dict):
+            raise IndexFormatError(f"{path}: expected a JSON object at top level, got {type(data).__name__}")
+        idx = cls(data, path)
+        idx.validate()
+        return idx
+
+    def save(self, path: str | os.PathLike | None = None, indent: int | None = None) -> pathlib.Path:
+        """Write the index atomically (to ``path`` or where it was loaded from) and return the path."""
+        target = pathlib.Path(path) if path is not None else self.path
+        if target is None:
+            raise IndexFormatError("DatasetIndex.save: no path given and the index was not loaded from a file")
+        root = self.data["info"].get("image_root")
+        if root is not None and self.path is not None and not os.path.isabs(root):
+            # keep a relative root pointing at the same folder when saving elsewhere
+            abs_root = (self.path.parent / root).resolve()
+            self.data["info"]["image_root"] = os.path.relpath(abs_root, target.resolve().parent)
+        atomic_write_json(target, self.data, indent=indent)
+        self.path = target
+        return target
+
+    def copy(self) -> "DatasetIndex":
+        return DatasetIndex(copy.deepcopy(self.data), self.path)
+
+    # ---------------------------------------------------------------------------------------------- internals
+    def _build(self) -> None:
+        self._images = {int(im["id"]): im for im in self.data.get("images", [])}
+        self._anns: dict[int, list[dict]] = collections.defaultdict(list)
+        for a in self.data.get("annotations", []):
+            self._anns[int(a["image_id"])].append(a)
+        self._next_ann = max((int(a["id"]) for a in self.data.get("annotations", [])), default=-1) + 1
+
+    def _where(self) -> str:
+        return str(self.path) if self.path is not None else "<in-memory index>"
+
+    # ---------------------------------------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Check the structure; raises :class:`IndexFormatError` with the file, entry and field at fault."""
+        where = self._where()
+        d = self.data
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(d.get(key), list):
+                raise IndexFormatError(f"{where}: expected a list under '{key}', got {type(d.get(key)).__name__}")
+        if "image_root" not in d["info"]:
+            raise IndexFormatError(f"{where}: 'info.image_root' is missing")
+        cat_ids = sorted(int(c.get("id", -1)) for c in d["categories"])
+        if cat_ids != list(range(NUM_IN9)):
+            raise IndexFormatError(f"{where}: expected categories with ids 0..{NUM_IN9 - 1}, got {cat_ids}")
+        seen: set[int] = set()
+        for i, im in enumerate(d["images"]):
+            for field, typ in (("id", int), ("file_name", str), ("width", int), ("height", int), ("label", int)):
+                if not isinstance(im.get(field), typ) or isinstance(im.get(field), bool):
+                    raise IndexFormatError(
+                        f"{where}: images[{i}].{field}: expected {typ.__name__}, got {im.get(field)!r}"
+                    )
+            if im["id"] in seen:
+                raise IndexFormatError(f"{where}: images[{i}]: duplicate image id {im['id']}")
+            seen.add(im["id"])
+            if not 0 <= im["label"] < NUM_IN9:
+                raise IndexFormatError(f"{where}: images[{i}].label: expected 0..{NUM_IN9 - 1}, got {im['label']}")
+            if im["width"] <= 0 or im["height"] <= 0:
+                raise IndexFormatError(f"{where}: images[{i}]: expected a positive size, got {im['width']}x{im['height']}")
+            fn = im["file_name"]
+            if os.path.isabs(fn) or ".." in pathlib.PurePosixPath(fn.replace("\\", "/")).parts:
+                raise IndexFormatError(f"{where}: images[{i}].file_name {fn!r} must be relative, without '..'")
+        ann_ids: set[int] = set()
+        for i, a in enumerate(d["annotations"]):
+            if int(a.get("image_id", -1)) not in seen:
+                raise IndexFormatError(f"{where}: annotations[{i}]: image_id {a.get('image_id')!r} not in images")
+            if a.get("id") in ann_ids:
+                raise IndexFormatError(f"{where}: annotations[{i}]: duplicate annotation id {a.get('id')}")
+            ann_ids.add(a.get("id"))
+            bbox = a.get("bbox")
+            if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+                raise IndexFormatError(f"{where}: annotations[{i}].bbox: expected [x, y, w, h], got {bbox!r}")
+            if bbox[2] <= 0 or bbox[3] <= 0:
+                raise IndexFormatError(f"{where}: annotations[{i}].bbox: expected positive w/h, got {bbox!r}")
+            seg = a.get("segmentation")
+            if seg is not None and not (isinstance(seg, dict) and "size" in seg and "counts" in seg):
+                raise IndexFormatError(
+                    f"{where}: annotations[{i}].segmentation: expected an RLE dict with size/counts, got {type(seg).__name__}"
+                )
+            src = a.get("mask_source")
+            if seg is not None and src not in MASK_SOURCES:
+                raise IndexFormatError(
+                    f"{where}: annotations[{i}].mask_source: expected one of {MASK_SOURCES}, got {src!r}"
+                )
+        if not isinstance(d.get("rejects", []), list):
+            raise IndexFormatError(f"{where}: expected a list under 'rejects'")
+
+    # ---------------------------------------------------------------------------------------------- access
+    def __len__(self) -> int:
+        return len(self._images)
+
+    @property
+    def image_root(self) -> pathlib.Path:
+        root = pathlib.Path(self.data["info"]["image_root"])
+        if not root.is_absolute() and self.path is not None:
+            root = self.path.parent / root
+        return root
+
+    @property
+    def ids(self) -> list[int]:
+        """All image ids, sorted."""
+        return sorted(self._images)
+
+    @property
+    def rejects(self) -> list[dict]:
+        return self.data["rejects"]
+
+    def image(self, image_id: int) -> dict:
+        return self._images[int(image_id)]
+
+    def annotations(self, image_id: int) -> list[dict]:
+        return list(self._anns.get(int(image_id), ()))
+
+    def record(self, image_id: int) -> ImageRecord:
+        """The :class:`ImageRecord` of one image."""
+        im = self._images[int(image_id)]
+        anns = self._anns.get(int(image_id), ())
+        boxes = np.asarray([bbox_to_inclusive(a["bbox"]) for a in anns], dtype=np.int64).reshape(-1, 4)
+        segs = [a["segmentation"] for a in anns if a.get("segmentation") is not None]
+        srcs = [a.get("mask_source") for a in anns if a.get("segmentation") is not None]
+        rle = rle_union(segs, im["height"], im["width"]) if segs else None
+        return ImageRecord(
+            id=int(im["id"]),
+            path=str(self.image_root / im["file_name"]),
+            file_name=im["file_name"],
+            width=int(im["width"]),
+            height=int(im["height"]),
+            label=int(im["label"]),
+            split=str(im.get("split", "")),
+            boxes=boxes,
+            mask_rle=rle,
+            mask_source=srcs[0] if srcs else None,
+            meta=im,
+        )
+
+    def records(self, ids: Iterable[int] | None = None) -> Iterator[ImageRecord]:
+        for i in self.ids if ids is None else ids:
+            yield self.record(i)
+
+    def labels(self, ids: Iterable[int] | None = None) -> np.ndarray:
+        return np.asarray([self._images[int(i)]["label"] for i in (self.ids if ids is None else ids)], np.int64)
+
+    def to_coco(self):
+        """A :class:`pycocotools.coco.COCO` object over this index (no file round-trip)."""
+        from pycocotools.coco import COCO
+
+        c = COCO()
+        c.dataset = copy.deepcopy(self.data)
+        c.createIndex()
+        return c
+
+    # ---------------------------------------------------------------------------------------------- mutation
+    def next_image_id(self) -> int:
+        return max(self._images, default=-1) + 1
+
+    def add_image(self, entry: dict, annotations: Sequence[dict] = ()) -> int:
+        """Add one image entry (``id`` assigned if absent) and its annotations (``id``/``image_id`` filled in)."""
+        entry = dict(entry)
+        entry.setdefault("id", self.next_image_id())
+        if entry["id"] in self._images:
+            raise IndexFormatError(f"{self._where()}: duplicate image id {entry['id']}")
+        self.data["images"].append(entry)
+        self._images[entry["id"]] = entry
+        next_ann = self._next_ann
+        for a in annotations:
+            a = dict(a)
+            a["id"] = next_ann
+            a["image_id"] = entry["id"]
+            a.setdefault("category_id", entry["label"])
+            a.setdefault("iscrowd", 0)
+            if "area" not in a:
+                a["area"] = float(a["bbox"][2] * a["bbox"][3])
+            next_ann += 1
+            self.data["annotations"].append(a)
+            self._anns[entry["id"]].append(a)
+        self._next_ann = next_ann
+        return entry["id"]
+
+    def add_reject(self, path: str | os.PathLike, reason: str, detail: str = "") -> None:
+        """Record an input that was not indexed (path, reason from :class:`Reject`, free-form detail)."""
+        self.data["rejects"].append({"path": str(path), "reason": str(reason), "detail": str(detail)})
+
+    def count_skipped(self, reason: str, n: int = 1) -> None:
+        """Count inputs skipped on purpose without listing them (e.g. images of unmapped ImageNet classes)."""
+        sk = self.data["info"].setdefault("skipped", {})
+        sk[reason] = int(sk.get(reason, 0)) + int(n)
+
+    def set_mask(self, image_id: int, mask_rle: dict | None, source: str | None) -> None:
+        """Set (or clear, with ``None``) the mask of every annotation of an image; it becomes the image's M."""
+        if mask_rle is not None and source not in MASK_SOURCES:
+            raise IndexFormatError(f"set_mask: expected mask source in {MASK_SOURCES}, got {source!r}")
+        anns = self._anns.get(int(image_id))
+        if not anns:
+            raise IndexFormatError(f"{self._where()}: image {image_id} has no annotation to attach a mask to")
+        for j, a in enumerate(anns):
+            if mask_rle is None or j > 0:
+                a.pop("segmentation", None)
+                a.pop("mask_source", None)
+            else:
+                a["segmentation"] = mask_rle
+                a["mask_source"] = source
+                from pycocotools import mask as mask_utils
+
+                a["area"] = float(mask_utils.area({"size": mask_rle["size"], "counts": mask_rle["counts"].encode()}))
+
+    def remove_images(self, ids: Iterable[int]) -> None:
+        drop = {int(i) for i in ids}
+        self.data["images"] = [im for im in self.data["images"] if int(im["id"]) not in drop]
+        self.data["annotations"] = [a for a in self.data["annotations"] if int(a["image_id"]) not in drop]
+        self._build()
+
+    # ---------------------------------------------------------------------------------------------- subsets
+    def select(
+        self,
+        split: str | Sequence[str] | None = None,
+        classes: Sequence[int] | None = None,
+        per_class: int | None = None,
+        seed: int = 0,
+        ids: Iterable[int] | None = None,
+        require_mask: bool = False,
+    ) -> "DatasetIndex":
+        """A new index restricted to a subset (rejects and info are kept).
+
+        Args:
+            split: keep only these split names.
+            classes: keep only these IN-9 ids.
+            per_class: keep at most N images per class, chosen uniformly with ``seed`` (balanced subset).
+            seed: seed of the per-class choice; the choice depends only on (seed, class, the candidate ids).
+            ids: keep only these image ids.
+            require_mask: keep only images that carry a mask.
+        """
+        keep = self.ids
+        if ids is not None:
+            wanted = {int(i) for i in ids}
+            keep = [i for i in keep if i in wanted]
+        if split is not None:
+            splits = {split} if isinstance(split, str) else set(split)
+            keep = [i for i in keep if self._images[i].get("split") in splits]
+        if classes is not None:
+            cls = {int(c) for c in classes}
+            keep = [i for i in keep if self._images[i]["label"] in cls]
+        if require_mask:
+            keep = [i for i in keep if any(a.get("segmentation") is not None for a in self._anns.get(i, ()))]
+        if per_class is not None:
+            by_class: dict[int, list[int]] = collections.defaultdict(list)
+            for i in keep:
+                by_class[self._images[i]["label"]].append(i)
+            chosen: list[int] = []
+            for c, members in sorted(by_class.items()):
+                rng = np.random.default_rng([int(seed), int(c)])
+                members = sorted(members)
+                if len(members) > per_class:
+                    pick = rng.choice(len(members), size=per_class, replace=False)
+                    members = [members[j] for j in sorted(pick)]
+                chosen.extend(members)
+            keep = sorted(chosen)
+        keep_set = set(keep)
+        data = {k: v for k, v in self.data.items() if k not in ("images", "annotations")}
+        data = copy.deepcopy(data)
+        data["images"] = [copy.deepcopy(self._images[i]) for i in keep]
+        data["annotations"] = [copy.deepcopy(a) for a in self.data["annotations"] if int(a["image_id"]) in keep_set]
+        return DatasetIndex(data, self.path)
+
+    # ---------------------------------------------------------------------------------------------- summary
+    def summary(self) -> dict:
+        """Counts: images per split and class, images with masks per source, rejects and skips per reason."""
+        per_split: collections.Counter = collections.Counter()
+        per_class: collections.Counter = collections.Counter()
+        for im in self._images.values():
+            per_split[im.get("split", "")] += 1
+            per_class[IN9_CLASSES[im["label"]]] += 1
+        masks: collections.Counter = collections.Counter()
+        for i in self._images:
+            srcs = {a.get("mask_source") for a in self._anns.get(i, ()) if a.get("segmentation") is not None}
+            masks[next(iter(srcs)) if srcs else "none"] += 1
+        rejects = collections.Counter(r["reason"] for r in self.rejects)
+        return {
+            "images": len(self),
+            "per_split": dict(sorted(per_split.items())),
+            "per_class": {c: per_class.get(c, 0) for c in IN9_CLASSES},
+            "masks": dict(sorted(masks.items())),
+            "rejects": dict(sorted(rejects.items())),
+            "skipped": dict(self.data["info"].get("skipped", {})),
+        }
+
+    def __repr__(self) -> str:
+        return f"DatasetIndex({self._where()}, images={len(self)}, rejects={len(self.rejects)})"

@@ -1,0 +1,158 @@
+"""The two tensor containers that flow between stages: :class:`Batch` and :class:`BackgroundPool`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+
+import torch
+
+from ..errors import ConfigError, PoolTooLargeError
+
+__all__ = ["Batch", "BackgroundPool"]
+
+
+@dataclasses.dataclass
+class Batch:
+    """A decoded batch in the model's crop geometry.
+
+    Shape:
+        - images: ``uint8 [B, 3, C, C]``
+        - masks: ``uint8 [B, 1, C, C]`` (0/1; all zeros where ``has_mask`` is False)
+        - boxes: ``int32 [B, 4]`` inclusive union box ``(x0, y0, x1, y1)`` in crop coordinates;
+          ``(0, 0, -1, -1)`` where the box falls outside the crop (an empty box)
+        - strips: ``int32 [B, 4]`` Only-BG-T tile ``(sx0, sy0, tw, th)`` (see :func:`engine.geometry.tile_strips`)
+        - labels, image_ids: ``int64 [B]``
+        - has_mask, has_bgt: ``bool [B]``
+    """
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    boxes: torch.Tensor
+    strips: torch.Tensor
+    labels: torch.Tensor
+    image_ids: torch.Tensor
+    has_mask: torch.Tensor
+    has_bgt: torch.Tensor
+
+    def __post_init__(self):
+        b = self.images.shape[0]
+        if self.images.ndim != 4 or self.images.shape[1] != 3 or self.images.dtype != torch.uint8:
+            raise ConfigError(f"Batch.images: expected uint8 [B,3,H,W], got {self.images.dtype} {tuple(self.images.shape)}")
+        for name in ("masks", "boxes", "strips", "labels", "image_ids", "has_mask", "has_bgt"):
+            t = getattr(self, name)
+            if t.shape[0] != b:
+                raise ConfigError(f"Batch.{name}: expected batch size {b}, got {tuple(t.shape)}")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    @property
+    def size(self) -> int:
+        """Side of the square crop."""
+        return int(self.images.shape[-1])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in dataclasses.fields(self)})
+
+    def slice(self, index) -> "Batch":
+        """Rows of the batch selected by a slice, an index tensor or a boolean mask."""
+        return Batch(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
+
+    @classmethod
+    def cat(cls, batches: list["Batch"]) -> "Batch":
+        if not batches:
+            raise ConfigError("Batch.cat: expected at least one batch")
+        return cls(**{f.name: torch.cat([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(cls)})
+
+    def pin_memory(self) -> "Batch":
+        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)})
+
+
+@dataclasses.dataclass
+class BackgroundPool:
+    """The Only-BG-T images of a split, resident on a device, with their labels and ids (sorted by id).
+
+    Shape:
+        - images: ``uint8 [N, 3, C, C]``
+        - labels, image_ids: ``int64 [N]``
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    image_ids: torch.Tensor
+
+    def __post_init__(self):
+        n = self.images.shape[0]
+        if self.images.ndim != 4 or self.images.shape[1] != 3 or self.images.dtype != torch.uint8:
+            raise ConfigError(
+                f"BackgroundPool.images: expected uint8 [N,3,H,W], got {self.images.dtype} {tuple(self.images.shape)}"
+            )
+        if self.labels.shape != (n,) or self.image_ids.shape != (n,):
+            raise ConfigError(
+                f"BackgroundPool: expected labels/image_ids of shape [{n}], got {tuple(self.labels.shape)}, "
+                f"{tuple(self.image_ids.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    @staticmethod
+    def estimate_bytes(n: int, crop: int) -> int:
+        """Device memory of a pool of ``n`` backgrounds at ``crop`` x ``crop`` (uint8 images + ids and labels)."""
+        return int(n) * (3 * crop * crop + 16)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.images, self.labels, self.image_ids))
+
+    @staticmethod
+    def check_fits(n: int, crop: int, device: torch.device | str, headroom: float = 0.5) -> None:
+        """Raise :class:`PoolTooLargeError` if a pool would take more than ``headroom`` of the device's free memory."""
+        device = torch.device(device)
+        need = BackgroundPool.estimate_bytes(n, crop)
+        if device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(device)
+        else:
+            try:
+                free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            except (ValueError, OSError, AttributeError):
+                return
+        if need > headroom * free:
+            raise PoolTooLargeError(
+                f"a background pool of {n} images at {crop}x{crop} needs {need / 2**30:.2f} GiB, more than "
+                f"{headroom:.0%} of the {free / 2**30:.2f} GiB free on {device}; use fewer backgrounds "
+                f"(--pool-per-class) or a smaller crop"
+            )
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "BackgroundPool":
+        return BackgroundPool(
+            self.images.to(device, non_blocking=non_blocking),
+            self.labels.to(device, non_blocking=non_blocking),
+            self.image_ids.to(device, non_blocking=non_blocking),
+        )
+
+    def select(self, index) -> "BackgroundPool":
+        return BackgroundPool(self.images[index], self.labels[index], self.image_ids[index])
+
+    def save(self, path: str | os.PathLike) -> None:
+        from ..index import atomic_write_bytes
+        import io
+
+        buf = io.BytesIO()
+        torch.save({"images": self.images.cpu(), "labels": self.labels.cpu(), "image_ids": self.image_ids.cpu()}, buf)
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "BackgroundPool":
+        d = torch.load(pathlib.Path(path), map_location="cpu", weights_only=True)
+        return cls(d["images"], d["labels"], d["image_ids"]).to(device)
