@@ -58,7 +58,7 @@ def findings(eval_result, challenge=None) -> list[dict]:
     Returns:
         ``[{"finding", "observed": bool, "evidence"}]``.
     """
-    acc = {v: m.get("accuracy") for v, m in eval_result.metrics["variants"].items()}
+    acc = {v: eval_result.metrics[v]["accuracy"] for v in eval_result.variants}
     out = []
     bg_only = {v: acc.get(v) for v in ("only_bg_b", "only_bg_t", "no_fg") if acc.get(v) is not None}
     if bg_only:
@@ -68,7 +68,7 @@ def findings(eval_result, challenge=None) -> list[dict]:
             "observed": len(above) == len(bg_only),
             "evidence": ", ".join(f"{v} {100 * a:.1f}%" for v, a in bg_only.items()),
         })
-    gap = eval_result.metrics.get("bg_gap")
+    gap = eval_result.bg_gap
     if gap is not None:
         out.append({
             "finding": "BG-Gap > 0 (Mixed-Same more accurate than Mixed-Rand)",
