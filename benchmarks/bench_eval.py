@@ -1,0 +1,293 @@
+"""End-to-end evaluation of all eight variants: bgsynth's one pass vs the reference way, side by side in one run.
+
+* **ours**: :func:`engine.evaluate.evaluate`: each JPEG decoded once, all eight variants synthesized in-batch,
+  composites fed straight to the model; nothing written to disk. Timed from the index to the finished result
+  (background pool included).
+* **reference** (PAPER.md, "How the reference tools work"), written here as the reference:
+
+  1. *export*: one image at a time with PIL/NumPy, every variant written as JPEG into the release layout
+     ``<variant>/val/<NN_class>/<stem>.JPEG`` (plus the crop's mask as ``fg_mask/val/<NN_class>/<stem>.npy``).
+     Original/Only-BG-B/Only-BG-T/No-FG/Only-FG come from the decoded crop; Mixed-* read the foreground crop,
+     its mask and the chosen background's Only-BG-T back from disk, as the authors' script does.
+  2. *eval*: one run per variant, as the official ``in9_eval.py``: ``ImageFolder`` + ``ToTensor`` in a
+     ``DataLoader`` (batch 32, worker processes), the model wrapped with its input normaliser, one call per batch.
+     By default the reference runs under ``torch.no_grad()`` (fair to it); ``--ref-autograd`` reproduces the
+     official script exactly (autograd on).
+
+Same model (``bgsynth_cnn``, random init, fixed seed), same geometry, same machine, same torch thread count.
+Reported: wall seconds and CPU seconds (this process + reaped worker processes, which is robust to other load on a
+shared machine), images/s = source images per second for all eight variants, and the ratio ours/reference.
+
+Usage::
+
+    python benchmarks/bench_eval.py                                  # built-in dataset, 16 val images per class
+    python benchmarks/bench_eval.py --val-per-class 50 --resize 256 --crop 224 --threads 2
+    python benchmarks/bench_eval.py --index /data/in9/index.json --device cuda --batch-size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from engine.classes import IN9_FOLDERS, IN9_MEAN, IN9_STD  # noqa: E402
+from engine.evaluate import VARIANT_ORDER, evaluate  # noqa: E402
+from engine.geometry import CropGeometry  # noqa: E402
+from engine.index import DatasetIndex  # noqa: E402
+from engine.models import LoadedModel, Predictor, create_model  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------- timing
+def _cpu() -> float:
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + ch.ru_utime + ch.ru_stime
+
+
+class Timer:
+    def __enter__(self):
+        self.w0, self.c0 = time.perf_counter(), _cpu()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.w0
+        self.cpu = _cpu() - self.c0
+
+
+# ----------------------------------------------------------------------------------------------- reference export
+def _strip(box, h, w):
+    """PAPER.md's Only-BG-T strip rule -> (x, y, tile_w, tile_h) or None (no margin)."""
+    x0, y0, x1, y1 = box
+    if x1 < x0 or y1 < y0 or (x0 <= 0 and y0 <= 0 and x1 >= w - 1 and y1 >= h - 1):
+        return None
+    left, right, top, bottom = x0, w - x1, y0, h - y1
+    if max(left, right) * h > max(top, bottom) * w:
+        return (0, 0, x0, h) if left > right else (x1, 0, w - x1, h)
+    return (0, 0, w, y0) if top > bottom else (0, y1, w, h - y1)
+
+
+def _only_bg_t(img, box):
+    h, w = img.shape[:2]
+    s = _strip(box, h, w)
+    if s is None:
+        return None
+    sx, sy, tw, th = s
+    x0, y0, x1, y1 = box
+    tiled = np.tile(img[sy : sy + th, sx : sx + tw], (h // th + 1, w // tw + 1, 1))[:h, :w]
+    out = img.copy()
+    out[y0 : y1 + 1, x0 : x1 + 1] = tiled[y0 : y1 + 1, x0 : x1 + 1]
+    return out
+
+
+def _decode_crop(rec, geometry):
+    from PIL import Image
+
+    plan = geometry.plan(rec.height, rec.width)
+    with Image.open(rec.path) as im:
+        im = im.convert("RGB")
+        rh, rw = plan.resized
+        im = im.resize((rw, rh), Image.BILINEAR)
+        top, left = plan.offset
+        img = np.asarray(im.crop((left, top, left + plan.crop, top + plan.crop)))
+    mask = rec.mask()
+    mask = plan.crop_mask(mask).astype(bool) if mask is not None else np.zeros(img.shape[:2], bool)
+    box = plan.box_to_crop(rec.union_box) if rec.union_box is not None else None
+    return img, mask, (0, 0, -1, -1) if box is None else box
+
+
+def reference_export(index: DatasetIndex, geometry: CropGeometry, out: pathlib.Path, seed: int = 0) -> int:
+    """Write all eight variants of every image as JPEG in the release layout, one image at a time."""
+    from PIL import Image
+
+    def path(variant, label, stem, ext=".JPEG"):
+        d = out / variant / "val" / IN9_FOLDERS[label]
+        d.mkdir(parents=True, exist_ok=True)
+        return d / f"{stem}{ext}"
+
+    recs = list(index.records())
+    bgt_of: dict[int, pathlib.Path] = {}
+    written = 0
+    for rec in recs:  # pass 1: everything that needs only the image itself
+        img, mask, box = _decode_crop(rec, geometry)
+        stem, y = f"{rec.id:08d}", rec.label
+        x0, y0, x1, y1 = box
+        v = {"original": img, "no_fg": np.where(mask[..., None], 0, img).astype(np.uint8),
+             "only_fg": np.where(mask[..., None], img, 0).astype(np.uint8)}
+        b = img.copy()
+        if x1 >= x0:
+            b[y0 : y1 + 1, x0 : x1 + 1] = 0
+        v["only_bg_b"] = b
+        t = _only_bg_t(img, box)
+        if t is not None:
+            v["only_bg_t"] = t
+        for name, arr in v.items():
+            Image.fromarray(arr).save(path(name, y, stem))
+            written += 1
+        np.save(path("fg_mask", y, stem, ".npy"), mask)
+        if t is not None:
+            bgt_of[rec.id] = path("only_bg_t", y, stem)
+    rng = np.random.default_rng(seed)
+    pool = sorted(bgt_of)
+    pool_labels = {i: index.image(i)["label"] for i in pool}
+    by_class = {c: [i for i in pool if pool_labels[i] == c] for c in range(9)}
+    for rec in recs:  # pass 2: Mixed-*, foreground and background read back from disk
+        stem, y = f"{rec.id:08d}", rec.label
+        fg = np.asarray(Image.open(path("original", y, stem)).convert("RGB"))
+        mask = np.load(path("fg_mask", y, stem, ".npy"))
+        for name, cands in (("mixed_same", by_class[y]), ("mixed_rand", pool), ("mixed_next", by_class[(y + 1) % 9])):
+            cands = [i for i in cands if i != rec.id]
+            if not cands:
+                continue
+            bg = np.asarray(Image.open(bgt_of[cands[int(rng.integers(len(cands)))]]).convert("RGB"))
+            Image.fromarray(np.where(mask[..., None], fg, bg).astype(np.uint8)).save(path(name, y, stem))
+            written += 1
+    return written
+
+
+# ----------------------------------------------------------------------------------------------- reference eval
+class NormalizedModel(torch.nn.Module):
+    """The official eval's wrapper: clamp to [0, 1], normalise, run the net."""
+
+    def __init__(self, net, mean, std):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        return self.net((torch.clamp(x, 0, 1) - self.mean) / self.std)
+
+
+def reference_eval(root: pathlib.Path, variant: str, model, device, workers: int, autograd: bool) -> tuple[int, int]:
+    """One official-style run: ImageFolder + ToTensor + DataLoader(batch 32) -> (correct, total)."""
+    from torchvision import datasets, transforms
+
+    ds = datasets.ImageFolder(str(root / variant / "val"), transform=transforms.ToTensor())
+    loader = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=False, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    correct = 0
+    ctx = torch.enable_grad() if autograd else torch.no_grad()
+    with ctx:
+        for inp, target in loader:
+            out = model(inp.to(device, non_blocking=True))
+            pred = out.topk(1, 1, True, True)[1].cpu()[:, 0]
+            # ImageFolder indexes the class folders present; map back to IN-9 ids by folder name
+            classes = torch.tensor([IN9_FOLDERS.index(c) for c in ds.classes])
+            correct += int((pred == classes[target]).sum())
+    return correct, len(ds)
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--index", default=None, help="dataset index (default: a built-in dataset in the cache)")
+    ap.add_argument("--val-per-class", type=int, default=16, help="built-in dataset size (val images per class)")
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--resize", type=int, default=128)
+    ap.add_argument("--crop", type=int, default=112)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backend", default="auto", help="our decode backend")
+    ap.add_argument("--batch-size", type=int, default=64, help="our batch size")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both sides)")
+    ap.add_argument("--workers", type=int, default=2, help="reference DataLoader worker processes (official: 8)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="timed runs of ours and of the model floor (median); 1 warm-up run first")
+    ap.add_argument("--ref-autograd", action="store_true", help="reference with autograd on, as the official script")
+    ap.add_argument("--keep", default=None, help="keep the reference export in this folder")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.index is None:
+        from engine.sources.synthetic import build_builtin_dataset
+
+        args.index = build_builtin_dataset(train_per_class=1, val_per_class=args.val_per_class, progress=False)
+    index = DatasetIndex.load(args.index).select(split=args.split)
+    n = len(index)
+    geometry = CropGeometry(args.resize, args.crop)
+    torch.manual_seed(0)
+    net = create_model("bgsynth_cnn").eval()
+    loaded = LoadedModel(net, 9, "in9", tuple(IN9_MEAN), tuple(IN9_STD), arch="bgsynth_cnn", provenance={"spec": "bench"})
+    predictor = Predictor(loaded, device=device, amp=None)
+    print(f"{n} images ({args.split}), geometry {args.resize}->{args.crop}, device {device}, torch threads "
+          f"{args.threads}, bgsynth_cnn; all {len(VARIANT_ORDER)} variants")
+
+    # ours: warm-up, then the median of --repeats
+    kw = dict(variants="all", split=None, geometry=geometry, backend=args.backend, device=device,
+              batch_size=args.batch_size, progress=False, examples_per_class=0)
+    evaluate(index.select(per_class=2), predictor, **kw)
+    ours = []
+    result = None
+    for _ in range(args.repeats):
+        with Timer() as t:
+            result = evaluate(index, predictor, **kw)
+        ours.append(t)
+    ow = statistics.median(t.wall for t in ours)
+    oc = statistics.median(t.cpu for t in ours)
+
+    # the floor: the model alone on ready-made input (same number of composites and batch size)
+    x = predictor.prepare(torch.randint(0, 256, (args.batch_size, 3, args.crop, args.crop), dtype=torch.uint8))
+    comps = result.timing["forwards"]
+    floor = []
+    for _ in range(args.repeats):
+        with Timer() as tf:
+            for k in range(0, comps, args.batch_size):
+                predictor.logits(x[: min(args.batch_size, comps - k)])
+        floor.append(tf)
+    fw = statistics.median(t.wall for t in floor)
+    fc = statistics.median(t.cpu for t in floor)
+
+    # reference: export once, then one eval run per variant
+    tmp = pathlib.Path(args.keep) if args.keep else pathlib.Path(tempfile.mkdtemp(prefix="bgsynth-bench-eval-"))
+    if tmp.exists() and args.keep:
+        shutil.rmtree(tmp)
+    ref_model = NormalizedModel(net, IN9_MEAN, IN9_STD).to(device).eval()
+    try:
+        with Timer() as te:
+            files = reference_export(index, geometry, tmp)
+        ref_eval = {}
+        with Timer() as tv:
+            for v in VARIANT_ORDER:
+                ref_eval[v] = reference_eval(tmp, v, ref_model, device, args.workers, args.ref_autograd)
+        disk = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    rw, rc = te.wall + tv.wall, te.cpu + tv.cpu
+    rows = [
+        ("model forward alone (floor)", fw, fc),
+        ("ours: one pass, 8 variants", ow, oc),
+        ("reference: export (PIL, JPEG)", te.wall, te.cpu),
+        ("reference: eval, 8 runs", tv.wall, tv.cpu),
+        ("reference: total", rw, rc),
+    ]
+    print(f"\n{'':32s} {'wall s':>8s} {'img/s':>8s} {'CPU s':>8s} {'img/CPU-s':>10s}")
+    for name, w, c in rows:
+        print(f"{name:32s} {w:8.2f} {n / w:8.1f} {c:8.2f} {n / c:10.1f}")
+    print(f"\nspeed-up ours vs reference total: {rw / ow:.2f}x wall, {rc / oc:.2f}x CPU "
+          f"(vs reference eval alone: {tv.wall / ow:.2f}x wall, {tv.cpu / oc:.2f}x CPU)")
+    print(f"CPU s beyond the model's own forward cost (approximate, a difference of medians): ours {oc - fc:.2f}, "
+          f"reference {rc - fc:.2f}")
+    print(f"reference wrote {files} JPEGs ({disk / 2**20:.1f} MiB); ours wrote nothing; "
+          f"ours forwarded {result.timing['forwards']} composites")
+    acc_ref = {v: c / t for v, (c, t) in ref_eval.items()}
+    print("accuracy ours/reference (random-init net; JPEG re-encoding and another background choice make them differ "
+          "slightly): " + ", ".join(f"{v} {100 * (result.accuracy(v) or 0):.1f}/{100 * acc_ref[v]:.1f}" for v in VARIANT_ORDER))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

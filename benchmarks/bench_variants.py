@@ -1,0 +1,252 @@
+"""Variants/s of the batched engine vs a per-image reference, side by side in one run.
+
+* **ours**: :func:`engine.variants.synthesize` on decoded :class:`~engine.pipeline.batch.Batch` es (torch kernels
+  on the CPU; the Triton kernels on CUDA).
+* **reference**: the paper's procedure one image at a time with NumPy, as the authors' generation script does it
+  (PAPER.md: "one image at a time on the CPU"): strip rule in Python, slicing/``np.tile`` for the variants, Mixed-*
+  background picked per image from in-memory Only-BG-T images (more generous than the script, which reads them
+  back from JPEG files).
+
+Both start from the same decoded crops (built-in dataset via the ``pil`` loader by default, or random data) and
+produce uint8 crops in the same memory layout (the reference's ``H x W x 3`` arrays, ours channels_last ``[B,3,H,W]``)
+or, with ``--normalize``, normalised float32 ``[3,H,W]`` / ``[B,3,H,W]`` tensors as a model would take them. Decoding is
+not timed. Warm-up first, then the median of ``--repeat`` runs, timed as this process's CPU time
+(``time.process_time``: with one thread it equals wall time on an idle machine, and it is robust to other load on a
+shared one).
+
+On CUDA (when present) it also measures the Triton path on device-resident data: composites/s of one fused
+Mixed-Rand composite (gather + select + normalise + bf16 + channels_last) and of Only-BG-T, and the achieved
+memory bandwidth (bytes read + written / time).
+
+Usage::
+
+    python benchmarks/bench_variants.py                       # small built-in dataset, 256 -> 224, CPU
+    python benchmarks/bench_variants.py --data random --batch 128 --normalize
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from engine.geometry import CropGeometry, tile_strips  # noqa: E402
+from engine.pipeline.batch import Batch  # noqa: E402
+from engine.variants import VARIANT_NAMES, background_pool_from_batch, synthesize  # noqa: E402
+
+MEAN = np.array((0.485, 0.456, 0.406), np.float32)
+STD = np.array((0.229, 0.224, 0.225), np.float32)
+
+
+# ----------------------------------------------------------------------------------------------- the reference
+def _paper_strip(box, h, w):
+    x0, y0, x1, y1 = box
+    if x1 < x0 or y1 < y0 or (x0 == 0 and y0 == 0 and x1 == w - 1 and y1 == h - 1):
+        return None
+    left, right, top, bottom = x0, w - x1, y0, h - y1
+    if max(left, right) * h > max(top, bottom) * w:
+        return (0, 0, x0, h) if left > right else (x1, 0, w - x1, h)
+    return (0, 0, w, y0) if top > bottom else (0, y1, w, h - y1)
+
+
+def _paper_bgt(img, box):
+    h, w = img.shape[:2]
+    s = _paper_strip(box, h, w)
+    if s is None:
+        return None
+    sx, sy, tw, th = s
+    x0, y0, x1, y1 = box
+    tile = img[sy : sy + th, sx : sx + tw]
+    reps = ((y1 + 1) // th + 1, (x1 + 1) // tw + 1, 1)
+    tiled = np.tile(tile, reps)  # the tiling from the image origin
+    out = img.copy()
+    out[y0 : y1 + 1, x0 : x1 + 1] = tiled[y0 : y1 + 1, x0 : x1 + 1]
+    return out
+
+
+def reference_variant(name, img, mask, box, label, image_id, pool, rng_seed):
+    """One variant of one image (``H x W x 3`` uint8), the per-image way."""
+    x0, y0, x1, y1 = box
+    if name == "original":
+        return img.copy()
+    if name == "only_bg_b":
+        out = img.copy()
+        out[y0 : y1 + 1, x0 : x1 + 1] = 0
+        return out
+    if name == "only_bg_t":
+        return _paper_bgt(img, box)
+    m = mask.astype(bool)
+    if name == "no_fg":
+        out = img.copy()
+        out[m] = 0
+        return out
+    if name == "only_fg":
+        out = img.copy()
+        out[~m] = 0
+        return out
+    target = {"mixed_same": label, "mixed_next": (label + 1) % 9, "mixed_rand": None}[name]
+    cands = [k for k, (lab, _) in pool.items() if k != image_id and (target is None or lab == target)]
+    if not cands:
+        return None
+    bg = pool[cands[np.random.default_rng((rng_seed, image_id)).integers(len(cands))]][1]
+    out = bg.copy()
+    out[m] = img[m]
+    return out
+
+
+def reference_run(names, samples, pool, normalize: bool):
+    out = []
+    for img, mask, box, label, iid in samples:
+        for name in names:
+            v = reference_variant(name, img, mask, box, label, iid, pool, 0)
+            if v is not None and normalize:
+                v = torch.from_numpy(((v.astype(np.float32) / 255.0 - MEAN) / STD).transpose(2, 0, 1).copy())
+            out.append(v)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- data
+def load_batches(args) -> list[Batch]:
+    geometry = CropGeometry(args.resize, args.crop)
+    if args.data == "builtin":
+        from engine.pipeline import create_loader
+        from engine.sources.synthetic import load_builtin_index
+
+        index = load_builtin_index(small=True, progress=False).select(split="val")
+        if args.images:
+            index = index.select(ids=index.ids[: args.images])
+        return list(create_loader(index, backend="pil", geometry=geometry, batch_size=args.batch, prefetch=0))
+    g = torch.Generator().manual_seed(0)
+    n, c = args.images or 256, args.crop
+    batches = []
+    for start in range(0, n, args.batch):
+        b = min(args.batch, n - start)
+        x0 = torch.randint(0, c // 3, (b,), generator=g)
+        y0 = torch.randint(0, c // 3, (b,), generator=g)
+        x1 = x0 + torch.randint(c // 4, c // 2, (b,), generator=g)
+        y1 = y0 + torch.randint(c // 4, c // 2, (b,), generator=g)
+        boxes = torch.stack([x0, y0, x1, y1], -1).to(torch.int32)
+        strips = tile_strips(boxes, c, c)
+        yy, xx = torch.meshgrid(torch.arange(c), torch.arange(c), indexing="ij")
+        masks = ((xx[None] >= x0[:, None, None] + 4) & (xx[None] <= x1[:, None, None] - 4)
+                 & (yy[None] >= y0[:, None, None] + 4) & (yy[None] <= y1[:, None, None] - 4)).to(torch.uint8)[:, None]
+        batches.append(Batch(
+            torch.randint(0, 256, (b, 3, c, c), generator=g, dtype=torch.uint8), masks, boxes, strips,
+            torch.randint(0, 9, (b,), generator=g), torch.arange(start, start + b), torch.ones(b, dtype=torch.bool),
+            strips[:, 2] > 0,
+        ))
+    return batches
+
+
+def _median_time(fn, repeat: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------------------------- CUDA
+def bench_cuda(args) -> None:
+    dev = torch.device("cuda")
+    b, n, c = args.cuda_batch, args.cuda_pool, args.crop
+    g = torch.Generator(device=dev).manual_seed(0)
+    fg = torch.randint(0, 256, (b, 3, c, c), device=dev, dtype=torch.uint8, generator=g)
+    keep = torch.rand((b, 1, c, c), device=dev, generator=g) < 0.4
+    pool = torch.randint(0, 256, (n, 3, c, c), device=dev, dtype=torch.uint8, generator=g)
+    rows = torch.randint(0, n, (b,), device=dev, generator=g)
+    boxes = torch.tensor([[c // 4, c // 4, 3 * c // 4, 3 * c // 4]], device=dev, dtype=torch.int32).repeat(b, 1)
+    strips = tile_strips(boxes, c, c)
+    import kernels
+
+    def timed(fn, iters=20):
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        out = []
+        for _ in range(5):
+            start.record()
+            for _ in range(iters):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            out.append(start.elapsed_time(end) / 1e3 / iters)
+        return statistics.median(out)
+
+    # bytes per pixel: every input byte counted as read (masked loads under a random mask still fetch whole DRAM
+    # sectors): mask 1 + foreground 3 + background 3, plus the output
+    px = b * c * c
+    cases = {
+        "mixed (uint8)": (lambda be: kernels.composite(fg, keep, pool, rows, backend=be), px * (1 + 3 + 3 + 3)),
+        "mixed (bf16, norm, CL)": (lambda be: kernels.composite(fg, keep, pool, rows, mean=MEAN.tolist(),
+                                                                std=STD.tolist(), dtype=torch.bfloat16,
+                                                                channels_last=True, backend=be),
+                                   px * (1 + 3 + 3 + 6)),
+        "only_bg_t (uint8)": (lambda be: kernels.tile_fill(fg, boxes, strips, backend=be), px * (3 + 3)),
+    }
+    print(f"\nCUDA ({torch.cuda.get_device_name(dev)}), batch {b}, pool {n}, {c}x{c}:")
+    print(f"{'kernel':<26}{'triton img/s':>14}{'GB/s':>9}{'torch img/s':>14}{'ratio':>8}")
+    for name, (fn, nbytes) in cases.items():
+        tt = timed(lambda: fn("triton"))
+        tr = timed(lambda: fn("torch"), iters=5)
+        print(f"{name:<26}{b / tt:>14,.0f}{nbytes / tt / 1e9:>9.0f}{b / tr:>14,.0f}{tr / tt:>8.1f}x")
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", choices=("builtin", "random"), default="builtin")
+    p.add_argument("--images", type=int, default=None, help="number of images (default: the small val split / 256)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--resize", type=int, default=256)
+    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--normalize", action="store_true", help="float32 normalised outputs (as fed to a model)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the reference is single-threaded)")
+    p.add_argument("--cuda-batch", type=int, default=512)
+    p.add_argument("--cuda-pool", type=int, default=2048)
+    p.add_argument("--no-cuda", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    batches = load_batches(args)
+    pool = background_pool_from_batch(Batch.cat(batches))
+    samples = []
+    for bt in batches:
+        for i in range(len(bt)):
+            samples.append((bt.images[i].permute(1, 2, 0).numpy().copy(), bt.masks[i, 0].numpy().copy(),
+                            tuple(int(v) for v in bt.boxes[i]), int(bt.labels[i]), int(bt.image_ids[i])))
+    ref_pool = {int(i): (int(l), im.permute(1, 2, 0).numpy().copy())
+                for i, l, im in zip(pool.image_ids, pool.labels, pool.images)}
+    n = len(samples)
+    # same output memory layout on both sides: HWC arrays / channels_last uint8, or CHW float tensors
+    kw = dict(mean=MEAN.tolist(), std=STD.tolist()) if args.normalize else dict(channels_last=True)
+    print(f"{args.data} data: {n} images in batches of {args.batch}, crop {args.crop}, pool {len(pool)}, "
+          f"{'float32 normalised' if args.normalize else 'uint8'} outputs, {args.threads} thread(s), "
+          f"median of {args.repeat}")
+    print(f"{'variant':<12}{'ours var/s':>12}{'reference var/s':>17}{'ratio':>8}")
+    rows = [[name] for name in VARIANT_NAMES] + [["all 8"]]
+    for row in rows:
+        names = list(VARIANT_NAMES) if row[0] == "all 8" else [row[0]]
+        t_ours = _median_time(lambda: [synthesize(bt, names, pool=pool, backend="torch", **kw) for bt in batches],
+                              args.repeat)
+        t_ref = _median_time(lambda: reference_run(names, samples, ref_pool, args.normalize), args.repeat)
+        v = n * len(names)
+        print(f"{row[0]:<12}{v / t_ours:>12,.0f}{v / t_ref:>17,.0f}{t_ref / t_ours:>7.1f}x")
+    if torch.cuda.is_available() and not args.no_cuda:
+        bench_cuda(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""``bgsynth export INDEX --out DIR``: the variants in the IN-9 release layout (see :func:`engine.export.export`)."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "export",
+        help="write the variants as JPEGs in the IN-9 release layout (+ fg_mask/*.npy, backgrounds.csv)",
+        description=(
+            "Decode each image once, synthesize the requested variants and write DIR/<variant>/<split>/<NN_name>/"
+            "<stem>.JPEG, DIR/fg_mask/<split>/<NN_name>/<stem>.npy, DIR/backgrounds.csv (the background of every "
+            "Mixed-* image) and DIR/manifest.json. Resumable: rerun the same command to finish a killed export. "
+            "INDEX is a dataset index JSON, or 'builtin' for the built-in dataset."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("index", help="dataset index (COCO-format JSON) or 'builtin'")
+    p.add_argument("--out", required=True, help="release root to write")
+    p.add_argument("--variants", default="all", help="'all' or a comma-separated list (e.g. original,mixed_rand)")
+    p.add_argument("--split", default="val", help="split to export ('all': every image of the index)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Mixed-* background choice")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality (1..100)")
+    p.add_argument("--resize", type=int, default=256, help="crop geometry: shorter side")
+    p.add_argument("--crop", type=int, default=224, help="crop geometry: centre crop")
+    p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument("--backend", default="auto", help="decode backend: auto, dali, torchvision, pil")
+    p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"), help="variant kernels backend")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-resume", action="store_true", help="rewrite files that already exist")
+    p.add_argument("--partial", action="store_true",
+                   help="also write images for which some variant does not exist (the release writes none)")
+    p.add_argument("--no-masks", action="store_true", help="do not write fg_mask/")
+    p.add_argument("--threads", type=int, default=None, help="JPEG encode/decode threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args) -> int:
+    from engine.export import export
+    from engine.geometry import CropGeometry
+
+    index = args.index
+    if index == "builtin":
+        from engine.sources.synthetic import build_builtin_dataset
+
+        index = build_builtin_dataset(progress=not args.quiet)
+    res = export(
+        index, args.out, variants=args.variants, seed=args.seed, jpeg_quality=args.quality,
+        geometry=CropGeometry(args.resize, args.crop), backend=args.backend, kernel_backend=args.kernels,
+        device=args.device, split=None if args.split == "all" else args.split, batch_size=args.batch_size,
+        resume=not args.no_resume, consistent=not args.partial, masks=not args.no_masks, num_threads=args.threads,
+        progress=not args.quiet,
+    )
+    print(f"exported {res.images} images to {res.out_dir} ({res.written} written now, "
+          f"{res.images - res.written if res.images >= res.written else 0} already there)")
+    for folder, n in res.files.items():
+        print(f"  {folder:<12} {n:>7} files")
+    for reason, n in sorted(res.excluded.items()):
+        print(f"  left out: {n} x {reason}")
+    print(f"manifest: {res.manifest}\nbackgrounds: {res.backgrounds}")
+    return 0

@@ -1,0 +1,51 @@
+"""``bgsynth show INDEX --out sheet.png``: a contact sheet of the variants (see :mod:`engine.report.sheets`)."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "show",
+        help="contact sheet of the variants of a few images (one row per image, one column per variant)",
+        description=(
+            "Decode the first N images of a split (N per class with --per-class), synthesize the variants and draw "
+            "them as a labelled contact sheet like the paper's figure; --decoded draws the decoded crops with mask "
+            "and box instead. INDEX is a dataset index JSON, or 'builtin' for the built-in dataset."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("index", help="dataset index (COCO-format JSON) or 'builtin'")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("-n", "--images", type=int, default=8, help="number of images (rows)")
+    p.add_argument("--per-class", action="store_true", help="take -n images spread over the classes")
+    p.add_argument("--variants", default="all", help="'all' or a comma-separated list")
+    p.add_argument("--split", default="val", help="split to draw from ('all': every image)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Mixed-* background choice")
+    p.add_argument("--resize", type=int, default=256)
+    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--tile", type=int, default=None, help="tile side in pixels (default: crop, at most 128)")
+    p.add_argument("--decoded", action="store_true", help="draw decoded crops with mask and box instead")
+    p.add_argument("--backend", default="auto", help="decode backend: auto, dali, torchvision, pil")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def run(args) -> int:
+    from engine.report.sheets import show_index
+
+    index = args.index
+    if index == "builtin":
+        from engine.sources.synthetic import build_builtin_dataset
+
+        index = build_builtin_dataset(progress=False)
+    path, n = show_index(
+        index, args.out, n=args.images, per_class=args.per_class, variants=args.variants,
+        split=None if args.split == "all" else args.split, seed=args.seed, resize=args.resize, crop=args.crop,
+        tile=args.tile, decoded=args.decoded, backend=args.backend, device=args.device,
+    )
+    print(f"wrote {path} ({n} images)")
+    return 0

@@ -1,0 +1,845 @@
+"""Models: the demo CNN, architecture factories, safe checkpoint loading and a batched predictor.
+
+Three layers, each usable on its own:
+
+* :func:`create_model` builds a randomly initialised network: ``'bgsynth_cnn'`` (a small CNN that trains in about a
+  minute on two CPU cores) or any torchvision / timm architecture name.
+* :func:`load_model` turns a ``--model`` specification (an architecture name, optionally with ``weights``, or a
+  checkpoint file) into a :class:`LoadedModel`: the module, its output space (9 IN-9 classes or 1000 ImageNet
+  classes), the input normalisation that goes with it and a provenance record. Checkpoints are read with
+  ``torch.load(weights_only=True)``; a pickled module is unpickled only with ``trust_checkpoint=True``, and
+  weights that do not cover the architecture exactly are refused (never a silently partial load).
+* :class:`Predictor` runs a loaded model on already-normalised composites: inference mode, ``channels_last`` and
+  autocast on CUDA, optional ``torch.compile``, IN-9 label mapping under the ``'official'`` or ``'restricted'``
+  protocol, and an out-of-memory back-off that halves the chunk size and goes on.
+
+>>> loaded = load_model("bgsynth_cnn")
+>>> loaded.num_outputs, loaded.output_space
+(9, 'in9')
+>>> pred = Predictor(loaded)
+>>> pred.predict(torch.zeros(2, 3, 64, 64)).shape
+torch.Size([2])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import io
+import os
+import pathlib
+import pickle
+import warnings
+import zipfile
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .classes import IMAGENET_MEAN, IMAGENET_STD, IN9_MEAN, IN9_STD, NUM_IN9, in1k_to_in9
+from .errors import CheckpointError, ConfigError
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "LABEL_PROTOCOLS",
+    "OUTPUT_SPACES",
+    "BgsynthCNN",
+    "LoadedModel",
+    "Predictor",
+    "create_model",
+    "list_models",
+    "load_model",
+    "save_checkpoint",
+    "default_normalization",
+]
+
+CHECKPOINT_FORMAT = "bgsynth-checkpoint"
+LABEL_PROTOCOLS = ("official", "restricted")
+OUTPUT_SPACES = ("in9", "in1k")
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The demo CNN
+# --------------------------------------------------------------------------------------------------------------
+
+
+class BgsynthCNN(nn.Module):
+    """A small CNN for the built-in dataset: conv-bn-relu stages with stride, global average pool, linear head.
+
+    Five stages (the first four halve the resolution) take a 64-128 px crop down to a 4-8 px map; the net has
+    about 0.76 M parameters and costs about 21 M multiply-adds per 64 px image (about 650 training images/s on two
+    CPU cores), yet sees both object shape and background texture.
+
+    Args:
+        num_classes: width of the output layer.
+        widths: output channels of the five stages.
+        dropout: dropout before the linear head (training only).
+
+    Shape:
+        - Input: ``[B, 3, H, W]`` normalised float images (any ``H, W >= 16``).
+        - Output: ``[B, num_classes]`` logits.
+
+    >>> BgsynthCNN(num_classes=9)(torch.zeros(2, 3, 64, 64)).shape
+    torch.Size([2, 9])
+    """
+
+    def __init__(self, num_classes: int = NUM_IN9, widths: Sequence[int] = (32, 64, 128, 192, 256), dropout: float = 0.1):
+        super().__init__()
+        if len(widths) != 5 or any(int(w) <= 0 for w in widths):
+            raise ConfigError(f"BgsynthCNN: expected 5 positive stage widths, got {tuple(widths)}")
+        if int(num_classes) <= 0:
+            raise ConfigError(f"BgsynthCNN: expected num_classes > 0, got {num_classes}")
+        self.num_classes = int(num_classes)
+        strides = (2, 2, 2, 2, 1)
+        layers: list[nn.Module] = []
+        cin = 3
+        for cout, stride in zip(widths, strides):
+            layers += [
+                nn.Conv2d(cin, int(cout), 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(int(cout)),
+                nn.ReLU(inplace=True),
+            ]
+            cin = int(cout)
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(cin, self.num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.features(x)).flatten(1)
+        return self.fc(self.dropout(x))
+
+
+_OWN_MODELS: dict[str, Callable[..., nn.Module]] = {"bgsynth_cnn": BgsynthCNN}
+
+
+def list_models() -> list[str]:
+    """Architecture names :func:`create_model` accepts: bgsynth's own, then torchvision's (timm's are many more)."""
+    import torchvision
+
+    return sorted(_OWN_MODELS) + sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def create_model(arch: str, num_classes: int = NUM_IN9, **kwargs: Any) -> nn.Module:
+    """A randomly initialised network by architecture name.
+
+    Looks the name up in bgsynth's own models (``'bgsynth_cnn'``), then torchvision's classification models,
+    then timm's.
+
+    Args:
+        arch: architecture name, e.g. ``'bgsynth_cnn'``, ``'resnet50'``, ``'vit_small_patch16_224'``.
+        num_classes: output width (9 for IN-9, 1000 for ImageNet-1k).
+        **kwargs: passed to the architecture's constructor.
+
+    Returns:
+        The module, in training mode, on the CPU.
+
+    Raises:
+        ConfigError: unknown name (with close matches) or bad ``num_classes``.
+    """
+    if not isinstance(arch, str) or not arch:
+        raise ConfigError(f"create_model: expected an architecture name, got {arch!r}")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes <= 0:
+        raise ConfigError(f"create_model: expected num_classes to be a positive int, got {num_classes!r}")
+    if arch in _OWN_MODELS:
+        return _OWN_MODELS[arch](num_classes=num_classes, **kwargs)
+    import torchvision
+
+    tv_names = torchvision.models.list_models(module=torchvision.models)
+    if arch in tv_names:
+        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+    import timm
+
+    if timm.is_model(arch):
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    close = difflib.get_close_matches(arch, list(_OWN_MODELS) + list(tv_names) + timm.list_models(), n=5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ConfigError(
+        f"create_model: unknown architecture {arch!r} (not bgsynth's, torchvision's or timm's){hint} "
+        f"A checkpoint path that does not exist is also reported this way."
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loaded models and their defaults
+# --------------------------------------------------------------------------------------------------------------
+
+
+def default_normalization(output_space: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Input mean/std that go with an output space: ImageNet's for ``'in1k'``, IN-9's for ``'in9'``."""
+    if output_space == "in1k":
+        return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
+    if output_space == "in9":
+        return tuple(IN9_MEAN), tuple(IN9_STD)
+    raise ConfigError(f"expected output space in {OUTPUT_SPACES}, got {output_space!r}")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready for prediction, with what is needed to feed it and to score it.
+
+    Attributes:
+        module: the network (eval mode, CPU, float32).
+        num_outputs: width of its output layer.
+        output_space: ``'in9'`` (outputs are IN-9 classes; an index >= 9 counts as unmapped) or ``'in1k'``
+            (outputs are ImageNet-1k classes, mapped through :func:`engine.classes.in1k_to_in9`).
+        mean, std: per-channel input normalisation (of images scaled to [0, 1]).
+        arch: architecture name when known, else ``None``.
+        geometry: crop geometry stored with the checkpoint (``{'resize', 'crop'}``) or ``None``.
+        provenance: JSON-able record of where the model came from (spec, file, sha256, layout, ...).
+    """
+
+    module: nn.Module
+    num_outputs: int
+    output_space: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    arch: str | None = None
+    geometry: dict | None = None
+    provenance: dict = dataclasses.field(default_factory=dict)
+
+
+def _sha256(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _is_torchscript(path: pathlib.Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return any(n.endswith("/constants.pkl") for n in names) or any("/code/" in n for n in names)
+
+
+def _read_file(path: pathlib.Path, trust: bool) -> tuple[Any, str]:
+    """Read a checkpoint file -> (object, how it was read)."""
+    if _is_torchscript(path):
+        try:
+            return torch.jit.load(str(path), map_location="cpu"), "torchscript"
+        except Exception as e:  # noqa: BLE001 - report any failure as a checkpoint problem
+            raise CheckpointError(f"{path}: looks like a TorchScript archive but could not be loaded ({e})") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), "weights_only"
+    except pickle.UnpicklingError as e:
+        if not trust:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"{path}: refused to unpickle: the file holds Python objects that safe loading "
+                f"(torch.load(weights_only=True)) does not allow ({first}). Unpickling can run arbitrary code. "
+                f"If you trust where this file came from, pass --trust-checkpoint (trust_checkpoint=True); "
+                f"better, re-save it as a plain state_dict or with bgsynth's save_checkpoint()."
+            ) from e
+    except Exception as e:  # noqa: BLE001 - corrupt/truncated/not a torch file
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False), "trusted_pickle"
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: could not be unpickled even as a trusted file ({type(e).__name__}: {e})") from e
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def _unwrap(obj: Any, path: pathlib.Path) -> tuple[Any, dict, str]:
+    """Find the weights inside a checkpoint object -> (state_dict or module, the outer dict, where found)."""
+    if isinstance(obj, nn.Module):
+        return obj, {}, "module"
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a state_dict, a checkpoint dict or a module, got {type(obj).__name__}")
+    if obj.get("format") == CHECKPOINT_FORMAT:
+        if not _is_state_dict(obj.get("state_dict")):
+            raise CheckpointError(f"{path}: bgsynth checkpoint without a valid 'state_dict'")
+        return obj["state_dict"], dict(obj), "bgsynth"
+    for key in ("model", "state_dict", "model_state_dict", "module", "net"):
+        inner = obj.get(key)
+        if isinstance(inner, nn.Module):
+            return inner, dict(obj), f"module under '{key}'"
+        if _is_state_dict(inner):
+            return inner, dict(obj), f"state_dict under '{key}'"
+    if _is_state_dict(obj):
+        return obj, {}, "state_dict"
+    tensors = sum(isinstance(v, torch.Tensor) for v in obj.values())
+    keys = ", ".join(repr(k) for k in list(obj)[:8])
+    raise CheckpointError(
+        f"{path}: found no weights: expected a state_dict (str -> tensor) at top level or under 'model' / "
+        f"'state_dict', got a dict with keys {keys} ({tensors} tensors at top level)"
+    )
+
+
+def _strip(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor] | None:
+    if not all(k.startswith(prefix) for k in sd):
+        return None
+    return {k[len(prefix) :]: v for k, v in sd.items()}
+
+
+def _split_normalizer(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], tuple | None, tuple | None, bool]:
+    """Handle the official backgrounds-challenge (robustness library) layout.
+
+    Keys look like ``module.normalizer.new_mean``, ``module.normalizer.new_std``, ``module.model.<net>`` and,
+    in robustness checkpoints, ``module.attacker.normalize.*`` / ``module.attacker.model.<net>`` (a second copy of
+    the same network). Returns the bare network state_dict, the stored mean/std and whether the layout matched.
+    """
+    sd = dict(sd)
+    for p in ("module.",):
+        if all(k.startswith(p) for k in sd):
+            sd = {k[len(p) :]: v for k, v in sd.items()}
+    if "normalizer.new_mean" not in sd or "normalizer.new_std" not in sd:
+        return sd, None, None, False
+    mean = tuple(float(v) for v in sd.pop("normalizer.new_mean").flatten().tolist())
+    std = tuple(float(v) for v in sd.pop("normalizer.new_std").flatten().tolist())
+    net = {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
+    rest = [k for k in sd if not k.startswith("model.") and not k.startswith("attacker.")]
+    if rest:
+        raise CheckpointError(
+            f"normaliser-wrapped checkpoint has keys outside normalizer./model./attacker.: {rest[:5]}"
+        )
+    if len(mean) != 3 or len(std) != 3:
+        raise CheckpointError(f"normaliser-wrapped checkpoint: expected 3-channel mean/std, got {mean}, {std}")
+    return net, mean, std, True
+
+
+def _candidates(sd: Mapping[str, torch.Tensor]) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """State dicts to try, from the file's keys as they are to common wrapper prefixes stripped."""
+    out = [("", dict(sd))]
+    seen = {tuple(sorted(sd))}
+    frontier = [("", dict(sd))]
+    for _ in range(3):
+        nxt = []
+        for name, cand in frontier:
+            for p in ("module.", "model.", "_orig_mod.", "backbone."):
+                s = _strip(cand, p)
+                if s is not None and tuple(sorted(s)) not in seen:
+                    seen.add(tuple(sorted(s)))
+                    nxt.append((name + p, s))
+        out += nxt
+        frontier = nxt
+    return out
+
+
+def _load_exact(module: nn.Module, sd: Mapping[str, torch.Tensor], where: str) -> str:
+    """Load ``sd`` into ``module`` only if keys and shapes match exactly; returns the prefix that was stripped."""
+    target = module.state_dict()
+    want = set(target)
+    best = None
+    for prefix, cand in _candidates(sd):
+        have = set(cand)
+        if have == want:
+            bad = [k for k in want if tuple(cand[k].shape) != tuple(target[k].shape)]
+            if bad:
+                details = ", ".join(f"{k}: {tuple(cand[k].shape)} vs {tuple(target[k].shape)}" for k in bad[:4])
+                raise CheckpointError(f"{where}: shape mismatch in {len(bad)} tensors (checkpoint vs model): {details}")
+            module.load_state_dict(cand, strict=True)
+            return prefix
+        score = len(have & want)
+        if best is None or score > best[0]:
+            best = (score, prefix, have)
+    _score, prefix, have = best
+    missing = sorted(want - have)
+    unexpected = sorted(have - want)
+    raise CheckpointError(
+        f"{where}: refusing a partial load: {len(missing)} missing and {len(unexpected)} unexpected keys "
+        f"(after stripping {prefix!r}); missing e.g. {missing[:4]}, unexpected e.g. {unexpected[:4]}. "
+        f"Check --model (architecture) and --num-classes."
+    )
+
+
+def _classifier_width(module: nn.Module, sd: Mapping[str, torch.Tensor], num_classes: int) -> int | None:
+    """If ``sd`` differs from ``module`` only in the classifier's output width, return the checkpoint's width."""
+    target = module.state_dict()
+    for _prefix, cand in _candidates(sd):
+        if set(cand) != set(target):
+            continue
+        diff = [k for k in target if tuple(cand[k].shape) != tuple(target[k].shape)]
+        if not diff:
+            return None
+        widths = {int(cand[k].shape[0]) for k in diff if cand[k].ndim >= 1}
+        if len(widths) == 1 and all(target[k].shape[0] == num_classes and cand[k].ndim == target[k].ndim for k in diff):
+            return widths.pop()
+    return None
+
+
+def _output_width(module: nn.Module, crop: int) -> int:
+    """Output width of a module, by a forward pass on zeros (modules without a declared ``num_classes``)."""
+    for attr in ("num_classes", "out_features"):
+        v = getattr(module, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    x = torch.zeros(2, 3, crop, crop)
+    try:
+        with torch.inference_mode():
+            y = module(x)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"could not run the model on a {crop}x{crop} input to find its output width ({e})") from e
+    if isinstance(y, (tuple, list)):
+        y = y[0]
+    if not isinstance(y, torch.Tensor) or y.ndim != 2:
+        raise CheckpointError(f"expected the model to return logits [B, classes], got {getattr(y, 'shape', type(y))}")
+    return int(y.shape[1])
+
+
+def _resolve_space(width: int, output_space: str | None, where: str) -> str:
+    if output_space in (None, "auto"):
+        if width == 1000:
+            return "in1k"
+        if width == NUM_IN9:
+            return "in9"
+        raise CheckpointError(
+            f"{where}: cannot tell the output space of a model with {width} outputs (expected 9 for IN-9 or 1000 "
+            f"for ImageNet-1k); pass output_space='in9' or 'in1k' (--output-space)"
+        )
+    if output_space not in OUTPUT_SPACES:
+        raise ConfigError(f"expected output_space in {OUTPUT_SPACES} or 'auto', got {output_space!r}")
+    if output_space == "in1k" and width != 1000:
+        raise ConfigError(f"{where}: output space 'in1k' needs 1000 outputs, the model has {width}")
+    if output_space == "in9" and width < NUM_IN9:
+        raise ConfigError(f"{where}: output space 'in9' needs at least 9 outputs, the model has {width}")
+    return output_space
+
+
+def _triple(v, name: str) -> tuple[float, float, float] | None:
+    if v is None:
+        return None
+    t = tuple(float(x) for x in (v.flatten().tolist() if isinstance(v, torch.Tensor) else v))
+    if len(t) != 3:
+        raise ConfigError(f"expected 3 values for {name}, got {len(t)}: {t}")
+    if name == "std" and any(x <= 0 for x in t):
+        raise ConfigError(f"expected positive std, got {t}")
+    return t
+
+
+def load_model(
+    spec: str | os.PathLike,
+    weights: str | os.PathLike | None = None,
+    trust_checkpoint: bool = False,
+    num_classes: int | None = None,
+    output_space: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    probe_size: int = 224,
+) -> LoadedModel:
+    """Resolve a ``--model`` specification into a :class:`LoadedModel`.
+
+    Accepted forms:
+
+    * an architecture name (``'bgsynth_cnn'``, any torchvision or timm name): randomly initialised with
+      ``num_classes`` outputs (default 9), or loaded from ``weights``;
+    * a checkpoint file: bgsynth's own format (:func:`save_checkpoint`, architecture included), a TorchScript
+      archive, a pickled full module (only with ``trust_checkpoint``), or a dict with an ``'arch'`` entry;
+    * an architecture name with ``weights`` = a state_dict file: at top level or nested under ``'model'`` /
+      ``'state_dict'``, with ``module.`` / ``model.`` prefixes stripped where needed, or in the normaliser-wrapped
+      layout of the official backgrounds-challenge checkpoints (``module.normalizer.new_mean/new_std`` +
+      ``module.model.*``, whose stored mean/std then become the default normalisation).
+
+    Weights must match the architecture exactly: missing, unexpected or mis-shaped keys raise
+    :class:`CheckpointError` listing a few. When ``num_classes`` is not given, the classifier width is taken
+    from the weights.
+
+    Args:
+        spec: architecture name or checkpoint path.
+        weights: weights file for an architecture name.
+        trust_checkpoint: allow unpickling arbitrary Python objects (only for files you trust).
+        num_classes: output width of a freshly created architecture.
+        output_space: ``'in9'``, ``'in1k'`` or ``None``/``'auto'`` (from the output width: 9 or 1000).
+        mean, std: override the input normalisation.
+        probe_size: input side used for one dummy forward when the output width must be measured.
+
+    Returns:
+        A :class:`LoadedModel` in eval mode on the CPU.
+
+    Raises:
+        CheckpointError: unreadable, unsafe (without trust) or mismatching checkpoint.
+        ConfigError: unknown architecture or inconsistent options.
+    """
+    spec_s = os.fspath(spec)
+    path = pathlib.Path(spec_s)
+    prov: dict[str, Any] = {"spec": spec_s, "trust_checkpoint": bool(trust_checkpoint)}
+    mean_ck = std_ck = None
+    geometry = None
+    arch: str | None = None
+    module: nn.Module
+    width: int | None = None  # known without a probe when bgsynth built the module
+
+    if weights is None and path.is_file():
+        obj, how = _read_file(path, trust_checkpoint)
+        prov.update(file=str(path.resolve()), sha256=_sha256(path), read_as=how)
+        found, outer, where = _unwrap(obj, path)
+        prov["layout"] = where
+        if isinstance(found, nn.Module):
+            module = found
+            arch = outer.get("arch") if isinstance(outer.get("arch"), str) else None
+            if how == "torchscript":
+                prov["layout"] = "torchscript"
+        else:
+            arch = outer.get("arch")
+            if not isinstance(arch, str):
+                raise CheckpointError(
+                    f"{path}: a plain state_dict does not say which architecture it belongs to; pass the "
+                    f"architecture as --model and the file as --weights (e.g. --model resnet50 --weights {path})"
+                )
+            n = outer.get("num_classes", num_classes)
+            module, width, (mean_ck, std_ck) = _build_and_load(arch, found, n, path, prov)
+        if outer.get("format") == CHECKPOINT_FORMAT:
+            mean_ck = _triple(outer.get("mean"), "mean") or mean_ck
+            std_ck = _triple(outer.get("std"), "std") or std_ck
+            geometry = outer.get("geometry")
+            if output_space in (None, "auto") and outer.get("output_space") in OUTPUT_SPACES:
+                output_space = outer["output_space"]
+            for k in ("epoch", "train", "metrics"):
+                if k in outer:
+                    prov[k] = outer[k]
+    elif weights is None:
+        if any(sep in spec_s for sep in ("/", "\\")) or path.suffix in (".pt", ".pth", ".bin", ".ckpt", ".safetensors"):
+            raise CheckpointError(f"{spec_s}: checkpoint file not found")
+        arch = spec_s
+        width = NUM_IN9 if num_classes is None else int(num_classes)
+        module = create_model(arch, width)
+        prov.update(layout="random_init")
+    else:
+        wpath = pathlib.Path(os.fspath(weights))
+        if not wpath.is_file():
+            raise CheckpointError(f"{wpath}: weights file not found")
+        arch = spec_s
+        obj, how = _read_file(wpath, trust_checkpoint)
+        prov.update(file=str(wpath.resolve()), sha256=_sha256(wpath), read_as=how)
+        found, outer, where = _unwrap(obj, wpath)
+        prov["layout"] = where
+        if isinstance(found, nn.Module):
+            raise CheckpointError(
+                f"{wpath}: holds a whole module, not weights for {arch!r}; pass it as --model {wpath} instead"
+            )
+        n = num_classes if num_classes is not None else outer.get("num_classes")
+        module, width, (mean_ck, std_ck) = _build_and_load(arch, found, n, wpath, prov)
+        if outer.get("format") == CHECKPOINT_FORMAT:
+            mean_ck = _triple(outer.get("mean"), "mean") or mean_ck
+            std_ck = _triple(outer.get("std"), "std") or std_ck
+            geometry = outer.get("geometry")
+
+    module = module.eval()
+    if not isinstance(module, torch.jit.ScriptModule):
+        module = module.float()
+    crop = int(geometry["crop"]) if isinstance(geometry, Mapping) and "crop" in geometry else int(probe_size)
+    if width is None:
+        width = _output_width(module, crop)
+    where = prov.get("file", spec_s)
+    space = _resolve_space(width, output_space, where)
+    dm, ds = default_normalization(space)
+    m = _triple(mean, "mean") or mean_ck or dm
+    s = _triple(std, "std") or std_ck or ds
+    prov.update(arch=arch, num_outputs=width, output_space=space, mean=list(m), std=list(s))
+    if mean_ck is not None:
+        prov["normalization_from_checkpoint"] = True
+    try:
+        prov["parameters"] = int(sum(p.numel() for p in module.parameters()))
+    except Exception:  # noqa: BLE001 - some scripted modules do not expose parameters
+        pass
+    return LoadedModel(module, width, space, m, s, arch, dict(geometry) if isinstance(geometry, Mapping) else None, prov)
+
+
+def _build_and_load(arch: str, sd: Mapping[str, torch.Tensor], num_classes: int | None, path: pathlib.Path, prov: dict):
+    """Create ``arch`` and load ``sd`` into it exactly (normaliser layout handled) -> (module, width, (mean, std))."""
+    net_sd, mean, std, wrapped = _split_normalizer(sd)
+    if wrapped:
+        prov["layout"] = prov.get("layout", "") + " (normaliser-wrapped: module.normalizer + module.model)"
+    else:
+        net_sd = dict(sd)
+    n = NUM_IN9 if num_classes is None else int(num_classes)
+    module = create_model(arch, n)
+    if num_classes is None:
+        w = _classifier_width(module, net_sd, n)
+        if w is not None:
+            module, n = create_model(arch, w), w
+    stripped = _load_exact(module, net_sd, f"{path} (as {arch})")
+    if stripped:
+        prov["stripped_prefix"] = stripped
+    return module, n, (mean, std)
+
+
+def save_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    arch: str,
+    num_classes: int,
+    extra: Mapping[str, Any] | None = None,
+) -> pathlib.Path:
+    """Save a model as a plain dict that ``torch.load(weights_only=True)`` and :func:`load_model` both read.
+
+    The dict holds ``format`` (``'bgsynth-checkpoint'``), ``arch``, ``num_classes``, ``state_dict`` (CPU tensors,
+    wrapper prefixes removed), ``mean``/``std`` (defaults of the output space unless given in ``extra``),
+    ``geometry`` (``None`` unless given) and anything else in ``extra`` (plain Python values only).
+
+    Args:
+        model: the network (a ``torch.compile``-d or DataParallel/DDP-wrapped one is unwrapped).
+        path: output file (written atomically).
+        arch: architecture name that :func:`create_model` accepts.
+        num_classes: output width.
+        extra: additional entries, e.g. ``{'geometry': {'resize': 72, 'crop': 64}, 'epoch': 3}``.
+
+    Returns:
+        The path written.
+    """
+    from .index import atomic_write_bytes
+
+    net = model
+    while True:
+        if hasattr(net, "_orig_mod"):
+            net = net._orig_mod
+        elif isinstance(net, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            net = net.module
+        else:
+            break
+    space = "in1k" if int(num_classes) == 1000 else "in9"
+    dm, ds = default_normalization(space)
+    extra = dict(extra or {})
+    geom = extra.pop("geometry", None)
+    if geom is not None and hasattr(geom, "to_dict"):
+        geom = geom.to_dict()
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "arch": str(arch),
+        "num_classes": int(num_classes),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
+        "mean": list(_triple(extra.pop("mean", None), "mean") or dm),
+        "std": list(_triple(extra.pop("std", None), "std") or ds),
+        "geometry": geom,
+    }
+    ckpt.update(extra)
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    path = pathlib.Path(path)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Prediction
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+
+
+class Predictor:
+    """Batched inference for a :class:`LoadedModel`, returning IN-9 class ids.
+
+    Inputs are composites already normalised with :attr:`mean`/:attr:`std`, in :attr:`input_dtype` and (when
+    :attr:`channels_last`) the channels-last memory format; :meth:`prepare` makes them from uint8 images.
+
+    Args:
+        loaded: the model; its module is moved to ``device`` (and to channels_last) in place, not copied.
+        device: where to run it.
+        amp: ``None``/``'none'`` (full precision), ``'bf16'``, ``'fp16'`` or ``'auto'`` (bf16 on CUDA when
+            supported, else off).
+        channels_last: memory format; ``None`` = on for CUDA, off on CPU.
+        compile: wrap the module in ``torch.compile`` (falls back to eager with a warning if compiling fails).
+        label_protocol: ``'official'`` (top-1 over all outputs, an unmapped ImageNet class counts as -1 = wrong)
+            or ``'restricted'`` (for 1000-class models: argmax over the 370 mapped classes only).
+        mean, std: override the loaded model's normalisation.
+        max_batch: largest chunk per forward (``None``: the whole input); halved on out-of-memory.
+
+    Attributes:
+        forwards: number of images forwarded so far.
+
+    >>> p = Predictor(load_model("bgsynth_cnn"))
+    >>> y = p.predict(p.prepare(torch.zeros(3, 3, 32, 32, dtype=torch.uint8)))
+    >>> y.dtype, y.shape, p.forwards
+    (torch.int64, torch.Size([3]), 3)
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        device: str | torch.device = "cpu",
+        amp: str | None = None,
+        channels_last: bool | None = None,
+        compile: bool = False,
+        label_protocol: str = "official",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        max_batch: int | None = None,
+    ):
+        if not isinstance(loaded, LoadedModel):
+            raise ConfigError(f"Predictor: expected a LoadedModel, got {type(loaded).__name__}")
+        if label_protocol not in LABEL_PROTOCOLS:
+            raise ConfigError(f"Predictor: expected label_protocol in {LABEL_PROTOCOLS}, got {label_protocol!r}")
+        if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+            raise ConfigError(f"Predictor: expected max_batch >= 1 or None, got {max_batch!r}")
+        self.loaded = loaded
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            from .errors import BackendUnavailableError
+
+            raise BackendUnavailableError("Predictor: device 'cuda' requested but CUDA is not available")
+        if amp in ("none", ""):
+            amp = None
+        if amp == "auto":
+            amp = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        if amp is not None and amp not in _AMP_DTYPES:
+            raise ConfigError(f"Predictor: expected amp in (None, 'auto', 'bf16', 'fp16'), got {amp!r}")
+        self.amp = amp
+        self.channels_last = (self.device.type == "cuda") if channels_last is None else bool(channels_last)
+        self.label_protocol = label_protocol
+        self.output_space = loaded.output_space
+        self.num_outputs = loaded.num_outputs
+        self.mean = _triple(mean, "mean") or tuple(loaded.mean)
+        self.std = _triple(std, "std") or tuple(loaded.std)
+        self.max_batch = max_batch
+        self.forwards = 0
+        self.oom_backoffs = 0
+
+        module = loaded.module.to(self.device).eval()
+        if self.channels_last and not isinstance(module, torch.jit.ScriptModule):
+            module = module.to(memory_format=torch.channels_last)
+        self.module = module
+        self._eager = module
+        self._compiled = False
+        if compile:
+            try:
+                self.module = torch.compile(module)
+                self._compiled = True
+            except Exception as e:  # noqa: BLE001 - compile support varies by platform
+                warnings.warn(f"torch.compile unavailable ({e}); running eagerly", stacklevel=2)
+
+        param = next((p for p in self._eager.parameters() if p.is_floating_point()), None)
+        self.param_dtype = param.dtype if param is not None else torch.float32
+        self.input_dtype = _AMP_DTYPES[amp] if amp is not None else self.param_dtype
+
+        # label maps on the device: output index -> IN-9 id (-1 = unmapped)
+        if self.output_space == "in1k":
+            lut = torch.from_numpy(in1k_to_in9())
+        else:
+            lut = torch.arange(self.num_outputs, dtype=torch.int64)
+            lut = torch.where(lut < NUM_IN9, lut, torch.full_like(lut, -1))
+        self._lut = lut.to(self.device)
+        self._unmapped = (self._lut < 0).to(self.device)
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def describe(self) -> dict:
+        """JSON-able settings (recorded in results)."""
+        return {
+            "device": str(self.device),
+            "amp": self.amp,
+            "channels_last": self.channels_last,
+            "compile": self._compiled,
+            "label_protocol": self.label_protocol,
+            "output_space": self.output_space,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "input_dtype": str(self.input_dtype).replace("torch.", ""),
+        }
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, 3, H, W]`` images -> normalised model input (device, dtype, memory format).
+
+        The composites of :func:`engine.variants.synthesize` are made this way in one fused pass; this is for
+        callers that hold plain uint8 images.
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ConfigError(f"Predictor.prepare: expected images [B, 3, H, W], got {tuple(images.shape)}")
+        x = images.to(self.device, non_blocking=True)
+        dt = torch.float64 if self.input_dtype == torch.float64 else torch.float32
+        mean = torch.tensor(self.mean, dtype=dt, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=dt, device=self.device).view(1, 3, 1, 1)
+        x = ((x.to(dt) / 255.0 - mean) / std).to(self.input_dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.amp is not None:
+            with torch.autocast(device_type=self.device.type, dtype=_AMP_DTYPES[self.amp]):
+                y = self.module(x)
+        else:
+            y = self.module(x)
+        if isinstance(y, (tuple, list)):
+            y = y[0]
+        return y
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._forward(x)
+        except Exception as e:  # noqa: BLE001
+            if _is_oom(e) or not self._compiled:
+                raise
+            warnings.warn(f"torch.compile failed at the first call ({type(e).__name__}: {e}); running eagerly", stacklevel=3)
+            self.module, self._compiled = self._eager, False
+            return self._forward(x)
+
+    # ------------------------------------------------------------------------------------------ public
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw model outputs ``float32 [B, num_outputs]`` for normalised input ``x`` ``[B, 3, H, W]``.
+
+        Runs in inference mode, in chunks of at most :attr:`max_batch`; on CUDA out-of-memory the chunk is halved
+        (and remembered) and the run goes on; it fails only if a single image does not fit.
+        """
+        if x.ndim != 4:
+            raise ConfigError(f"Predictor.logits: expected a batch [B, C, H, W], got shape {tuple(x.shape)}")
+        n = int(x.shape[0])
+        if n == 0:
+            return torch.empty(0, self.num_outputs, dtype=torch.float32, device=self.device)
+        if x.device != self.device:
+            x = x.to(self.device, non_blocking=True)
+        outs: list[torch.Tensor] = []
+        start = 0
+        with torch.inference_mode():
+            while start < n:
+                chunk = n - start if self.max_batch is None else min(self.max_batch, n - start)
+                try:
+                    y = self._call(x[start : start + chunk])
+                except Exception as e:  # noqa: BLE001
+                    if not _is_oom(e):
+                        raise
+                    if chunk <= 1:
+                        raise
+                    del e
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    self.max_batch = max(1, chunk // 2)
+                    self.oom_backoffs += 1
+                    warnings.warn(
+                        f"out of memory with {chunk} images per forward; continuing with {self.max_batch}",
+                        stacklevel=2,
+                    )
+                    continue
+                outs.append(y.float())
+                self.forwards += chunk
+                start += chunk
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def labels_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """IN-9 class ids ``int64 [B]`` from logits under this predictor's label protocol (-1 = unmapped)."""
+        if logits.ndim != 2 or logits.shape[1] != self.num_outputs:
+            raise ConfigError(
+                f"labels_from_logits: expected logits [B, {self.num_outputs}], got {tuple(logits.shape)}"
+            )
+        lut = self._lut.to(logits.device)
+        if self.label_protocol == "restricted":
+            masked = logits.masked_fill(self._unmapped.to(logits.device), float("-inf"))
+            return lut[masked.argmax(dim=1)]
+        return lut[logits.argmax(dim=1)]
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """IN-9 predictions ``int64 [B]`` (on the predictor's device) for normalised input ``x``."""
+        return self.labels_from_logits(self.logits(x))
+
+    __call__ = predict

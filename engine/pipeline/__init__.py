@@ -1,0 +1,152 @@
+"""Decode: index entries -> :class:`Batch` of images, masks, boxes, strips, labels and ids on a device.
+
+Backends (registry :data:`BACKENDS`, chosen by :func:`create_loader`):
+
+* ``dali``: NVIDIA DALI, ``device="mixed"`` decode on CUDA, DALI's CPU-only mode (``device_id=None``) elsewhere.
+* ``torchvision``: ``torchvision.io.decode_jpeg`` (batched nvJPEG on CUDA, libjpeg-turbo on CPU threads).
+* ``pil``: the plain reference (PIL decode, bilinear antialiased resize, centre crop).
+
+All backends share one host preparation (:mod:`engine.pipeline.common`): masks, boxes, strips, labels, ids and
+rejects are identical by construction; pixels agree within a small tolerance (docs/decode.md).
+
+>>> from engine.pipeline import available_backends
+>>> "pil" in available_backends()
+True
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+
+from ..errors import BackendUnavailableError, ConfigError
+from ..geometry import CropGeometry
+from ..index import DatasetIndex
+from .batch import BackgroundPool, Batch
+from .common import BACKENDS, BackendSpec, DecodeLoader, backend_available, register_backend, resolve_device
+from .pool import build_background_pool
+
+__all__ = [
+    "Batch",
+    "BackgroundPool",
+    "DecodeLoader",
+    "BACKENDS",
+    "BackendSpec",
+    "register_backend",
+    "available_backends",
+    "auto_backend",
+    "create_loader",
+    "build_background_pool",
+]
+
+_DALI_PIP = "pip install nvidia-dali-cuda130   (or the build matching your CUDA: nvidia-dali-cuda120, ...)"
+
+register_backend(BackendSpec(
+    "dali", "engine.pipeline.dali:DALILoader", ("nvidia.dali",), _DALI_PIP,
+    "NVIDIA DALI: mixed (nvJPEG) decode on CUDA, CPU-only mode elsewhere; fused resize+crop",
+))
+register_backend(BackendSpec(
+    "torchvision", "engine.pipeline.tv:TorchvisionLoader", ("torchvision",), "pip install torchvision",
+    "torchvision.io.decode_jpeg (batched nvJPEG on CUDA, libjpeg-turbo threads on CPU) + v2 resize",
+))
+register_backend(BackendSpec(
+    "pil", "engine.pipeline.pil:PILLoader", ("PIL",), "pip install pillow",
+    "PIL decode + BILINEAR resize + crop (the reference)",
+))
+
+# Preference order of ``backend="auto"`` per device type (the first one installed wins). On CUDA, DALI's nvJPEG
+# decode with its own thread pool is the fast path, then torchvision's batched nvJPEG. On CPU
+# (benchmarks/bench_decode.py, docs/decode.md): torchvision's libjpeg-turbo + uint8 antialiased resize is the
+# fastest complete pipeline, DALI's CPU-only mode (crop-window resize) a close second, PIL about the reference.
+AUTO_ORDER = {"cuda": ("dali", "torchvision", "pil"), "cpu": ("torchvision", "dali", "pil")}
+
+
+def available_backends() -> list[str]:
+    """Names of the registered decode backends whose dependencies are installed."""
+    return [name for name in BACKENDS if backend_available(name)]
+
+
+def auto_backend(device: torch.device | str = "cpu") -> str:
+    """The backend ``backend="auto"`` chooses for ``device`` (see :data:`AUTO_ORDER`)."""
+    dev = torch.device(device)
+    for name in AUTO_ORDER["cuda" if dev.type == "cuda" else "cpu"]:
+        if backend_available(name):
+            return name
+    raise BackendUnavailableError(f"no decode backend is installed; install one with: {BACKENDS['pil'].install}")
+
+
+def create_loader(
+    index: DatasetIndex | str | os.PathLike,
+    backend: str = "auto",
+    geometry: CropGeometry | None = None,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    shard_id: int = 0,
+    num_shards: int = 1,
+    ids: Iterable[int] | None = None,
+    prefetch: int = 2,
+    num_threads: int | None = None,
+    require_mask: bool = False,
+    on_error: str = "reject",
+) -> DecodeLoader:
+    """Create a decode loader: a re-iterable of :class:`Batch` over (a shard of) an index.
+
+    Order is deterministic: sorted image ids (optionally restricted to ``ids``), then ``ids[shard_id::num_shards]``,
+    cut into batches of ``batch_size`` (the last partial batch included). Each image is decoded without EXIF
+    orientation, resized (shorter side to ``geometry.resize``, the exact size of its
+    :class:`~engine.geometry.CropPlan`, bilinear, antialiased) and centre-cropped to ``geometry.crop``; its mask
+    and union box go through the same plan with nearest neighbour. Batch ``k + 1`` is decoded by a background
+    thread while batch ``k`` is consumed (``prefetch`` batches ahead).
+
+    Args:
+        index: a :class:`DatasetIndex` or the path of its JSON.
+        backend: ``"auto"``, ``"dali"``, ``"torchvision"`` or ``"pil"`` (see :data:`BACKENDS`).
+        geometry: crop geometry (default ``CropGeometry()``: 256 -> 224).
+        batch_size: images per batch.
+        device: device of the yielded batches (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+        shard_id, num_shards: shard of the sorted ids this process reads.
+        ids: restrict to these image ids.
+        prefetch: batches decoded ahead (0: decode synchronously in the consumer's thread).
+        num_threads: decoder threads (default ``min(8, cpu_count)``).
+        require_mask: skip (or, with ``on_error="raise"``, fail on) images without a foreground mask.
+        on_error: ``"reject"``: undecodable images are skipped, listed in ``loader.rejects`` and warned about;
+            ``"raise"``: :class:`~engine.errors.DecodeError` naming the file.
+
+    Returns:
+        A :class:`DecodeLoader` (``len()`` = number of batches; attributes ``ids``, ``rejects``, ``fallbacks``).
+
+    Raises:
+        BackendUnavailableError: the backend (or CUDA) is not installed; the message has the pip command.
+        ConfigError: unknown backend or out-of-range argument.
+
+    >>> loader = create_loader("index.json", backend="pil", batch_size=32)   # doctest: +SKIP
+    >>> for batch in loader:                                                  # doctest: +SKIP
+    ...     batch.images.shape, batch.masks.shape                             # [B,3,224,224], [B,1,224,224]
+    """
+    if not isinstance(index, DatasetIndex):
+        if isinstance(index, (str, os.PathLike)):
+            index = DatasetIndex.load(index)
+        else:
+            raise ConfigError(f"create_loader: expected a DatasetIndex or an index path, got {type(index).__name__}")
+    dev = resolve_device(device)
+    if not isinstance(backend, str):
+        raise ConfigError(f"create_loader: expected a backend name, got {backend!r}")
+    name = auto_backend(dev) if backend == "auto" else backend
+    if name not in BACKENDS:
+        raise ConfigError(f"create_loader: unknown decode backend {backend!r}; expected 'auto' or one of {sorted(BACKENDS)}")
+    cls = BACKENDS[name].load()
+    return cls(
+        index,
+        CropGeometry() if geometry is None else geometry,
+        batch_size,
+        dev,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        ids=ids,
+        prefetch=prefetch,
+        num_threads=num_threads,
+        require_mask=require_mask,
+        on_error=on_error,
+    )

@@ -1,0 +1,156 @@
+"""engine.report and the eval/report CLI: tables, figures, contact sheet, several runs side by side."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.evaluate import EvalRecords, EvalResult, load_result, metrics_from_records
+from engine.report import write_report
+from engine.report.plots import prediction_sheet
+from engine.report.tables import (
+    comparison_csv,
+    counts_table,
+    fmt_pct,
+    format_summary,
+    markdown_table,
+    paper_table,
+)
+
+VARIANTS = ("original", "only_bg_b", "only_bg_t", "no_fg", "only_fg", "mixed_same", "mixed_rand", "mixed_next")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _result(correct_per_variant: dict[str, int], n: int = 18, name: str = "net") -> EvalResult:
+    """A result whose variant v has exactly ``correct_per_variant[v]`` of ``n`` images right."""
+    ids = np.arange(n)
+    labels = ids % 9
+    cols = {k: [] for k in ("image_id", "variant", "label", "pred", "bg_id", "bg_label", "valid")}
+    for vi, v in enumerate(VARIANTS):
+        k = correct_per_variant[v]
+        pred = np.where(ids < k, labels, (labels + 1) % 9)
+        mixed = v.startswith("mixed")
+        cols["image_id"].append(ids)
+        cols["variant"].append(np.full(n, vi))
+        cols["label"].append(labels)
+        cols["pred"].append(pred)
+        cols["bg_id"].append(np.where(mixed, (ids + 1) % n, -1))
+        cols["bg_label"].append(np.where(mixed, (labels + 1) % 9, -1))
+        cols["valid"].append(np.ones(n, bool))
+    rec = EvalRecords(VARIANTS, 0, *(np.concatenate(cols[c]) for c in cols))
+    m = metrics_from_records(rec)
+    return EvalResult(variants=list(VARIANTS), metrics=m["variants"], bg_gap=m["bg_gap"], label_protocol="official",
+                      model={"spec": name, "arch": "bgsynth_cnn", "name": name, "num_outputs": 9, "output_space": "in9"},
+                      config={"index": "idx.json", "split": "val", "seed": 0, "geometry": {"resize": 72, "crop": 64}},
+                      dataset={"images": n}, timing={"seconds": 2.0, "images": n, "images_per_s": n / 2,
+                                                     "composites_per_s": 8 * n / 2, "forwards": 8 * n},
+                      records=rec)
+
+
+CORRECT_A = dict(original=18, only_bg_b=9, only_bg_t=6, no_fg=3, only_fg=12, mixed_same=15, mixed_rand=9, mixed_next=2)
+CORRECT_B = dict(original=16, only_bg_b=2, only_bg_t=2, no_fg=2, only_fg=14, mixed_same=14, mixed_rand=13, mixed_next=12)
+
+
+def test_tables():
+    a = _result(CORRECT_A, name="A")
+    assert markdown_table(["x", "y|z"], [[1, None]]) == "| x | y\\|z |\n|---|---|\n| 1 | None |"
+    assert fmt_pct(None) == "-" and fmt_pct(0.12345, 2) == "12.35" and fmt_pct(0.05, 1, signed=True) == "+5.0"
+    t = paper_table([a]).splitlines()
+    assert t[0] == ("| model | Original | Only-BG-B | Only-BG-T | No-FG | Only-FG | Mixed-Same | Mixed-Rand | "
+                    "Mixed-Next | BG-Gap |")
+    # 18/18, 9/18, 6/18, 3/18, 12/18, 15/18, 9/18, 2/18; gap (15 - 9) / 18
+    assert t[2] == "| A | 100.0 | 50.0 | 33.3 | 16.7 | 66.7 | 83.3 | 50.0 | 11.1 | 33.3 |"
+    assert "| Mixed-Rand | 50.00 | 9/18 | 0 | 0 |" in counts_table(a)
+    csv_rows = comparison_csv([a, _result(CORRECT_B, name="B")]).splitlines()
+    assert csv_rows[0].startswith("model,original,only_bg_b") and csv_rows[2].startswith("B,88.8889,")
+    s = format_summary(a)
+    assert "BG-Gap" in s and "33.3" in s and "label protocol 'official'" in s
+
+
+def test_prediction_sheet_marks_right_and_wrong(tmp_path):
+    imgs = torch.full((2, 3, 3, 16, 16), 128, dtype=torch.uint8)
+    ex = {"variants": ["original", "only_fg", "mixed_rand"], "image_ids": [4, 9], "labels": [0, 1], "images": imgs,
+          "pred": np.array([[0, 5, 0], [1, -1, 1]]), "valid": np.array([[True, True, True], [True, True, False]])}
+    p = prediction_sheet(ex, tmp_path / "sheet.png", tile=40)
+    im = np.asarray(Image.open(p).convert("RGB"))
+    left, top, pad, cap, tile = 112, 34, 4, 14, 40
+
+    def frame(i, j):  # a pixel of the coloured frame of tile (i, j)
+        return tuple(im[top + i * (tile + cap + pad) + 1, left + j * (tile + pad) + pad + 1])
+
+    assert frame(0, 0) == (0, 170, 0) and frame(0, 1) == (220, 0, 0) and frame(0, 2) == (0, 170, 0)
+    assert frame(1, 0) == (0, 170, 0) and frame(1, 1) == (220, 0, 0) and frame(1, 2) == (150, 150, 150)
+    centre = im[top + tile // 2, left + pad + tile // 2]
+    assert tuple(centre) == (128, 128, 128)
+
+
+def _check_png(path):
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width > 100 and im.height > 100
+
+
+def test_write_report_single_and_compare(tmp_path):
+    a, b = _result(CORRECT_A, name="A"), _result(CORRECT_B, name="B")
+    p = write_report(a, tmp_path / "a")
+    md = p.read_text()
+    assert "| A | 100.0 | 50.0 | 33.3 | 16.7 | 66.7 | 83.3 | 50.0 | 11.1 | 33.3 |" in md
+    assert "above the 11.1% chance level" in md and "BG-Gap = Mixed-Same - Mixed-Rand = +33.3 points" in md
+    for f in ("accuracy.png", "per_class.png", "bg_class.png"):
+        _check_png(tmp_path / "a" / f)
+        assert f"]({f})" in md
+    assert not (tmp_path / "a" / "examples.png").exists()  # no example composites in a hand-made result
+    for r, d in ((a, "a"), (b, "b")):
+        r.save(tmp_path / d)
+    cmp = write_report([tmp_path / "a", tmp_path / "b" / "results.json"], tmp_path / "cmp", names=["first", "second"])
+    md = cmp.read_text()
+    table = [line for line in md.splitlines() if line.startswith("| first") or line.startswith("| second")]
+    assert len(table) == 2 and table[1].startswith("| second | 88.9 |")
+    assert (tmp_path / "cmp" / "comparison.csv").is_file()
+    _check_png(tmp_path / "cmp" / "accuracy.png")
+    _check_png(tmp_path / "cmp" / "per_class_2.png")
+    with pytest.raises(Exception, match="names"):
+        write_report([a, b], tmp_path / "bad", names=["only one"])
+
+
+def test_cli_eval_and_report(builtin_root, tmp_path):
+    from engine.cli import main
+    from engine.models import create_model, save_checkpoint
+
+    torch.manual_seed(0)
+    ck = save_checkpoint(create_model("bgsynth_cnn"), tmp_path / "net.pt", "bgsynth_cnn", 9,
+                         {"geometry": {"resize": 72, "crop": 64}})
+    out1, out2 = tmp_path / "run1", tmp_path / "run2"
+    rc = main(["eval", str(builtin_root), "--model", str(ck), "--backend", "pil", "--device", "cpu", "--out", str(out1),
+               "--provenance", "--no-progress", "--batch-size", "32"])
+    assert rc == 0
+    for f in ("results.json", "results.csv", "provenance.csv", "report.md", "accuracy.png", "per_class.png",
+              "bg_class.png", "examples.png"):
+        assert (out1 / f).is_file(), f
+    d = json.loads((out1 / "results.json").read_text())
+    assert d["config"]["geometry"] == {"resize": 72, "crop": 64}  # from the checkpoint
+    assert d["dataset"]["images"] == 54 and d["model"]["sha256"]
+    assert len((out1 / "provenance.csv").read_text().splitlines()) == 1 + 54 * 8
+    rc = main(["eval", str(builtin_root), "--model", "bgsynth_cnn", "--resize", "72", "--crop", "64",
+               "--variants", "original,mixed_rand", "--backend", "pil", "--device", "cpu", "--out", str(out2),
+               "--no-progress", "--no-report", "--seed", "3"])
+    assert rc == 0 and not (out2 / "report.md").exists()
+    assert load_result(out2).variants == ["original", "mixed_rand"]
+    rc = main(["report", str(out1), str(out2), "--out", str(tmp_path / "cmp"), "--names", "ckpt,random"])
+    assert rc == 0
+    md = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| ckpt |" in md and "| random |" in md and "examples_1.png" in md
+    # errors surface as exit code 2 with a message, not a traceback
+    assert main(["eval", str(builtin_root), "--model", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x")]) == 2
+    assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "y")]) == 2
+
