@@ -1,0 +1,31 @@
+"""Sources: everything that turns a dataset on disk into a :class:`~engine.index.DatasetIndex`.
+
+* :func:`ingest_imagenet`: ImageNet class folders (or a flat val folder + labels file) with ILSVRC XML boxes.
+* :func:`ingest_in9_release`: the released IN-9 layout (``<variant>/val/<NN_name>`` + ``fg_mask`` ``.npy``).
+* :func:`ingest_coco`: any COCO instance-mask JSON with a category -> IN-9 map.
+* :func:`build_builtin_dataset` / :func:`load_builtin_index`: the procedural built-in dataset.
+
+Every ingest probes each image robustly (:func:`probe_image`): bad files become rejects with a reason, never a
+crash; an ingest fails (:class:`IngestError`) only when nothing valid remains.
+"""
+
+from ._probe import IngestError, ProbeResult, WorkerPoolError, probe_image
+from .coco import ingest_coco, read_category_map
+from .imagenet import ingest_imagenet, read_labels_file
+from .in9_release import ingest_in9_release
+from .synthetic import build_builtin_dataset, default_cache_dir, load_builtin_index
+
+__all__ = [
+    "IngestError",
+    "WorkerPoolError",
+    "ProbeResult",
+    "probe_image",
+    "ingest_imagenet",
+    "read_labels_file",
+    "ingest_in9_release",
+    "ingest_coco",
+    "read_category_map",
+    "build_builtin_dataset",
+    "default_cache_dir",
+    "load_builtin_index",
+]

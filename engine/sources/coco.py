@@ -1,0 +1,287 @@
+"""Ingest of any COCO-format instance-mask JSON into a :class:`~engine.index.DatasetIndex`.
+
+The masks may come from COCO itself or from a segmentation model: polygons, uncompressed or compressed RLE
+(decoded with :mod:`pycocotools.mask`). The user says which source categories are which IN-9 class with a
+category map; annotations of categories outside the map are skipped and counted.
+
+Category map forms (``category_map``):
+
+* a dict ``{source category: IN-9 class}``;
+* a JSON file holding such an object;
+* a text file with one ``source category = IN-9 class`` per line (``#`` comments allowed).
+
+A source category is its ``name`` or its numeric ``id`` (names are matched first); an IN-9 class is its id
+(``0``..``8``), its name (``"dog"``, ``"wheeled vehicle"``) or its release folder (``"02_wheeled vehicle"``).
+
+Each image's IN-9 label is the class with the largest mapped mask area; its annotations of that class become
+the index annotations (box = extent of the decoded mask, ``mask_source='external'`` unless told otherwise).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import json
+import os
+import pathlib
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..classes import IN9_CLASSES, IN9_FOLDERS, NUM_IN9
+from ..index import MASK_SOURCES, DatasetIndex, Reject, inclusive_to_bbox, mask_extent, rle_encode
+from ._probe import VERIFY_MODES, IngestError, probe_image, run_pool, summarize_rejects
+
+__all__ = ["ingest_coco", "read_category_map", "decode_segmentation"]
+
+UNMAPPED_CATEGORY = "unmapped_category_annotations"
+NO_MAPPED_CATEGORY = "images_without_mapped_category"
+EMPTY_MASK = "empty_mask_annotations"
+
+
+def _in9_id(value: Any, where: str) -> int:
+    if isinstance(value, bool):
+        raise IngestError(f"{where}: expected an IN-9 class, got {value!r}")
+    if isinstance(value, (int, np.integer)) or (isinstance(value, str) and value.strip().isdigit()):
+        v = int(value)
+        if 0 <= v < NUM_IN9:
+            return v
+        raise IngestError(f"{where}: expected an IN-9 class id 0..{NUM_IN9 - 1}, got {v}")
+    if isinstance(value, str):
+        v = value.strip()
+        if v in IN9_CLASSES:
+            return IN9_CLASSES.index(v)
+        if v in IN9_FOLDERS:
+            return IN9_FOLDERS.index(v)
+    raise IngestError(f"{where}: expected an IN-9 class id, name {IN9_CLASSES} or folder, got {value!r}")
+
+
+def read_category_map(spec: Mapping | str | os.PathLike) -> dict[str, int]:
+    """Normalise a category map (dict, JSON file or ``name=id`` text file) to ``{source key: IN-9 id}``.
+
+    Raises:
+        IngestError: naming the file (and line) on anything it cannot read.
+
+    >>> read_category_map({"dog": "dog", "18": 0, "bird": 1})
+    {'dog': 0, '18': 0, 'bird': 1}
+    """
+    if isinstance(spec, Mapping):
+        return {str(k).strip(): _in9_id(v, f"category map entry {k!r}") for k, v in spec.items()}
+    path = pathlib.Path(spec)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise IngestError(f"category map {path}: cannot read ({e})") from e
+    stripped = text.lstrip()
+    if stripped.startswith("{"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise IngestError(f"category map {path}: invalid JSON ({e})") from e
+        return {str(k).strip(): _in9_id(v, f"category map {path}, entry {k!r}") for k, v in obj.items()}
+    out: dict[str, int] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if "=" not in line:
+            raise IngestError(f"category map {path}, line {lineno}: expected 'category = IN-9 class', got {line!r}")
+        key, value = line.rsplit("=", 1)
+        out[key.strip()] = _in9_id(value, f"category map {path}, line {lineno}")
+    if not out:
+        raise IngestError(f"category map {path}: no entries")
+    return out
+
+
+def decode_segmentation(seg: Any, height: int, width: int) -> np.ndarray:
+    """Decode a COCO segmentation (polygons, uncompressed or compressed RLE) to ``uint8 [H, W]`` 0/1.
+
+    Raises:
+        ValueError: when the segmentation is malformed or its RLE size differs from ``(height, width)``.
+    """
+    from pycocotools import mask as mask_utils
+
+    if isinstance(seg, list):
+        if not seg:
+            return np.zeros((height, width), np.uint8)
+        polys = [list(map(float, p)) for p in seg]
+        if any(len(p) < 6 or len(p) % 2 for p in polys):
+            raise ValueError("polygon with fewer than 3 points or an odd number of coordinates")
+        rle = mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
+    elif isinstance(seg, Mapping) and "counts" in seg and "size" in seg:
+        size = [int(v) for v in seg["size"]]
+        if size != [height, width]:
+            raise ValueError(f"RLE size {size} differs from the image size {[height, width]}")
+        counts = seg["counts"]
+        if isinstance(counts, list):
+            rle = mask_utils.frPyObjects(dict(seg), height, width)
+        else:
+            rle = {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    else:
+        raise ValueError(f"expected polygons or an RLE dict, got {type(seg).__name__}")
+    m = mask_utils.decode(rle)
+    if m.ndim == 3:
+        m = m.max(axis=2)
+    return np.ascontiguousarray(m, np.uint8)
+
+
+def _coco_task(task: tuple) -> dict:
+    img_path, rel, width, height, anns, verify = task
+    pr = probe_image(img_path, verify)
+    if not pr.ok:
+        return {"rel": rel, "reason": pr.reason, "detail": pr.detail}
+    if (pr.width, pr.height) != (width, height):
+        return {"rel": rel, "reason": Reject.SIZE_MISMATCH,
+                "detail": f"the COCO JSON says {width}x{height}, the image is {pr.width}x{pr.height}"}
+    decoded = []
+    empty = 0
+    for ann_id, label, seg in anns:
+        try:
+            m = decode_segmentation(seg, height, width)
+        except (ValueError, TypeError, KeyError) as e:
+            return {"rel": rel, "reason": Reject.BAD_ANNOTATION, "detail": f"annotation {ann_id}: {e}"}
+        if not m.any():
+            empty += 1
+            continue
+        decoded.append((label, m))
+    if not decoded:
+        return {"rel": rel, "reason": Reject.NO_OBJECT, "detail": "every mapped annotation has an empty mask",
+                "empty": empty}
+    area = collections.Counter()
+    for label, m in decoded:
+        area[label] += int(m.sum())
+    label = max(sorted(area), key=lambda k: area[k])  # ties: the smaller IN-9 id
+    out_anns = []
+    for lab, m in decoded:
+        if lab != label:
+            continue
+        out_anns.append({"bbox": inclusive_to_bbox(mask_extent(m)), "segmentation": rle_encode(m),
+                         "area": float(m.sum())})
+    return {"rel": rel, "reason": None, "probe": pr.entry_fields(), "label": label, "anns": out_anns,
+            "empty": empty}
+
+
+def ingest_coco(
+    annotations: str | os.PathLike | Mapping,
+    images_root: str | os.PathLike,
+    category_map: Mapping | str | os.PathLike,
+    split: str = "val",
+    mask_source: str = "external",
+    out: str | os.PathLike | None = None,
+    workers: int | None = None,
+    verify: str = "full",
+    progress: bool = True,
+) -> DatasetIndex:
+    """Index a COCO-format instance-mask dataset with a user-given category -> IN-9 map.
+
+    Args:
+        annotations: the COCO JSON file (or its already-loaded dict).
+        images_root: folder that the images' ``file_name`` fields are relative to.
+        category_map: source category (name or id) -> IN-9 class; see the module docstring.
+        split: split name recorded for every image.
+        mask_source: provenance recorded on the masks (one of :data:`engine.index.MASK_SOURCES`).
+        out: if given, the index is also saved there.
+        workers: probing processes (default: CPU count).
+        verify: ``'full'`` or ``'header'`` image verification.
+        progress: show a progress bar.
+
+    Returns:
+        The :class:`~engine.index.DatasetIndex` (image ids follow the source image ids' order).
+
+    Raises:
+        IngestError: unreadable JSON, bad category map, or nothing valid remaining.
+    """
+    if verify not in VERIFY_MODES:
+        raise IngestError(f"COCO ingest: expected verify in {VERIFY_MODES}, got {verify!r}")
+    if mask_source not in MASK_SOURCES:
+        raise IngestError(f"COCO ingest: expected mask_source in {MASK_SOURCES}, got {mask_source!r}")
+    root = pathlib.Path(images_root).expanduser()
+    if not root.is_dir():
+        raise IngestError(f"COCO ingest: images root {root} is not a folder")
+    cmap = read_category_map(category_map)
+
+    from pycocotools.coco import COCO
+
+    where = "<dict>" if isinstance(annotations, Mapping) else str(annotations)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
+            if isinstance(annotations, Mapping):
+                coco = COCO()
+                coco.dataset = dict(annotations)
+                coco.createIndex()
+            else:
+                coco = COCO(str(annotations))
+    except FileNotFoundError as e:
+        raise IngestError(f"COCO ingest: annotation file {where} not found") from e
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        raise IngestError(f"COCO ingest: {where} is not a readable COCO JSON ({type(e).__name__}: {e})") from e
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(coco.dataset.get(key), list):
+            raise IngestError(f"COCO ingest: {where}: expected a list under '{key}'")
+
+    cat_label: dict[int, int] = {}
+    for cat in coco.dataset["categories"]:
+        name, cid = str(cat.get("name", "")), cat.get("id")
+        if name in cmap:
+            cat_label[cid] = cmap[name]
+        elif str(cid) in cmap:
+            cat_label[cid] = cmap[str(cid)]
+    known = {str(c.get("name")) for c in coco.dataset["categories"]} | {str(c.get("id")) for c in
+                                                                        coco.dataset["categories"]}
+    missing = sorted(k for k in cmap if k not in known)
+    if not cat_label:
+        raise IngestError(
+            f"COCO ingest: no category of {where} is in the category map (map keys: {sorted(cmap)[:10]}; "
+            f"categories: {[c.get('name') for c in coco.dataset['categories']][:10]})"
+        )
+
+    index = DatasetIndex.empty(image_root=str(root.resolve()), description=f"COCO masks from {where}")
+    index.data["info"]["source"] = {"kind": "coco", "annotations": where, "images_root": str(root),
+                                    "category_map": {str(k): v for k, v in cmap.items()},
+                                    "unknown_map_keys": missing}
+    tasks, src_ids = [], []
+    for im in sorted(coco.dataset["images"], key=lambda d: d.get("id", 0)):
+        anns = coco.imgToAnns.get(im.get("id"), [])
+        mapped = [(a.get("id"), cat_label[a["category_id"]], a.get("segmentation")) for a in anns
+                  if a.get("category_id") in cat_label]
+        unmapped = len(anns) - len(mapped)
+        if unmapped:
+            index.count_skipped(UNMAPPED_CATEGORY, unmapped)
+        if not mapped:
+            index.count_skipped(NO_MAPPED_CATEGORY)
+            continue
+        fn = str(im.get("file_name", ""))
+        try:
+            w, h = int(im["width"]), int(im["height"])
+        except (KeyError, TypeError, ValueError):
+            index.add_reject(fn, Reject.BAD_ANNOTATION, f"image entry {im.get('id')} lacks width/height")
+            continue
+        if not fn or os.path.isabs(fn) or ".." in pathlib.PurePath(fn).parts:
+            index.add_reject(fn, Reject.BAD_ANNOTATION, f"image entry {im.get('id')}: unusable file_name {fn!r}")
+            continue
+        tasks.append((str(root / fn), fn, w, h, mapped, verify))
+        src_ids.append(im.get("id"))
+
+    results = run_pool(_coco_task, tasks, workers, desc="ingest coco", progress=progress)
+    empty = 0
+    for src_id, res in zip(src_ids, results):
+        empty += int(res.get("empty", 0))
+        if res["reason"] is not None:
+            index.add_reject(res["rel"], res["reason"], res["detail"])
+            continue
+        entry = {"file_name": res["rel"], "label": res["label"], "split": split, "wnid": None,
+                 "in1k_class": None, "source_id": src_id}
+        entry.update(res["probe"])
+        anns = [dict(a, category_id=res["label"], mask_source=mask_source) for a in res["anns"]]
+        index.add_image(entry, anns)
+    if empty:
+        index.count_skipped(EMPTY_MASK, empty)
+    if len(index) == 0:
+        raise IngestError(
+            f"COCO ingest: nothing valid under {root} ({len(tasks)} candidate images; "
+            f"rejects: {summarize_rejects(index.rejects)}; skipped: {index.data['info'].get('skipped') or 'none'})"
+        )
+    if out is not None:
+        index.save(out)
+    return index

@@ -1,0 +1,448 @@
+"""Ingest of the three real formats (ImageNet + XML, IN-9 release, COCO masks) on fixtures made in tmp dirs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from fixtures import (
+    coco_json,
+    make_imagenet_tree,
+    make_in9_release,
+    rect_mask,
+    truncate_file,
+    write_corrupt_jpeg,
+    write_exif_rotated_jpeg,
+    write_garbage,
+    write_image,
+    write_png_as_jpeg,
+    write_text,
+    write_voc,
+    write_zero_byte,
+)
+from PIL import Image
+
+from engine.classes import IN9_FOLDERS, in1k_to_in9, in1k_wnids, wnid_to_in1k
+from engine.index import DatasetIndex, Reject, bbox_to_inclusive, rle_decode
+from engine.sources import (
+    IngestError,
+    ingest_coco,
+    ingest_imagenet,
+    ingest_in9_release,
+    probe_image,
+    read_category_map,
+    read_labels_file,
+)
+
+FISH = "n01440764"  # tench -> IN-9 fish (8)
+DOG = "n02085620"  # Chihuahua -> IN-9 dog (0)
+
+
+def _unmapped_wnid() -> str:
+    m = in1k_to_in9()
+    return in1k_wnids()[int(np.flatnonzero(m < 0)[0])]
+
+
+def _by_name(index: DatasetIndex) -> dict:
+    return {index.image(i)["file_name"]: index.record(i) for i in index.ids}
+
+
+def _reasons(index: DatasetIndex) -> dict:
+    return {r["path"]: r["reason"] for r in index.rejects}
+
+
+# ------------------------------------------------------------------------------------------------- probing
+
+
+@pytest.mark.parametrize("verify", ["full", "header"])
+def test_probe_each_bad_kind(tmp_path, verify):
+    good = write_image(tmp_path / "good.JPEG", 50, 30)
+    trunc = truncate_file(write_image(tmp_path / "trunc.JPEG", 80, 60), 0.6)
+    trunc_png = truncate_file(write_png_as_jpeg(tmp_path / "trunc_png.JPEG", 120, 90), 0.5)
+    cases = {
+        good: None,
+        trunc: Reject.TRUNCATED,
+        trunc_png: Reject.TRUNCATED,
+        write_corrupt_jpeg(tmp_path / "corrupt.JPEG"): Reject.UNREADABLE,
+        write_garbage(tmp_path / "garbage.JPEG"): Reject.UNREADABLE,
+        write_zero_byte(tmp_path / "zero.JPEG"): Reject.ZERO_BYTE,
+        tmp_path / "missing.JPEG": Reject.MISSING_FILE,
+    }
+    for path, reason in cases.items():
+        r = probe_image(path, verify)
+        assert r.reason == reason, (path.name, r)
+        assert r.ok == (reason is None)
+        if reason is not None:
+            assert r.detail
+    r = probe_image(good, verify)
+    assert (r.width, r.height, r.format, r.mode, r.exif_orientation) == (50, 30, "JPEG", "RGB", 1)
+
+
+@pytest.mark.parametrize("mode,fmt", [("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "PNG"), ("P", "PNG"), ("RGBA", "PNG")])
+def test_probe_accepts_odd_but_valid_files(tmp_path, mode, fmt):
+    p = write_image(tmp_path / "odd.JPEG", 40, 24, mode=mode, fmt=fmt)  # always named .JPEG
+    r = probe_image(p, "full")
+    assert r.ok and (r.width, r.height) == (40, 24)
+    assert r.format == fmt and r.mode == mode
+
+
+def test_probe_exif_orientation_is_recorded_not_applied(tmp_path):
+    p = write_exif_rotated_jpeg(tmp_path / "rot.JPEG", 64, 40, orientation=6)
+    r = probe_image(p)
+    # stored pixels are 64 wide, 40 high; a viewer that applies EXIF would show 40x64
+    assert (r.width, r.height, r.exif_orientation) == (64, 40, 6)
+    with Image.open(p) as im:
+        assert im.size == (64, 40)
+
+
+def test_probe_rejects_unknown_verify_mode(tmp_path):
+    with pytest.raises(IngestError, match="verify"):
+        probe_image(tmp_path / "x.JPEG", verify="sometimes")
+
+
+# ------------------------------------------------------------------------------------------------- ImageNet
+
+
+def test_imagenet_train_layout_maps_classes_and_boxes(tmp_path):
+    unmapped = _unmapped_wnid()
+    tree = make_imagenet_tree(tmp_path, [
+        {"wnid": FISH, "name": f"{FISH}_1.JPEG", "width": 64, "height": 48, "boxes": [(5, 6, 40, 30)]},
+        {"wnid": FISH, "name": f"{FISH}_2.JPEG", "width": 50, "height": 70, "boxes": [(0, 0, 49, 69)]},
+        {"wnid": DOG, "name": f"{DOG}_7.jpg", "width": 33, "height": 33, "boxes": [(1, 2, 3, 4), (10, 10, 20, 30)]},
+        {"wnid": unmapped, "name": f"{unmapped}_1.JPEG"},
+        {"wnid": unmapped, "name": f"{unmapped}_2.JPEG"},
+    ])
+    out = tmp_path / "index.json"
+    idx = ingest_imagenet(tree["images"], tree["ann"], split="train", out=out, progress=False, workers=1)
+    assert len(idx) == 3 and idx.rejects == []
+    assert idx.data["info"]["skipped"] == {Reject.UNMAPPED_CLASS: 2}
+    recs = _by_name(idx)
+    r = recs[f"{FISH}/{FISH}_1.JPEG"]
+    assert (r.label, r.width, r.height, r.split) == (8, 64, 48, "train")
+    assert r.meta["wnid"] == FISH and r.meta["in1k_class"] == wnid_to_in1k(FISH) == 0
+    assert r.boxes.tolist() == [[5, 6, 40, 30]]  # XML xmax/ymax are inclusive
+    ann = idx.annotations(r.id)[0]
+    assert ann["bbox"] == [5, 6, 36, 25] and ann["category_id"] == 8
+    assert recs[f"{FISH}/{FISH}_2.JPEG"].boxes.tolist() == [[0, 0, 49, 69]]
+    d = recs[f"{DOG}/{DOG}_7.jpg"]
+    assert d.label == 0 and d.boxes.tolist() == [[1, 2, 3, 4], [10, 10, 20, 30]]
+    assert d.union_box == (1, 2, 20, 30)
+    # ids follow the sorted relative paths
+    assert [idx.image(i)["file_name"] for i in idx.ids] == sorted(recs)
+    # the saved file is an index pycocotools reads as is
+    from pycocotools.coco import COCO
+
+    coco = COCO(str(out))
+    assert len(coco.getImgIds()) == 3 and len(coco.getAnnIds()) == 4
+    assert sorted(c["name"] for c in coco.loadCats(coco.getCatIds()))[:2] == ["bird", "carnivore"]
+    assert DatasetIndex.load(out).record(r.id).boxes.tolist() == [[5, 6, 40, 30]]
+
+
+def test_imagenet_each_bad_input_becomes_the_right_reject(tmp_path):
+    img, ann = tmp_path / "images" / FISH, tmp_path / "ann" / FISH
+    expected = {}
+
+    def add(name, reason, w=64, h=48, boxes=((5, 6, 40, 30),), xml=True, writer=None):
+        p = img / name
+        (writer or (lambda q: write_image(q, w, h)))(p)
+        if xml:
+            write_voc(ann / f"{p.stem}.xml", w, h, boxes, FISH)
+        expected[f"{FISH}/{name}"] = reason
+
+    add("ok.JPEG", None)
+    add("gray.JPEG", None, writer=lambda q: write_image(q, 64, 48, mode="L"))
+    add("cmyk.JPEG", None, writer=lambda q: write_image(q, 64, 48, mode="CMYK"))
+    add("png.JPEG", None, writer=lambda q: write_png_as_jpeg(q, 64, 48))
+    add("edge.JPEG", None, boxes=((0, 0, 64, 48),))  # a 1-based max equal to the size is clamped
+    add("trunc.JPEG", Reject.TRUNCATED, writer=lambda q: truncate_file(write_image(q, 64, 48), 0.5))
+    add("corrupt.JPEG", Reject.UNREADABLE, writer=write_corrupt_jpeg)
+    add("garbage.JPEG", Reject.UNREADABLE, writer=write_garbage)
+    add("zero.JPEG", Reject.ZERO_BYTE, writer=write_zero_byte)
+    add("noxml.JPEG", Reject.MISSING_ANNOTATION, xml=False)
+    add("badxml.JPEG", Reject.BAD_ANNOTATION, xml=False)
+    write_text(ann / "badxml.xml", "<annotation><size><width>64</wid")
+    add("badnum.JPEG", Reject.BAD_ANNOTATION, xml=False)
+    write_text(ann / "badnum.xml", "<annotation><size><width>64</width><height>48</height></size><object><name>x"
+                                   "</name><bndbox><xmin>a</xmin><ymin>1</ymin><xmax>2</xmax><ymax>3</ymax>"
+                                   "</bndbox></object></annotation>")
+    add("nosize.JPEG", Reject.BAD_ANNOTATION, xml=False)
+    write_voc(ann / "nosize.xml", None, None, [(1, 1, 5, 5)])
+    add("size.JPEG", Reject.SIZE_MISMATCH, xml=False)
+    write_voc(ann / "size.xml", 65, 48, [(1, 1, 5, 5)])
+    add("outside.JPEG", Reject.BOX_OUTSIDE_IMAGE, boxes=((5, 6, 70, 30),))
+    add("negative.JPEG", Reject.BOX_OUTSIDE_IMAGE, boxes=((-3, 6, 20, 30),))
+    add("empty.JPEG", Reject.EMPTY_BOX, boxes=((30, 6, 20, 30),))
+    add("noobj.JPEG", Reject.NO_OBJECT, boxes=())
+    for verify in ("full", "header"):
+        idx = ingest_imagenet(tmp_path / "images", tmp_path / "ann", progress=False, workers=1, verify=verify)
+        got = _reasons(idx)
+        assert got == {k: v for k, v in expected.items() if v is not None}
+        recs = _by_name(idx)
+        assert set(recs) == {k for k, v in expected.items() if v is None}
+        assert (recs[f"{FISH}/gray.JPEG"].meta["mode"], recs[f"{FISH}/cmyk.JPEG"].meta["mode"]) == ("L", "CMYK")
+        assert recs[f"{FISH}/png.JPEG"].meta["format"] == "PNG"
+        assert recs[f"{FISH}/edge.JPEG"].boxes.tolist() == [[0, 0, 63, 47]]
+        assert idx.summary()["rejects"][Reject.BOX_OUTSIDE_IMAGE] == 2
+        assert all(r["detail"] for r in idx.rejects)
+
+
+def test_imagenet_exif_rotated_image_keeps_stored_geometry(tmp_path):
+    p = write_exif_rotated_jpeg(tmp_path / "images" / FISH / "rot.JPEG", 64, 40, orientation=6)
+    write_voc(tmp_path / "ann" / FISH / "rot.xml", 64, 40, [(50, 2, 62, 20)])
+    q = write_exif_rotated_jpeg(tmp_path / "images" / FISH / "rot2.JPEG", 64, 40, orientation=8)
+    write_voc(tmp_path / "ann" / FISH / "rot2.xml", 40, 64, [(2, 2, 10, 10)])  # annotated in the rotated size
+    idx = ingest_imagenet(tmp_path / "images", tmp_path / "ann", progress=False, workers=1)
+    rec = _by_name(idx)[f"{FISH}/rot.JPEG"]
+    assert (rec.width, rec.height, rec.meta["exif_orientation"]) == (64, 40, 6)
+    assert rec.boxes.tolist() == [[50, 2, 62, 20]]  # untouched: stored-pixel coordinates
+    (rej,) = idx.rejects
+    assert rej["path"] == f"{FISH}/{q.name}" and rej["reason"] == Reject.SIZE_MISMATCH
+    assert "EXIF" in rej["detail"]
+
+
+def test_imagenet_flat_val_with_labels_file(tmp_path):
+    val = tmp_path / "val"
+    for i in range(1, 6):
+        write_image(val / f"ILSVRC2012_val_{i:08d}.JPEG", 40, 30, seed=i)
+        write_voc(tmp_path / "ann" / f"ILSVRC2012_val_{i:08d}.xml", 40, 30, [(1, 1, 20, 20)])
+    write_image(val / "not_listed.JPEG", 40, 30)
+    unmapped = _unmapped_wnid()
+    labels = write_text(tmp_path / "labels.csv", "\n".join([
+        "ImageId,PredictionString",  # a header line is skipped
+        f"ILSVRC2012_val_00000001,{FISH} 1 1 20 20",  # Kaggle LOC_val_solution style
+        "ILSVRC2012_val_00000002.JPEG 0",  # Caffe val.txt style: 0-based sorted index (0 = tench = fish)
+        f"ILSVRC2012_val_00000003.JPEG {DOG}",
+        f"ILSVRC2012_val_00000004.JPEG {unmapped}",
+        "# a comment",
+        "",
+        f"ILSVRC2012_val_00000005.JPEG {wnid_to_in1k(DOG)}",
+        f"ILSVRC2012_val_00000099.JPEG {FISH}",  # listed but missing
+    ]))
+    assert read_labels_file(labels)["ILSVRC2012_val_00000002.JPEG"] == FISH
+    idx = ingest_imagenet(val, tmp_path / "ann", split="val", labels_file=labels, progress=False, workers=1)
+    recs = _by_name(idx)
+    assert {k: r.label for k, r in recs.items()} == {
+        "ILSVRC2012_val_00000001.JPEG": 8,
+        "ILSVRC2012_val_00000002.JPEG": 8,
+        "ILSVRC2012_val_00000003.JPEG": 0,
+        "ILSVRC2012_val_00000005.JPEG": 0,
+    }
+    assert all(r.split == "val" and r.boxes.tolist() == [[1, 1, 20, 20]] for r in recs.values())
+    assert _reasons(idx) == {"ILSVRC2012_val_00000099.JPEG": Reject.MISSING_FILE}
+    assert idx.data["info"]["skipped"] == {Reject.UNMAPPED_CLASS: 1, "no_label": 1}
+
+
+def test_imagenet_labels_file_errors_name_file_and_line(tmp_path):
+    bad = write_text(tmp_path / "bad.txt", f"a.JPEG {FISH}\nb.JPEG 1000\n")
+    with pytest.raises(IngestError, match=r"bad\.txt, line 2"):
+        read_labels_file(bad)
+    write_image(tmp_path / "flat" / "a.JPEG")
+    with pytest.raises(IngestError, match="labels_file"):
+        ingest_imagenet(tmp_path / "flat", progress=False)
+
+
+def test_imagenet_without_annotations_and_nothing_valid(tmp_path):
+    write_image(tmp_path / "images" / FISH / "a.JPEG", 30, 20)
+    idx = ingest_imagenet(tmp_path / "images", progress=False)
+    (rec,) = idx.records()
+    assert rec.boxes.shape == (0, 4) and rec.label == 8
+    write_zero_byte(tmp_path / "bad" / FISH / "a.JPEG")
+    write_garbage(tmp_path / "bad" / FISH / "b.JPEG")
+    with pytest.raises(IngestError) as e:
+        ingest_imagenet(tmp_path / "bad", progress=False)
+    msg = str(e.value)
+    assert str(tmp_path / "bad") in msg and Reject.ZERO_BYTE in msg and Reject.UNREADABLE in msg
+    with pytest.raises(IngestError, match="not a folder"):
+        ingest_imagenet(tmp_path / "nowhere", progress=False)
+
+
+def test_imagenet_unknown_folder_warns_and_is_counted(tmp_path):
+    write_image(tmp_path / "images" / FISH / "a.JPEG", 30, 20)
+    write_image(tmp_path / "images" / "cats_and_dogs" / "b.JPEG", 30, 20)
+    with pytest.warns(UserWarning, match="cats_and_dogs"):
+        idx = ingest_imagenet(tmp_path / "images", progress=False)
+    assert len(idx) == 1 and idx.data["info"]["skipped"] == {"unknown_class": 1}
+
+
+def test_imagenet_pool_matches_serial(tmp_path):
+    specs = [{"wnid": FISH if i % 2 else DOG, "name": f"x{i:03d}.JPEG", "width": 30 + i, "height": 20 + i % 7,
+              "boxes": [(1, 1, 10 + i % 5, 12)]} for i in range(40)]
+    tree = make_imagenet_tree(tmp_path, specs)
+    truncate_file(tree["images"] / DOG / "x010.JPEG", 0.4)
+    a = ingest_imagenet(tree["images"], tree["ann"], progress=False, workers=1)
+    b = ingest_imagenet(tree["images"], tree["ann"], progress=False, workers=2)
+    assert a.data["images"] == b.data["images"] and a.data["annotations"] == b.data["annotations"]
+    assert a.rejects == b.rejects and len(a.rejects) == 1
+
+
+# ------------------------------------------------------------------------------------------------- IN-9 release
+
+
+def test_in9_release_masks_become_rle_and_boxes_their_extent(tmp_path):
+    per_class = {IN9_FOLDERS[2]: 2, IN9_FOLDERS[6]: 1, IN9_FOLDERS[0]: 2}  # two names contain a space
+    truth = make_in9_release(tmp_path / "bg", per_class, size=(40, 56), variants=("original", "mixed_rand"))
+    out = tmp_path / "in9.json"
+    idx = ingest_in9_release(tmp_path / "bg", out=out, progress=False, workers=1)
+    recs = _by_name(idx)
+    assert set(recs) == set(truth) and idx.rejects == []
+    for rel, m in truth.items():
+        r = recs[rel]
+        assert r.label == IN9_FOLDERS.index(rel.split("/")[0])
+        assert (r.height, r.width) == m.shape and r.mask_source == "released"
+        np.testing.assert_array_equal(r.mask(), m)
+        ys, xs = np.nonzero(m)
+        assert r.boxes.tolist() == [[xs.min(), ys.min(), xs.max(), ys.max()]]
+        (ann,) = idx.annotations(r.id)
+        assert ann["area"] == float(m.sum())
+    from pycocotools.coco import COCO
+
+    assert len(COCO(str(out)).getAnnIds()) == len(truth)
+    # another variant folder, masks attached by stem
+    mixed = ingest_in9_release(tmp_path / "bg", variant="mixed_rand", progress=False, workers=1)
+    assert {k: r.mask_source for k, r in _by_name(mixed).items()} == {k: "released" for k in truth}
+    assert all(im["variant"] == "mixed_rand" for im in mixed.data["images"])
+
+
+def test_in9_release_bad_masks_are_rejects(tmp_path):
+    truth = make_in9_release(tmp_path / "bg", {IN9_FOLDERS[8]: 5}, size=(30, 40))
+    names = sorted(truth)
+    mdir = tmp_path / "bg" / "fg_mask" / "val" / IN9_FOLDERS[8]
+    stem = [n.split("/")[1][:-5] for n in names]
+    np.save(mdir / f"{stem[0]}.npy", np.ones((40, 30), np.uint8))  # transposed shape
+    (mdir / f"{stem[1]}.npy").unlink()  # missing
+    np.save(mdir / f"{stem[2]}.npy", np.zeros((30, 40), np.uint8))  # empty
+    write_text(mdir / f"{stem[3]}.npy", "not numpy")  # unreadable
+    np.save(mdir / f"{stem[4]}.npy", truth[names[4]][:, :, None] * 255)  # [H, W, 1] of 0/255 is accepted
+    idx = ingest_in9_release(tmp_path / "bg", progress=False, workers=1)
+    assert _reasons(idx) == {names[0]: Reject.MASK_SHAPE, names[1]: Reject.MISSING_MASK,
+                             names[2]: Reject.NO_OBJECT, names[3]: Reject.MISSING_MASK}
+    (rec,) = idx.records()
+    np.testing.assert_array_equal(rec.mask(), truth[names[4]])
+    # without masks required, a variant indexes every image
+    bare = ingest_in9_release(tmp_path / "bg", masks=False, progress=False)
+    assert len(bare) == 5 and all(r.mask_rle is None for r in bare.records())
+    with pytest.raises(IngestError, match="only_fg"):
+        ingest_in9_release(tmp_path / "bg", variant="only_fg", progress=False)
+
+
+# ------------------------------------------------------------------------------------------------- COCO
+
+
+def _coco_fixture(tmp_path):
+    imgs = tmp_path / "coco_images"
+    h, w = 30, 40
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+        write_image(imgs / name, w, h)
+    write_image(imgs / "e.jpg", 41, 30)
+    from pycocotools import mask as mask_utils
+
+    m_b = rect_mask(h, w, (10, 5, 19, 14))
+    rle_b = mask_utils.encode(np.asfortranarray(m_b))
+    rle_b = {"size": rle_b["size"], "counts": rle_b["counts"].decode()}
+    m_c = rect_mask(h, w, (2, 2, 7, 9))
+    flat = m_c.flatten(order="F")  # uncompressed RLE: run lengths over the column-major pixels
+    runs, cur, n = [], 0, 0
+    for v in flat:
+        if v != cur:
+            runs.append(n)
+            cur, n = v, 0
+        n += 1
+    runs.append(n)
+    images = [{"id": i + 1, "file_name": n, "width": w, "height": h} for i, n in enumerate("abcd")]
+    for im in images:
+        im["file_name"] += ".jpg"
+    images.append({"id": 5, "file_name": "e.jpg", "width": 40, "height": 30})  # size disagrees with the file
+    images.append({"id": 6, "file_name": "missing.jpg", "width": 40, "height": 30})
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 18, "iscrowd": 0, "bbox": [5, 5, 20, 10], "area": 200,
+         "segmentation": [[5, 5, 25, 5, 25, 15, 5, 15]]},  # polygon, dog
+        {"id": 2, "image_id": 1, "category_id": 16, "iscrowd": 0, "bbox": [0, 0, 3, 3], "area": 9,
+         "segmentation": [[0, 0, 3, 0, 3, 3, 0, 3]]},  # a small bird in the dog image: the label stays dog
+        {"id": 3, "image_id": 2, "category_id": 16, "iscrowd": 0, "bbox": [10, 5, 10, 10], "area": 100,
+         "segmentation": rle_b},  # compressed RLE, bird
+        {"id": 4, "image_id": 3, "category_id": 16, "iscrowd": 1, "bbox": [2, 2, 6, 8], "area": 48,
+         "segmentation": {"size": [h, w], "counts": runs}},  # uncompressed RLE
+        {"id": 5, "image_id": 4, "category_id": 1, "iscrowd": 0, "bbox": [1, 1, 5, 5], "area": 25,
+         "segmentation": [[1, 1, 6, 1, 6, 6, 1, 6]]},  # person: not in the map
+        {"id": 6, "image_id": 5, "category_id": 18, "iscrowd": 0, "bbox": [1, 1, 5, 5], "area": 25,
+         "segmentation": [[1, 1, 6, 1, 6, 6, 1, 6]]},
+        {"id": 7, "image_id": 6, "category_id": 18, "iscrowd": 0, "bbox": [1, 1, 5, 5], "area": 25,
+         "segmentation": [[1, 1, 6, 1, 6, 6, 1, 6]]},
+    ]
+    cats = [{"id": 1, "name": "person"}, {"id": 16, "name": "bird"}, {"id": 18, "name": "dog"}]
+    path = coco_json(tmp_path / "instances.json", images, anns, cats)
+    return path, imgs, {"b.jpg": m_b, "c.jpg": m_c}
+
+
+@pytest.mark.parametrize("map_kind", ["dict", "json", "text"])
+def test_coco_ingest(tmp_path, map_kind):
+    path, imgs, truth = _coco_fixture(tmp_path)
+    cmap = {"dog": "dog", "16": 1}  # by name (IN-9 by name), by id (IN-9 by id)
+    if map_kind == "json":
+        cmap = write_text(tmp_path / "map.json", json.dumps({"dog": "00_dog", "bird": 1}))
+    elif map_kind == "text":
+        cmap = write_text(tmp_path / "map.txt", "# coco -> in9\ndog = 0\n16 = bird\n")
+    out = tmp_path / "coco_index.json"
+    idx = ingest_coco(path, imgs, cmap, out=out, progress=False, workers=1)
+    recs = _by_name(idx)
+    assert {k: r.label for k, r in recs.items()} == {"a.jpg": 0, "b.jpg": 1, "c.jpg": 1}
+    assert _reasons(idx) == {"e.jpg": Reject.SIZE_MISMATCH, "missing.jpg": Reject.MISSING_FILE}
+    assert idx.data["info"]["skipped"] == {"unmapped_category_annotations": 1, "images_without_mapped_category": 1}
+    for name, m in truth.items():
+        np.testing.assert_array_equal(recs[name].mask(), m)
+        ys, xs = np.nonzero(m)
+        assert recs[name].boxes.tolist() == [[xs.min(), ys.min(), xs.max(), ys.max()]]
+    a = recs["a.jpg"]
+    assert a.mask_source == "external" and len(a.boxes) == 1  # the bird annotation is not the image's class
+    ma = a.mask()
+    ys, xs = np.nonzero(ma)
+    assert a.boxes.tolist() == [[xs.min(), ys.min(), xs.max(), ys.max()]]
+    inter = (ma & rect_mask(30, 40, (5, 5, 24, 14))).sum()
+    assert inter / (ma | rect_mask(30, 40, (5, 5, 24, 14))).sum() > 0.85  # the polygon's rasterisation
+    for r in recs.values():
+        (ann,) = idx.annotations(r.id)
+        assert bbox_to_inclusive(ann["bbox"]) == tuple(r.boxes[0]) and ann["area"] == float(r.mask().sum())
+        assert rle_decode(ann["segmentation"]).shape == (30, 40)
+    from pycocotools.coco import COCO
+
+    coco = COCO(str(out))
+    assert sorted(coco.getImgIds()) == sorted(recs[k].id for k in recs)
+
+
+def test_coco_errors(tmp_path):
+    path, imgs, _ = _coco_fixture(tmp_path)
+    with pytest.raises(IngestError, match="no category"):
+        ingest_coco(path, imgs, {"cat": 4}, progress=False)
+    with pytest.raises(IngestError, match="IN-9 class"):
+        read_category_map({"dog": "wolfhound"})
+    with pytest.raises(IngestError, match=r"map\.txt, line 1"):
+        read_category_map(write_text(tmp_path / "map.txt", "dog 0\n"))
+    with pytest.raises(IngestError, match="not a readable COCO JSON"):
+        ingest_coco(write_text(tmp_path / "broken.json", "{"), imgs, {"dog": 0}, progress=False)
+    with pytest.raises(IngestError, match="not found"):
+        ingest_coco(tmp_path / "none.json", imgs, {"dog": 0}, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_ingest_prints_reject_summary(tmp_path, capsys):
+    from engine.cli import main
+
+    tree = make_imagenet_tree(tmp_path, [{"wnid": FISH, "name": "a.JPEG"}, {"wnid": FISH, "name": "b.JPEG"}])
+    write_zero_byte(tree["images"] / FISH / "b.JPEG")
+    out = tmp_path / "idx.json"
+    rc = main(["ingest", "imagenet", str(tree["images"]), "--annotations", str(tree["ann"]), "--out", str(out),
+               "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0 and out.is_file()
+    assert "1 images" in text and f"{Reject.ZERO_BYTE} 1" in text and "b.JPEG" in text
+    truth = make_in9_release(tmp_path / "bg", {IN9_FOLDERS[1]: 2})
+    rc = main(["ingest", "in9", str(tmp_path / "bg"), "--out", str(tmp_path / "in9.json"), "--no-progress", "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert rc == 0 and summary["images"] == len(truth) and summary["masks"] == {"released": 2}
+    # a run with nothing valid fails with a clear message and exit code 2
+    write_zero_byte(tmp_path / "empty" / FISH / "z.JPEG")
+    rc = main(["ingest", "imagenet", str(tmp_path / "empty"), "--out", str(tmp_path / "x.json"), "--no-progress"])
+    assert rc == 2 and "nothing valid" in capsys.readouterr().err
