@@ -1,0 +1,233 @@
+"""GrabCut masks per second: ``engine.masks.prepare`` vs a reference loop written from PAPER.md.
+
+* **reference**: the authors' generation script as PAPER.md describes it, one image at a time in this process:
+  decode (PIL), parse the ILSVRC VOC XML and check its width/height against the image, exactly one box, paint the
+  box into a mask, resize the shorter side to 256 with nearest neighbour and centre-crop 224 to check "at most 90%
+  of the crop" and "at least 50% of the box inside", check that the crop-space box leaves a margin (Only-BG-T),
+  then ``cv2.grabCut`` with the box as rectangle, 5 iterations, accepted at >= 10% of the box, up to 10 tries.
+  It seeds OpenCV's RNG like ours (``image_seed + attempt``) so that both produce the same masks, which is checked.
+* **ours, 1 process**: ``prepare(index, recompute=True, workers=1)`` (filters batched from the index, no decode for
+  rejected images; the journal is written as in real use).
+* **ours, all processes**: the same with ``workers=None`` (every core, forkserver pool).
+
+Images are ImageNet-sized (``--size``, default 500x375): scenes of the built-in generator
+(:func:`engine.sources.synthetic.render_sample`) resized to that size, written as JPEG with VOC XML boxes and the
+true masks in the index. Warm-up first (one small run of each, which also starts the forkserver), then
+``--repeat`` timed rounds alternating the three so they see the same machine load; medians. Single-process rows also
+report CPU seconds per image (this process's CPU time), which is robust to other load on a shared machine.
+
+Then the ``--max-side`` trade-off: GrabCut at full resolution vs a reduced working resolution, images/s (all
+processes) and mask IoU against the true masks, on the same images or on any index with true masks (``--index``,
+e.g. the built-in dataset's).
+
+Usage::
+
+    python benchmarks/bench_prepare.py                          # 12 images of 500x375, 3 rounds
+    python benchmarks/bench_prepare.py --images 48 --repeat 5 --max-sides none,320,256,160,96
+    python benchmarks/bench_prepare.py --index ~/.cache/bgsynth/builtin-.../index.json --tradeoff-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+
+import cv2
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from engine.geometry import CropGeometry  # noqa: E402
+from engine.index import DatasetIndex, inclusive_to_bbox, mask_extent, rle_encode  # noqa: E402
+from engine.masks import image_seed, mask_iou, prepare  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------- data
+def make_data(root: pathlib.Path, n: int, width: int, height: int, seed: int = 0) -> pathlib.Path:
+    """Write ``n`` JPEGs of ``width`` x ``height`` with VOC XML and an index with the true masks; return its path."""
+    from engine.sources.synthetic import render_sample, voc_xml
+
+    idx = DatasetIndex.empty(image_root=".")
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    (root / "xml").mkdir(parents=True, exist_ok=True)
+    k = 0
+    while len(idx) < n:
+        s = render_sample(seed, "val", k % 9, k // 9, two_object_rate=0.0)
+        k += 1
+        img = cv2.resize(s.image, (width, height), interpolation=cv2.INTER_AREA)
+        mask = cv2.resize(s.mask, (width, height), interpolation=cv2.INTER_NEAREST)
+        box = mask_extent(mask)
+        if box is None:
+            continue
+        stem = f"bench_{len(idx):05d}"
+        cv2.imwrite(str(root / "img" / f"{stem}.JPEG"), img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
+        (root / "xml" / f"{stem}.xml").write_text(voc_xml("val", stem, width, height, "n00000000", [box]))
+        idx.add_image(
+            {"file_name": f"img/{stem}.JPEG", "width": width, "height": height, "label": s.label, "split": "val"},
+            [{"bbox": inclusive_to_bbox(box), "segmentation": rle_encode(mask), "mask_source": "synthetic"}],
+        )
+    return idx.save(root / "index.json")
+
+
+# ----------------------------------------------------------------------------------------------- reference
+def reference_one(img_path: str, xml_path: str, seed: int) -> np.ndarray | None:
+    """The authors' per-image procedure (PAPER.md, "How an image enters the set"); mask or None if dropped."""
+    from PIL import Image
+
+    if not (os.path.exists(img_path) and os.path.exists(xml_path)):
+        return None
+    rgb = np.asarray(Image.open(img_path).convert("RGB"))
+    h, w = rgb.shape[:2]
+    ann = ET.parse(xml_path).getroot()
+    size = ann.find("size")
+    if int(size.find("width").text) != w or int(size.find("height").text) != h:
+        return None
+    objs = ann.findall("object")
+    if len(objs) != 1:
+        return None
+    bb = objs[0].find("bndbox")
+    x0, y0, x1, y1 = (int(bb.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax"))
+    # filters 3 and 4 on a painted box mask: shorter side to 256 (nearest), centre crop 224
+    box_mask = np.zeros((h, w), np.uint8)
+    box_mask[y0 : y1 + 1, x0 : x1 + 1] = 1
+    rh, rw = (256, int(256 * w / h)) if h <= w else (int(256 * h / w), 256)
+    resized = np.asarray(Image.fromarray(box_mask).resize((rw, rh), Image.NEAREST))
+    top, left = int(round((rh - 224) / 2.0)), int(round((rw - 224) / 2.0))
+    crop = resized[top : top + 224, left : left + 224]
+    if crop.sum() > 0.9 * 224 * 224 or crop.sum() < 0.5 * resized.sum():
+        return None
+    ys, xs = np.nonzero(crop)
+    if len(ys) and ys.min() == 0 and xs.min() == 0 and ys.max() == 223 and xs.max() == 223:
+        return None  # no margin left: no Only-BG-T
+    # filter 5: GrabCut, 5 iterations, >= 10% of the box, up to 10 tries
+    area = (x1 - x0 + 1) * (y1 - y0 + 1)
+    for attempt in range(10):
+        cv2.setRNGSeed(seed + attempt)
+        m = np.zeros((h, w), np.uint8)
+        bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+        cv2.grabCut(rgb, m, (x0, y0, x1 - x0 + 1, y1 - y0 + 1), bgd, fgd, 5, cv2.GC_INIT_WITH_RECT)
+        fg = ((m == cv2.GC_FGD) | (m == cv2.GC_PR_FGD)).astype(np.uint8)
+        if fg.sum() >= 0.1 * area:
+            return fg
+    return None
+
+
+def run_reference(root: pathlib.Path, index: DatasetIndex, ids) -> dict[int, np.ndarray | None]:
+    out = {}
+    for i in ids:
+        stem = pathlib.Path(index.image(i)["file_name"]).stem
+        out[i] = reference_one(str(root / "img" / f"{stem}.JPEG"), str(root / "xml" / f"{stem}.xml"),
+                               image_seed(0, i))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- timing
+def timed(fn):
+    w0, c0 = time.perf_counter(), time.process_time()
+    res = fn()
+    return res, time.perf_counter() - w0, time.process_time() - c0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=int, default=12, help="images per timed round")
+    ap.add_argument("--size", default="500x375", help="image size WxH")
+    ap.add_argument("--repeat", type=int, default=3, help="timed rounds (medians reported)")
+    ap.add_argument("--workers", type=int, default=None, help="processes of the 'all' row (default: all cores)")
+    ap.add_argument("--max-sides", default="none,256,160", help="working resolutions of the trade-off table")
+    ap.add_argument("--index", default=None, help="run the trade-off on this index (needs true masks)")
+    ap.add_argument("--split", default=None, help="split of --index to use")
+    ap.add_argument("--tradeoff-only", action="store_true", help="skip the ours-vs-reference comparison")
+    ap.add_argument("--root", default=None, help="where to write the benchmark images (default: a temp folder)")
+    args = ap.parse_args()
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = args.workers or ncpu
+    print(f"machine: {ncpu} cores visible; OpenCV {cv2.__version__}; 'all' = {workers} processes")
+
+    tmp = tempfile.TemporaryDirectory(prefix="bench_prepare_")
+    root = pathlib.Path(args.root or tmp.name)
+    t0 = time.perf_counter()
+    index_path = make_data(root, args.images + 2, width, height)
+    full = DatasetIndex.load(index_path)
+    print(f"data: {len(full)} images of {width}x{height} written in {time.perf_counter() - t0:.1f} s to {root}")
+    warm_ids, ids = full.ids[:2], full.ids[2:]
+    warm, bench = full.select(ids=warm_ids), full.select(ids=ids)
+    out = root / "out.json"
+
+    def ours(idx, w, max_side=None):
+        return prepare(idx, out=out, recompute=True, workers=w, progress=False, max_side=max_side,
+                       geometry=CropGeometry())
+
+    if not args.tradeoff_only:
+        # warm-up: imports, the forkserver, caches
+        run_reference(root, warm, warm_ids)
+        ours(warm, 1)
+        ours(warm, workers)
+        rows = {"reference (1 process)": [], "ours, 1 process": [], f"ours, {workers} processes": []}
+        cpu = {"reference (1 process)": [], "ours, 1 process": []}
+        ref_masks = res1 = None
+        for _ in range(args.repeat):
+            ref_masks, wall, c = timed(lambda: run_reference(root, bench, ids))
+            rows["reference (1 process)"].append(wall)
+            cpu["reference (1 process)"].append(c)
+            res1, wall, c = timed(lambda: ours(bench, 1))
+            rows["ours, 1 process"].append(wall)
+            cpu["ours, 1 process"].append(c)
+            _, wall, _ = timed(lambda: ours(bench, workers))
+            rows[f"ours, {workers} processes"].append(wall)
+        same = sum(
+            1 for i in ids
+            if (ref_masks[i] is None and i not in res1.ids)
+            or (ref_masks[i] is not None and i in res1.ids and np.array_equal(ref_masks[i], res1.record(i).mask()))
+        )
+        n = len(ids)
+        ref_wall = statistics.median(rows["reference (1 process)"])
+        print(f"\nGrabCut masks from boxes, {n} images of {width}x{height}, median of {args.repeat} rounds")
+        print(f"{'':28s} {'images/s':>9s} {'vs ref':>7s} {'CPU s/img':>10s}")
+        for name, walls in rows.items():
+            wmed = statistics.median(walls)
+            c = f"{statistics.median(cpu[name]) / n:10.3f}" if name in cpu else f"{'-':>10s}"
+            print(f"{name:28s} {n / wmed:9.2f} {ref_wall / wmed:6.2f}x {c}")
+        print(f"identical masks/rejects, ours vs reference: {same}/{n}")
+
+    # ------------------------------------------------------------------------------------- max-side trade-off
+    if args.index:
+        t_index = DatasetIndex.load(args.index)
+        if args.split:
+            t_index = t_index.select(split=args.split)
+        where = f"{args.index}" + (f" (split {args.split})" if args.split else "")
+    else:
+        t_index, where = bench, f"the {len(bench)} benchmark images ({width}x{height})"
+    sides = [None if s.strip().lower() in ("none", "full", "0") else int(s) for s in args.max_sides.split(",")]
+    print(f"\n--max-side trade-off on {where}, {workers} processes, IoU vs the true masks")
+    print(f"{'max_side':>9s} {'images/s':>9s} {'speed-up':>8s} {'mean IoU':>9s} {'p05':>6s} {'median':>7s} "
+          f"{'failed':>6s} {'IoU vs full':>11s}")
+    base_speed = None
+    full_masks = None
+    for s in sides:
+        res, wall, _ = timed(lambda: ours(t_index, workers, s))
+        q = res.data["info"]["prepare"]["quality"]
+        n_gc = res.data["info"]["prepare"]["timing"]["grabcut_images"]
+        speed = n_gc / wall
+        base_speed = base_speed or speed
+        masks = {i: res.record(i).mask() for i in res.ids}
+        if full_masks is None:
+            full_masks = masks
+            agree = "-"
+        else:
+            common = sorted(set(masks) & set(full_masks))
+            agree = f"{np.mean([mask_iou(masks[i], full_masks[i]) for i in common]):.3f}" if common else "-"
+        print(f"{str(s or 'full'):>9s} {speed:9.2f} {speed / base_speed:7.2f}x {q['mean']:9.3f} "
+              f"{q['quantiles']['p05']:6.3f} {q['quantiles']['p50']:7.3f} {q['failed']:6d} {agree:>11s}")
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,565 @@
+"""Tests of engine.masks: selection filters, GrabCut with the acceptance rule, and the resumable prepare step."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from engine.errors import CheckpointError, ConfigError
+from engine.geometry import CropGeometry
+from engine.index import DatasetIndex, Reject, inclusive_to_bbox, mask_extent, rle_encode
+from engine.masks import (
+    SelectionFilters,
+    check_selection,
+    check_selection_many,
+    grabcut_mask,
+    image_seed,
+    journal_path,
+    mask_iou,
+    prepare,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ==============================================================================================================
+# Hand-made images with a known object
+# ==============================================================================================================
+
+
+def _scene(rng: np.random.Generator, h: int, w: int, box_frac=(0.35, 0.65)) -> tuple[np.ndarray, np.ndarray]:
+    """A textured background and one clearly coloured blob object; returns (rgb uint8, true mask uint8)."""
+    base = rng.integers(40, 120, size=3)
+    noise = cv2.resize(rng.random((max(2, h // 16), max(2, w // 16), 3)).astype(np.float32), (w, h),
+                       interpolation=cv2.INTER_CUBIC)
+    img = np.clip(base + 50 * noise + rng.normal(0, 4, (h, w, 3)), 0, 255)
+    mask = np.zeros((h, w), np.uint8)
+    cx, cy = int(w * rng.uniform(0.4, 0.6)), int(h * rng.uniform(0.4, 0.6))
+    ax, ay = int(w * rng.uniform(*box_frac) / 2), int(h * rng.uniform(*box_frac) / 2)
+    cv2.ellipse(mask, (cx, cy), (ax, ay), float(rng.uniform(0, 180)), 0, 360, 1, -1)
+    cv2.circle(mask, (cx + ax // 2, cy - ay // 2), max(2, min(ax, ay) // 2), 1, -1)
+    colour = np.array([230, 60, 40]) if rng.random() < 0.5 else np.array([240, 220, 40])
+    fg = np.clip(colour + rng.normal(0, 10, (h, w, 3)), 0, 255)
+    img = np.where(mask[..., None] == 1, fg, img).astype(np.uint8)
+    return img, mask
+
+
+def _write_jpeg(path, rgb):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    ok = cv2.imwrite(str(path), np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    if not ok:
+        raise RuntimeError(f"could not write {path}")
+
+
+def _make_index(root, n_per_class=2, classes=(0, 1, 2), size=(60, 80), with_masks=False, seed=0) -> DatasetIndex:
+    """A small index of hand-made JPEGs (one object each, box = mask extent); saved to ``root/index.json``."""
+    rng = np.random.default_rng(seed)
+    idx = DatasetIndex.empty(image_root=".")
+    for c in classes:
+        for k in range(n_per_class):
+            h, w = size
+            img, mask = _scene(rng, h, w)
+            fn = f"c{c}/img_{k}.jpg"
+            _write_jpeg(os.path.join(root, fn), img)
+            box = mask_extent(mask)
+            ann = {"bbox": inclusive_to_bbox(box)}
+            if with_masks:
+                ann.update(segmentation=rle_encode(mask), mask_source="synthetic")
+            idx.add_image({"file_name": fn, "width": w, "height": h, "label": c, "split": "val"}, [ann])
+    idx.save(os.path.join(root, "index.json"))
+    return DatasetIndex.load(os.path.join(root, "index.json"))
+
+
+def _strip_timing(data: dict) -> dict:
+    data = json.loads(json.dumps(data))
+    data["info"]["prepare"].pop("timing")
+    return data
+
+
+# ==============================================================================================================
+# Selection filters: hand-computed fixtures
+# ==============================================================================================================
+
+
+IDENTITY = CropGeometry(resize=20, crop=20)  # a 20x20 image: resize is the identity and the crop is the image
+
+
+def test_box_covering_95_percent_of_crop_is_too_large():
+    # 19 x 20 = 380 of 400 crop pixels = 95%
+    assert check_selection([[0, 0, 18, 19]], 20, 20, IDENTITY)[0] == Reject.BOX_TOO_LARGE
+
+
+def test_box_size_boundary_at_exactly_90_percent():
+    # 18 x 20 = 360 / 400 = 90%: "at most 90%" passes; 19 x 19 = 361 / 400 = 90.25% does not
+    assert check_selection([[0, 0, 17, 19]], 20, 20, IDENTITY) is None
+    assert check_selection([[0, 0, 18, 18]], 20, 20, IDENTITY)[0] == Reject.BOX_TOO_LARGE
+    # the threshold is configurable, and the filter can be switched off on its own
+    assert check_selection([[0, 0, 17, 19]], 20, 20, IDENTITY, SelectionFilters(max_box_fraction=0.89)) is not None
+    assert check_selection([[0, 0, 18, 18]], 20, 20, IDENTITY, SelectionFilters(box_size=False)) is None
+
+
+def test_box_mostly_outside_the_crop():
+    # 20x20 image, geometry (20, 10): identity resize, crop rows/cols 5..14
+    g = CropGeometry(resize=20, crop=10)
+    # x 0..6: 2 of its 7 columns (5, 6) inside -> 28.6%
+    assert check_selection([[0, 5, 6, 14]], 20, 20, g)[0] == Reject.BOX_OUTSIDE_CROP
+    # entirely outside the crop
+    assert check_selection([[0, 0, 3, 3]], 20, 20, g)[0] == Reject.BOX_OUTSIDE_CROP
+    assert check_selection([[0, 0, 3, 3]], 20, 20, g, SelectionFilters(box_inside=False)) is None
+
+
+def test_box_inside_boundary_at_exactly_50_percent():
+    g = CropGeometry(resize=20, crop=10)
+    # x 0..9: columns 5..9 inside = 5 of 10 = 50% -> passes; x 0..8: 4 of 9 = 44% -> rejected
+    assert check_selection([[0, 5, 9, 14]], 20, 20, g) is None
+    assert check_selection([[0, 5, 8, 14]], 20, 20, g)[0] == Reject.BOX_OUTSIDE_CROP
+
+
+def test_inside_fraction_is_measured_after_the_resize():
+    # 40x40 image, geometry (20, 10): resized pixel i samples source pixel 2i+1; the crop is resized 5..14.
+    g = CropGeometry(resize=20, crop=10)
+    # source x 0..19 -> resized i with 2i+1 <= 19: 0..9 (10 px), 5 of them in the crop: exactly 50% -> passes
+    assert check_selection([[0, 10, 19, 29]], 40, 40, g) is None
+    # source x 0..17 -> resized 0..8 (9 px), 4 inside (44%) -> rejected, although the source box is 18 px wide
+    assert check_selection([[0, 10, 17, 29]], 40, 40, g)[0] == Reject.BOX_OUTSIDE_CROP
+
+
+def test_two_boxes():
+    boxes = [[2, 2, 6, 6], [12, 12, 16, 16]]
+    assert check_selection(boxes, 20, 20, IDENTITY)[0] == Reject.MULTIPLE_OBJECTS
+    # without the one-box rule the union (2..16 = 15 x 15 = 56%) is judged, and passes
+    assert check_selection(boxes, 20, 20, IDENTITY, SelectionFilters(single_object=False)) is None
+    # a union that covers 19 x 19 of the crop is too large even though each box is small
+    big = [[0, 0, 3, 3], [15, 15, 18, 18]]
+    assert check_selection(big, 20, 20, IDENTITY, SelectionFilters(single_object=False))[0] == Reject.BOX_TOO_LARGE
+
+
+def test_box_touching_all_four_edges_has_no_only_bg_t():
+    whole = [[0, 0, 19, 19]]
+    # the size rule fires first (100% of the crop)
+    assert check_selection(whole, 20, 20, IDENTITY)[0] == Reject.BOX_TOO_LARGE
+    # with it off, the Only-BG-T rule: no margin on any side
+    assert check_selection(whole, 20, 20, IDENTITY, SelectionFilters(box_size=False))[0] == Reject.NO_BGT_MARGIN
+    assert check_selection(whole, 20, 20, IDENTITY, SelectionFilters(box_size=False, bgt_margin=False)) is None
+    # touching three edges leaves a margin (one free row at the bottom)
+    assert check_selection([[0, 0, 19, 18]], 20, 20, IDENTITY, SelectionFilters(box_size=False)) is None
+    # a box touching the crop's edges from a larger image: the rule is applied in crop coordinates
+    g = CropGeometry(resize=20, crop=10)
+    assert check_selection([[3, 3, 16, 16]], 20, 20, g, SelectionFilters(box_size=False))[0] == Reject.NO_BGT_MARGIN
+
+
+def test_always_on_checks_and_all_filters_off():
+    off = SelectionFilters.off()
+    assert check_selection(np.zeros((0, 4)), 20, 20, IDENTITY, off)[0] == Reject.NO_OBJECT
+    assert check_selection([[25, 2, 30, 8]], 20, 20, IDENTITY, off)[0] == Reject.BOX_OUTSIDE_IMAGE
+    # boxes sticking out of the image are clipped, not rejected
+    assert check_selection([[-3, 2, 12, 30]], 20, 20, IDENTITY, SelectionFilters(box_size=False)) is None
+    with pytest.raises(ConfigError):
+        SelectionFilters(max_box_fraction=1.5)
+
+
+def _reference_filters(box, h, w, resize, crop, size_rule=True):
+    """Brute force from PAPER.md: paint the box into a mask, resize (nearest), centre-crop, count pixels."""
+    if h <= w:
+        rh, rw = resize, int(resize * w / h)
+    else:
+        rh, rw = int(resize * h / w), resize
+    src = np.zeros((h, w), bool)
+    x0, y0, x1, y1 = box
+    src[y0 : y1 + 1, x0 : x1 + 1] = True
+    rows = [min(h - 1, int((i + 0.5) * h / rh)) for i in range(rh)]  # nearest: the source pixel under the centre
+    cols = [min(w - 1, int((j + 0.5) * w / rw)) for j in range(rw)]
+    resized = src[np.ix_(rows, cols)]
+    top, left = int(round((rh - crop) / 2.0)), int(round((rw - crop) / 2.0))
+    cropped = resized[top : top + crop, left : left + crop]
+    if size_rule and cropped.sum() > 0.9 * crop * crop:
+        return Reject.BOX_TOO_LARGE
+    if cropped.sum() < 0.5 * resized.sum() or resized.sum() == 0:  # a box too thin to survive the resize: 0% in
+        return Reject.BOX_OUTSIDE_CROP
+    if cropped.sum() > 0:
+        ys, xs = np.nonzero(cropped)
+        if ys.min() == 0 and xs.min() == 0 and ys.max() == crop - 1 and xs.max() == crop - 1:
+            return Reject.NO_BGT_MARGIN
+    return None
+
+
+@pytest.mark.parametrize("size_rule", [True, False])
+def test_filters_agree_with_brute_force_reference(size_rule):
+    rng = np.random.default_rng(7)
+    geo = CropGeometry(resize=32, crop=28)
+    items, expected = [], []
+    for _ in range(400):
+        h, w = int(rng.integers(20, 90)), int(rng.integers(20, 90))
+        x0, x1 = sorted(int(v) for v in rng.integers(0, w, 2))
+        y0, y1 = sorted(int(v) for v in rng.integers(0, h, 2))
+        items.append((np.array([[x0, y0, x1, y1]]), h, w))
+        expected.append(_reference_filters((x0, y0, x1, y1), h, w, geo.resize, geo.crop, size_rule))
+    got = [None if r is None else r[0] for r in check_selection_many(items, geo, SelectionFilters(box_size=size_rule))]
+    assert got == expected
+    # every outcome was exercised
+    assert set(expected) == {None, Reject.BOX_OUTSIDE_CROP} | (
+        {Reject.BOX_TOO_LARGE} if size_rule else {Reject.NO_BGT_MARGIN})
+
+
+# ==============================================================================================================
+# GrabCut
+# ==============================================================================================================
+
+
+def _clear_object(h=90, w=120, seed=3):
+    img, mask = _scene(np.random.default_rng(seed), h, w)
+    x0, y0, x1, y1 = mask_extent(mask)
+    box = (max(0, x0 - 3), max(0, y0 - 3), min(w - 1, x1 + 3), min(h - 1, y1 + 3))
+    return img, mask, box
+
+
+def test_grabcut_finds_a_clear_object():
+    img, true, box = _clear_object()
+    mask, used = grabcut_mask(img, box)
+    assert used == 1 and mask.shape == true.shape and mask.dtype == np.uint8
+    assert set(np.unique(mask)) <= {0, 1}
+    assert mask_iou(mask, true) > 0.9
+    x0, y0, x1, y1 = box
+    outside = np.ones_like(mask, bool)
+    outside[y0 : y1 + 1, x0 : x1 + 1] = False
+    assert not mask[outside].any()  # GrabCut never labels outside the rectangle as foreground
+
+
+def test_grabcut_is_deterministic_for_a_seed():
+    img, _, box = _clear_object(seed=4)
+    a, _ = grabcut_mask(img, box, seed=11)
+    b, _ = grabcut_mask(img, box, seed=11)
+    assert np.array_equal(a, b)
+
+
+def test_grabcut_at_reduced_working_resolution():
+    img, true, box = _clear_object(h=150, w=200, seed=5)
+    full, _ = grabcut_mask(img, box)
+    small, used = grabcut_mask(img, box, max_side=64)
+    assert small.shape == true.shape and used >= 1
+    x0, y0, x1, y1 = box
+    assert small.sum() == small[y0 : y1 + 1, x0 : x1 + 1].sum()  # limited to the box
+    assert mask_iou(small, true) > 0.8 and mask_iou(small, full) > 0.8
+    # an image already within max_side runs at full resolution: identical result
+    same, _ = grabcut_mask(img, box, max_side=400)
+    assert np.array_equal(same, full)
+
+
+class _FakeGrabCut:
+    """Stands in for cv2.grabCut: marks ``plan[k]`` foreground pixels inside the rectangle on call k."""
+
+    def __init__(self, plan):
+        self.plan = list(plan)
+        self.calls = 0
+        self.seeds = []
+
+    def set_seed(self, s):
+        self.seeds.append(int(s))
+
+    def __call__(self, img, mask, rect, bgd, fgd, iters, mode):
+        assert mode == cv2.GC_INIT_WITH_RECT and iters == 5
+        k = self.plan[min(self.calls, len(self.plan) - 1)]
+        self.calls += 1
+        x, y, w, h = rect
+        mask[:] = cv2.GC_BGD
+        mask[y : y + h, x : x + w] = cv2.GC_PR_BGD
+        flat = mask[y : y + h, x : x + w].reshape(-1)
+        flat[:k] = cv2.GC_PR_FGD if k % 2 else cv2.GC_FGD  # both count as foreground
+        mask[y : y + h, x : x + w] = flat.reshape(h, w)
+        return mask, bgd, fgd
+
+
+def test_grabcut_retries_with_new_seeds_then_gives_up(monkeypatch):
+    fake = _FakeGrabCut([0])
+    monkeypatch.setattr(cv2, "grabCut", fake)
+    monkeypatch.setattr(cv2, "setRNGSeed", fake.set_seed)
+    img = np.zeros((30, 40, 3), np.uint8)
+    mask, used = grabcut_mask(img, (5, 5, 14, 14), seed=100)  # box area 100
+    assert mask is None and used == 10 and fake.calls == 10
+    assert fake.seeds == list(range(100, 110))
+    fake2 = _FakeGrabCut([0])
+    monkeypatch.setattr(cv2, "grabCut", fake2)
+    monkeypatch.setattr(cv2, "setRNGSeed", fake2.set_seed)
+    assert grabcut_mask(img, (5, 5, 14, 14), attempts=3) == (None, 3) and fake2.calls == 3
+
+
+def test_grabcut_acceptance_threshold_is_ten_percent_of_the_box(monkeypatch):
+    img = np.zeros((30, 40, 3), np.uint8)
+    box = (5, 5, 14, 14)  # 10 x 10 = 100 pixels
+    fake = _FakeGrabCut([9, 9, 10])  # 9% twice (rejected), then exactly 10% (accepted)
+    monkeypatch.setattr(cv2, "grabCut", fake)
+    monkeypatch.setattr(cv2, "setRNGSeed", fake.set_seed)
+    mask, used = grabcut_mask(img, box, seed=0)
+    assert used == 3 and fake.seeds == [0, 1, 2]
+    assert int(mask.sum()) == 10
+
+
+def test_grabcut_rejects_bad_arguments_and_survives_opencv_errors():
+    img = np.zeros((30, 40, 3), np.uint8)
+    with pytest.raises(ConfigError):
+        grabcut_mask(img.astype(np.float32), (1, 1, 5, 5))
+    with pytest.raises(ConfigError):
+        grabcut_mask(img[..., 0], (1, 1, 5, 5))
+    with pytest.raises(ConfigError):
+        grabcut_mask(img, (1, 1, 45, 5))  # outside the image
+    with pytest.raises(ConfigError):
+        grabcut_mask(img, (5, 1, 1, 5))  # inverted
+    # a rectangle covering the whole image leaves GrabCut no background samples: OpenCV raises, we return None
+    assert grabcut_mask(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8), (0, 0, 39, 29)) == (
+        None, 1)
+
+
+def test_image_seed_is_a_pure_function():
+    assert image_seed(0, 5) == image_seed(0, 5)
+    assert len({image_seed(0, i) for i in range(1000)}) == 1000
+    assert image_seed(0, 5) != image_seed(1, 5)
+    assert all(0 <= image_seed(s, i) < 2**30 for s in range(3) for i in range(50))
+
+
+# ==============================================================================================================
+# prepare
+# ==============================================================================================================
+
+
+def test_prepare_fills_masks_and_is_independent_of_worker_count(tmp_path):
+    idx = _make_index(tmp_path / "data", n_per_class=2, classes=(0, 1, 2))
+    a = prepare(idx, out=tmp_path / "a.json", workers=1, progress=False, geometry=CropGeometry(72, 64))
+    b = prepare(idx, out=tmp_path / "b.json", workers=2, progress=False, geometry=CropGeometry(72, 64))
+    assert _strip_timing(a.data) == _strip_timing(b.data)
+    assert len(a) == 6 and a.summary()["masks"] == {"grabcut": 6}
+    # the masks are what grabcut_mask gives for each image with its own seed
+    r = a.record(a.ids[0])
+    from PIL import Image
+
+    img = np.asarray(Image.open(r.path).convert("RGB"))
+    want, _ = grabcut_mask(img, r.union_box, seed=image_seed(0, r.id))
+    assert np.array_equal(r.mask(), want)
+    assert not journal_path(tmp_path / "a.json").exists()  # journal removed once the index is written
+    assert DatasetIndex.load(tmp_path / "a.json").data == json.loads(json.dumps(a.data))
+
+
+def test_prepare_keeps_existing_masks_unless_recompute(tmp_path):
+    idx = _make_index(tmp_path / "data", n_per_class=2, classes=(0, 1), with_masks=True)
+    kept = prepare(idx, workers=1, progress=False)
+    assert kept.summary()["masks"] == {"synthetic": 4}
+    assert kept.data["info"]["prepare"]["kept_existing_masks"] == 4
+    assert kept.data["info"]["prepare"]["quality"] is None
+    redone = prepare(idx, workers=1, progress=False, recompute=True, show=tmp_path / "sheet.png")
+    assert redone.summary()["masks"] == {"grabcut": 4}
+    q = redone.data["info"]["prepare"]["quality"]
+    assert q["n"] == 4 and q["mean"] > 0.85 and sum(q["histogram"]["counts"]) == 4
+    ious = [mask_iou(redone.record(i).mask(), idx.record(i).mask()) for i in idx.ids]
+    assert q["mean"] == pytest.approx(np.mean(ious), abs=1e-6)
+    assert [row["n"] for row in q["per_class"]][:3] == [2, 2, 0]
+    from PIL import Image
+
+    with Image.open(tmp_path / "sheet.png") as sheet:
+        assert sheet.size[0] > 100 and sheet.size[1] > 100
+
+
+def test_prepare_bad_input_becomes_rejects(tmp_path):
+    root = tmp_path / "data"
+    idx = _make_index(root, n_per_class=2, classes=(0, 1, 2, 3, 4))
+    ids = idx.ids
+    (root / idx.image(ids[0])["file_name"]).write_bytes(b"this is not an image at all")
+    half = root / idx.image(ids[6])["file_name"]
+    half.write_bytes(half.read_bytes()[: half.stat().st_size // 2])
+    (root / idx.image(ids[1])["file_name"]).write_bytes(b"")
+    os.remove(root / idx.image(ids[2])["file_name"])
+    data = idx.to_coco().dataset
+    data["images"][3]["width"] = 81  # the file is 80 wide
+    for a in data["annotations"]:
+        if a["image_id"] == ids[4]:
+            a["bbox"] = [200, 10, 5, 5]  # degenerate: no pixel inside the 80x60 image
+        if a["image_id"] == ids[5]:
+            a["bbox"] = [10, 10, 1, 1]  # a single pixel: GrabCut cannot model a foreground
+    bad = DatasetIndex(data, idx.path)
+    res = prepare(bad, workers=2, progress=False, filters=SelectionFilters.off())
+    reasons = {r["detail"].split(":")[0]: r["reason"] for r in res.rejects}
+    assert reasons == {
+        f"image {ids[0]}": Reject.UNREADABLE,
+        f"image {ids[1]}": Reject.ZERO_BYTE,
+        f"image {ids[2]}": Reject.MISSING_FILE,
+        f"image {ids[3]}": Reject.SIZE_MISMATCH,
+        f"image {ids[4]}": Reject.BOX_OUTSIDE_IMAGE,
+        f"image {ids[5]}": Reject.GRABCUT_FAILED,
+        f"image {ids[6]}": Reject.TRUNCATED,
+    }
+    assert sorted(res.ids) == ids[7:]
+    assert res.data["info"]["prepare"]["rejects"] == {
+        Reject.UNREADABLE: 1, Reject.ZERO_BYTE: 1, Reject.MISSING_FILE: 1, Reject.SIZE_MISMATCH: 1,
+        Reject.BOX_OUTSIDE_IMAGE: 1, Reject.GRABCUT_FAILED: 1, Reject.TRUNCATED: 1,
+    }
+    for r in res.rejects:
+        image_id = int(r["detail"].split()[1].rstrip(":"))
+        assert r["path"] == str(root / bad.image(image_id)["file_name"])
+
+
+def test_prepare_per_class_balanced_subset(tmp_path):
+    root = tmp_path / "data"
+    idx = _make_index(root, n_per_class=4, classes=(0, 1))
+    # make two class-0 images fail GrabCut cheaply (a box too small for its colour models)
+    data = idx.to_coco().dataset
+    c0 = [im["id"] for im in data["images"] if im["label"] == 0]
+    for a in data["annotations"]:
+        if a["image_id"] in c0[:2]:
+            a["bbox"] = [10, 10, 1, 2]
+    idx2 = DatasetIndex(data, idx.path)
+    kw = dict(progress=False, per_class=2, seed=3, filters=SelectionFilters.off())
+    one = prepare(idx2, workers=1, **kw)
+    two = prepare(idx2, workers=2, **kw)
+    assert _strip_timing(one.data) == _strip_timing(two.data)
+    assert list(one.labels()).count(0) == 2 and list(one.labels()).count(1) == 2
+    # reference: walk each class in its seeded order and keep the first 2 that succeed
+    order0 = [sorted(c0)[j] for j in np.random.default_rng([3, 0]).permutation(4)]
+    bad = set(c0[:2])
+    want0, seen0 = [], []
+    for i in order0:
+        seen0.append(i)
+        if i not in bad:
+            want0.append(i)
+        if len(want0) == 2:
+            break
+    assert sorted(i for i in one.ids if one.image(i)["label"] == 0) == sorted(want0)
+    assert sorted(int(r["detail"].split()[1].rstrip(":")) for r in one.rejects) == sorted(bad & set(seen0))
+    p = one.data["info"]["prepare"]
+    assert p["not_selected"] == 8 - p["processed"] and one.data["info"]["skipped"]["not_selected"] == p["not_selected"]
+
+
+def test_cli_prepare_prints_the_summary(tmp_path, capsys):
+    from engine.cli import main
+
+    idx = _make_index(tmp_path / "data", n_per_class=2, classes=(0, 1), with_masks=True)
+    data = idx.to_coco().dataset
+    data["annotations"][0]["bbox"] = [0, 0, 80, 60]  # the whole image: covers the whole crop
+    DatasetIndex(data, idx.path).save(idx.path)
+    out = tmp_path / "prepared.json"
+    rc = main(["prepare", str(idx.path), "-o", str(out), "--recompute", "--workers", "1", "--no-progress",
+               "--seed", "2"])
+    text = capsys.readouterr().out
+    assert rc == 0 and out.is_file()
+    assert "box_too_large" in text and "GrabCut IoU" in text and "dog" in text
+    res = DatasetIndex.load(out)
+    assert len(res) == 3 and res.data["info"]["prepare"]["settings"]["seed"] == 2
+    assert res.rejects[0]["reason"] == Reject.BOX_TOO_LARGE
+    # the default output path sits beside the input
+    rc = main(["prepare", str(idx.path), "--workers", "1", "--no-progress", "--no-box-size", "--no-bgt-margin"])
+    assert rc == 0 and (tmp_path / "data" / "index.prepared.json").is_file()
+    assert "kept: 4" in capsys.readouterr().out
+    # errors are reported, not raised
+    assert main(["prepare", str(tmp_path / "missing.json"), "--no-progress"]) == 2
+
+
+def test_prepare_journal_resume_and_guards(tmp_path, monkeypatch):
+    import engine.masks as masks
+
+    idx = _make_index(tmp_path / "data", n_per_class=1, classes=(0, 1, 2))
+    full = prepare(idx, out=tmp_path / "full.json", workers=1, progress=False)
+    out = tmp_path / "out.json"
+    jp = journal_path(out)
+    # interrupt a run after its first image (in-process, so the journal is closed as on Ctrl-C)
+    real, calls = masks._grabcut_task, []
+
+    def interrupted(task):
+        calls.append(task["id"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(task)
+
+    monkeypatch.setattr(masks, "_grabcut_task", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(idx, out=out, workers=1, progress=False, checkpoint_every=1)
+    monkeypatch.setattr(masks, "_grabcut_task", real)
+    assert not out.exists()
+    lines = jp.read_bytes().splitlines()
+    assert len(lines) == 2 and json.loads(lines[1])["id"] == calls[0]  # header + the one finished image
+    with open(jp, "ab") as f:
+        f.write(b'{"id": 12345, "stat')  # a torn tail, as a kill in the middle of a write leaves it
+    # without resume, the journal of an interrupted run is protected
+    with pytest.raises(CheckpointError, match="resume"):
+        prepare(idx, out=out, workers=1, progress=False)
+    resumed = prepare(idx, out=out, workers=1, progress=False, resume=True)
+    assert resumed.data["info"]["prepare"]["timing"]["resumed_from_journal"] == 1
+    assert _strip_timing(resumed.data) == _strip_timing(full.data)
+    assert not jp.exists()
+    # a journal written with other settings is refused
+    jp.write_bytes(lines[0] + b"\n")
+    with pytest.raises(CheckpointError, match="different settings"):
+        prepare(idx, out=out, workers=1, progress=False, resume=True, seed=1)
+    # resume needs an output path (the journal lives beside it)
+    with pytest.raises(ConfigError):
+        prepare(idx, workers=1, progress=False, resume=True)
+
+
+# ==============================================================================================================
+# On the tiny built-in dataset (true masks known)
+# ==============================================================================================================
+
+
+def _cli(args, **kw):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "engine.cli", "prepare", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **kw)
+
+
+def test_prepare_resumes_after_sigkill(builtin_root, tmp_path):
+    common = [str(builtin_root), "--recompute", "--split", "val", "--max-side", "96", "--no-progress",
+              "--resize", "72", "--crop", "64", "--checkpoint-every", "2"]
+    killed_out = tmp_path / "killed.json"
+    jp = journal_path(killed_out)
+    proc = _cli([*common, "-o", str(killed_out), "--workers", "2"])
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if jp.exists() and jp.read_bytes().count(b"\n") >= 6:  # header + at least 5 images journaled
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, f"prepare ended before it could be killed: {proc.communicate()}"
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its workers, without a chance to clean up
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not killed_out.exists() and jp.exists()
+    journaled = jp.read_bytes().count(b"\n") - 1
+    resumed = _cli([*common, "-o", str(killed_out), "--resume", "--workers", "1", "--json"])
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err.decode()
+    report = json.loads(out)
+    assert journaled >= 5 and report["timing"]["resumed_from_journal"] == journaled
+    assert report["timing"]["resumed_from_journal"] < report["timing"]["grabcut_images"]
+    # an uninterrupted run through the Python API with the same settings
+    clean_out = tmp_path / "clean.json"
+    prepare(builtin_root, out=clean_out, recompute=True, split="val", max_side=96, progress=False,
+            geometry=CropGeometry(72, 64), workers=1)
+    a = json.loads(killed_out.read_text())
+    b = json.loads(clean_out.read_text())
+    assert _strip_timing(a) == _strip_timing(b)
+    assert not jp.exists()
+
+
+def test_grabcut_quality_on_builtin_dataset(tiny_index, tmp_path):
+    sheet = tmp_path / "sheet.png"
+    res = prepare(tiny_index, recompute=True, workers=2, progress=False, max_side=160, split="val", show=sheet)
+    p = res.data["info"]["prepare"]
+    q = p["quality"]
+    val = tiny_index.select(split="val")
+    # the one-box filter drops exactly the two-object images (it is checked before the other filters)
+    assert p["rejects"].get(Reject.MULTIPLE_OBJECTS, 0) == sum(1 for r in val.records() if len(r.boxes) > 1)
+    assert q["n"] == p["grabcut_masks"] > 0 and sum(q["histogram"]["counts"]) == q["n"]
+    assert sum(row["n"] for row in q["per_class"]) == q["n"]
+    # the reported mean is the mean of the IoUs recomputed here from the stored masks
+    ious = [mask_iou(res.record(i).mask(), val.record(i).mask()) for i in res.ids]
+    assert q["mean"] == pytest.approx(float(np.mean(ious)), abs=1e-6)
+    # Measured (OpenCV 4.x/5.0, seed 0, this tiny val split, max_side=160): mean IoU 0.891 (p05 0.76, median
+    # 0.92; full resolution: 0.891, max_side=256: 0.903). Using the box itself as the mask scores 0.42 here, so
+    # 0.80 fails if the box, the foreground labels or the mask resizing go wrong, with room for OpenCV versions.
+    assert q["mean"] > 0.80
+    assert sheet.is_file() and sheet.stat().st_size > 1000
