@@ -1,0 +1,222 @@
+"""The Backgrounds Challenge: bgsynth's search vs the official loop's method, same model, same data, one run.
+
+* **ours**: :func:`engine.challenge.run_challenge`: backgrounds decoded once and resident, foreground x
+  background pairs composited in batches by :func:`kernels.composite`, a foreground leaves the search when it is
+  fooled, adaptive order (most fooling backgrounds for the foreground's class first). Timed from the index to the
+  result (background pool and foreground decode included). Also run with ``order='reference'`` (fixed order,
+  same batching and early stop) as an ablation of the adaptive order.
+* **reference**, written here from PAPER.md ("How the reference tools work") and the official
+  ``challenge_eval.py``: for each foreground, in a fixed order, the backgrounds are decoded again from JPEG with
+  PIL (resize + centre crop, Only-BG-T tiling in NumPy), composited on the CPU as
+  ``bg * (1 - mask) + mask * fg``, normalised and sent to the model in batches of 32; the loop stops after the
+  first batch holding a fooling background. It is *kinder* than the official script: no DataLoader (and its
+  worker processes) re-created per foreground, and inference mode instead of autograd.
+
+Same model, same geometry, same device and thread count. The demo model is the small ``bgsynth_cnn`` trained
+briefly on the built-in dataset's train split (or ``--model CKPT``). Reported per method: images forwarded (the
+honest unit of work; measured, both sides), wall seconds and CPU seconds (robust to other load on a shared
+machine), plus the oracle lower bound of any exact method (robust x N + vulnerable) and brute force (F x N). The
+vulnerable sets of all methods are compared (they must agree).
+
+Usage::
+
+    python benchmarks/bench_challenge.py                              # ~2 min on 2 CPU cores
+    python benchmarks/bench_challenge.py --fg-per-class 12 --bg-per-class 12 --model demo.pt
+    python benchmarks/bench_challenge.py --device cuda --val-per-class 50 --fg-per-class 50 --bg-per-class 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import resource
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from engine.challenge import challenge_foregrounds, run_challenge  # noqa: E402
+from engine.geometry import CropGeometry, tile_strips  # noqa: E402
+from engine.index import DatasetIndex  # noqa: E402
+from engine.models import Predictor, load_model  # noqa: E402
+
+REF_BATCH = 32
+
+
+def _cpu() -> float:
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + ch.ru_utime + ch.ru_stime
+
+
+class Timer:
+    def __enter__(self):
+        self.w0, self.c0 = time.perf_counter(), _cpu()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.w0
+        self.cpu = _cpu() - self.c0
+
+
+# ----------------------------------------------------------------------------------------------- the reference loop
+def _decode(rec, geometry: CropGeometry) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """PIL decode, resize (bilinear), centre crop; mask and box through the same plan."""
+    from PIL import Image
+
+    plan = geometry.plan(rec.height, rec.width)
+    with Image.open(rec.path) as im:
+        im = im.convert("RGB")
+        rh, rw = plan.resized
+        im = im.resize((rw, rh), Image.BILINEAR)
+        top, left = plan.offset
+        img = np.array(im.crop((left, top, left + plan.crop, top + plan.crop)))
+    m = rec.mask()
+    mask = plan.crop_mask(m).astype(np.float32) if m is not None else np.zeros(img.shape[:2], np.float32)
+    box = plan.box_to_crop(rec.union_box) if rec.union_box is not None else None
+    return img, mask, (0, 0, -1, -1) if box is None else box
+
+
+def _only_bg_t(img: np.ndarray, box) -> np.ndarray | None:
+    """Only-BG-T of a decoded crop: the box filled with the tiled margin strip (PAPER.md's rule)."""
+    h, w = img.shape[:2]
+    sx, sy, tw, th = tile_strips(torch.tensor([box]), h, w)[0].tolist()
+    if tw == 0 or th == 0:
+        return None
+    x0, y0, x1, y1 = box
+    tiled = np.tile(img[sy : sy + th, sx : sx + tw], (h // th + 1, w // tw + 1, 1))[:h, :w]
+    out = img.copy()
+    out[y0 : y1 + 1, x0 : x1 + 1] = tiled[y0 : y1 + 1, x0 : x1 + 1]
+    return out
+
+
+def reference_challenge(index: DatasetIndex, fg_ids, bg_ids, model: torch.nn.Module, mean, std,
+                        geometry: CropGeometry, device: torch.device) -> tuple[np.ndarray, int]:
+    """The official method: per foreground, backgrounds re-decoded in fixed order, batches of 32, early stop.
+
+    Returns:
+        (vulnerable bool [F], images forwarded)
+    """
+    m = torch.tensor(mean).view(1, 3, 1, 1).to(device)
+    s = torch.tensor(std).view(1, 3, 1, 1).to(device)
+    labels = index.labels(fg_ids)
+    vulnerable = np.zeros(len(fg_ids), bool)
+    forwards = 0
+    for k, fid in enumerate(fg_ids):
+        img, mask, _ = _decode(index.record(fid), geometry)
+        fg = torch.from_numpy(img).permute(2, 0, 1).float() / 255.0
+        mk = torch.from_numpy(mask)[None]
+        for start in range(0, len(bg_ids), REF_BATCH):
+            bgs = []
+            for bid in bg_ids[start : start + REF_BATCH]:  # decoded again for every foreground
+                b_img, _, b_box = _decode(index.record(bid), geometry)
+                bgs.append(torch.from_numpy(_only_bg_t(b_img, b_box)).permute(2, 0, 1))
+            inp = torch.stack(bgs).float() / 255.0
+            combined = inp * (1 - mk) + mk * fg
+            with torch.inference_mode():
+                out = model(((combined.to(device) - m) / s))
+            pred = out.argmax(1).cpu().numpy()
+            pred = np.where(pred < 9, pred, -1)
+            forwards += len(bgs)
+            if (pred != labels[k]).any():
+                vulnerable[k] = True
+                break
+    return vulnerable, forwards
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--index", default=None, help="dataset index (default: the built-in dataset)")
+    ap.add_argument("--train-per-class", type=int, default=24, help="built-in dataset: train images per class")
+    ap.add_argument("--val-per-class", type=int, default=12, help="built-in dataset: val images per class")
+    ap.add_argument("--model", default=None, help="model checkpoint (default: train bgsynth_cnn briefly here)")
+    ap.add_argument("--train-epochs", type=int, default=8, help="epochs of the brief training")
+    ap.add_argument("--augment", default=None,
+                    help="training augmentation, e.g. 'mixed_rand=0.5' (a more background-robust model: more robust "
+                         "foregrounds, the regime where every method must try every background)")
+    ap.add_argument("--fg-per-class", type=int, default=8, help="foregrounds per class (seeded subset)")
+    ap.add_argument("--bg-per-class", type=int, default=12, help="backgrounds per class (seeded subset)")
+    ap.add_argument("--resize", type=int, default=72)
+    ap.add_argument("--crop", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=64, help="ours: composites per forward")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (both sides)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-reference", action="store_true", help="only run ours (e.g. on a full IN-9 set)")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    geometry = CropGeometry(args.resize, args.crop)
+    if args.index is None:
+        from engine.sources.synthetic import build_builtin_dataset
+
+        path = build_builtin_dataset(train_per_class=args.train_per_class, val_per_class=args.val_per_class,
+                                     seed=args.seed, progress=False)
+    else:
+        path = args.index
+    index = DatasetIndex.load(path)
+
+    tmp = tempfile.TemporaryDirectory()
+    ckpt = args.model
+    if ckpt is None:
+        from engine.train import train
+
+        with Timer() as t_train:
+            tr = train(index, epochs=args.train_epochs, geometry=geometry, device=device, seed=args.seed,
+                       out=pathlib.Path(tmp.name) / "demo.pt", progress=False, backend="pil", augment=args.augment)
+        ckpt = tr.checkpoint
+        print(f"trained bgsynth_cnn for {args.train_epochs} epochs (augment: {args.augment or 'none'}) in "
+              f"{t_train.wall:.0f} s (val accuracy {tr.val_accuracy:.1%})")
+    loaded = load_model(ckpt)
+    predictor = Predictor(loaded, device=device, amp=None)
+
+    fg_ids = challenge_foregrounds(index, "val", fg_per_class=args.fg_per_class, seed=args.seed)
+    common = dict(split="val", geometry=geometry, backend="pil", device=device, seed=args.seed, fg_ids=fg_ids,
+                  bg_per_class=args.bg_per_class, batch_size=args.batch_size, progress=False)
+    # warm-up (imports, first-call allocations), not timed
+    run_challenge(index, predictor, **{**common, "fg_ids": fg_ids[:2], "bg_per_class": 1})
+
+    rows = []
+    with Timer() as t:
+        ours = run_challenge(index, predictor, order="adaptive", **common)
+    rows.append(("ours (adaptive order)", ours.forwards, t.wall, t.cpu, ours.vulnerable))
+    with Timer() as t:
+        fixed = run_challenge(index, predictor, order="reference", **common)
+    rows.append(("ours (fixed order)", fixed.forwards, t.wall, t.cpu, fixed.vulnerable))
+    F, N = ours.num_foregrounds, ours.num_backgrounds
+    if not args.skip_reference:
+        with Timer() as t:
+            ref_vul, ref_fw = reference_challenge(index, list(ours.fg_ids), list(ours.bg_ids), predictor.module.float(),
+                                                  predictor.mean, predictor.std, geometry, device)
+        rows.append(("reference loop (official method)", ref_fw, t.wall, t.cpu, ref_vul))
+
+    print(f"\nBackgrounds Challenge on {F} foregrounds x {N} backgrounds "
+          f"({args.resize}->{args.crop}, {device}, {args.threads} threads): accuracy {ours.accuracy:.1%} "
+          f"({ours.num_vulnerable} vulnerable, {ours.num_robust} robust)")
+    print(f"oracle bound (robust x N + vulnerable) = {ours.oracle_forwards:,} forwards; brute force F x N = "
+          f"{ours.brute_force_forwards:,}")
+    lo, hi = ours.reference_forwards_bounds()
+    print(f"official order's cost derived from our run: {lo:,} .. {hi:,} forwards (measured below)")
+    print(f"\n{'method':<34} {'forwards':>10} {'x bound':>8} {'wall s':>8} {'cpu s':>8} {'same answer':>12}")
+    for name, fw, wall, cpu, vul in rows:
+        same = bool(np.array_equal(vul, ours.vulnerable))
+        print(f"{name:<34} {fw:>10,} {fw / max(ours.oracle_forwards, 1):>8.3f} {wall:>8.2f} {cpu:>8.2f} "
+              f"{'yes' if same else 'NO':>12}")
+    if not args.skip_reference:
+        ref = rows[-1]
+        print(f"\nratios reference / ours (adaptive): forwards {ref[1] / max(ours.forwards, 1):.1f}x, "
+              f"wall {ref[2] / rows[0][2]:.1f}x, cpu {ref[3] / rows[0][3]:.1f}x")
+    print(f"ours (adaptive) / oracle bound: {ours.forwards / max(ours.oracle_forwards, 1):.3f}; "
+          f"brute force / ours: {ours.brute_force_forwards / max(ours.forwards, 1):.1f}x")
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

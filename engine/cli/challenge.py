@@ -1,0 +1,136 @@
+"""``bgsynth challenge INDEX --model ... --out DIR``: the Backgrounds Challenge (see :mod:`engine.challenge`)."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register", "run"]
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return v
+
+
+def _seconds(text: str) -> float:
+    v = float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text}")
+    return v
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "challenge",
+        help="the Backgrounds Challenge: every foreground against every Only-BG-T background (exact, resumable)",
+        description=(
+            "Every foreground (image with a mask) of a split against every Only-BG-T background of the same split "
+            "(its own included, as in the official script). A foreground is vulnerable if any background makes the "
+            "model predict another class; challenge accuracy = 1 - vulnerable / total. Backgrounds stay decoded on "
+            "the device, composites are made there in batches, a foreground leaves the search when it is fooled, "
+            "and the most fooling backgrounds are tried first: the identical answer for a fraction of the forwards. "
+            "Writes challenge.json (and, with --full-matrix, challenge_matrix.npz and plots) into --out; "
+            "checkpoints there and continues with --resume. INDEX is a dataset index JSON, or 'builtin'."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("index", help="dataset index (COCO-format JSON) or 'builtin'")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", required=True,
+                   help="architecture name (random init unless --weights) or a checkpoint file")
+    m.add_argument("--weights", default=None, help="state_dict file for --model ARCH")
+    m.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow unpickling Python objects from the checkpoint (trusted files only)")
+    m.add_argument("--num-classes", type=_positive_int, default=None, help="output width of a fresh architecture")
+    m.add_argument("--output-space", choices=("auto", "in9", "in1k"), default="auto",
+                   help="auto = 9 outputs -> IN-9, 1000 -> ImageNet-1k mapped to IN-9")
+    m.add_argument("--label-protocol", choices=("official", "restricted"), default="official",
+                   help="1000-class models: official = top-1 over all classes (unmapped = fooled); restricted = "
+                        "argmax over the 370 mapped classes")
+    m.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"), help="input normalisation mean")
+    m.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"), help="input normalisation std")
+    d = p.add_argument_group("data")
+    d.add_argument("--split", default="val", help="split of foregrounds and backgrounds ('all': the whole index)")
+    d.add_argument("--fg-per-class", type=_positive_int, default=None,
+                   help="at most N foregrounds per class (seeded subset; the official challenge uses all)")
+    d.add_argument("--bg-per-class", type=_positive_int, default=None,
+                   help="at most N backgrounds per class (seeded subset; the official challenge uses all)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the subsets and of the adaptive order's tie-break")
+    d.add_argument("--resize", type=_positive_int, default=None, help="shorter side (default: the checkpoint's, else 256)")
+    d.add_argument("--crop", type=_positive_int, default=None, help="centre crop (default: the checkpoint's, else 224)")
+    s = p.add_argument_group("search")
+    s.add_argument("--full-matrix", action="store_true",
+                   help="evaluate every pair: fooling matrix, per-background fool fractions, gallery, histogram")
+    s.add_argument("--store-predictions", action="store_true", help="with --full-matrix: keep every pair's prediction")
+    s.add_argument("--order", choices=("adaptive", "reference"), default="adaptive",
+                   help="adaptive = most fooling backgrounds (per class) first; reference = fixed order")
+    s.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="composites per forward (default 512 CUDA, 64 CPU)")
+    s.add_argument("--fg-tile", type=_positive_int, default=None,
+                   help="foregrounds searched at once (default 4 x batch size)")
+    s.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    s.add_argument("--checkpoint-every", type=_seconds, default=60.0, help="seconds between checkpoints")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+    r.add_argument("--backend", default="auto", help="decode backend: auto, dali, torchvision, pil")
+    r.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
+                   help="autocast: auto = bf16 on CUDA, off on CPU")
+    r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: on for CUDA)")
+    r.add_argument("--max-batch", type=_positive_int, default=None,
+                   help="largest forward chunk (halved automatically on out-of-memory)")
+    r.add_argument("--compile", action="store_true", help="torch.compile the model")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", required=True, help="output folder (result, checkpoint, plots)")
+    o.add_argument("--no-plots", dest="plots", action="store_false", help="skip the plots")
+    o.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.challenge import challenge_foregrounds, challenge_to_dir
+    from engine.distributed import init_distributed
+    from engine.geometry import CropGeometry
+    from engine.index import DatasetIndex
+    from engine.models import Predictor, load_model
+
+    ctx = init_distributed()
+    device = ctx.device(None if args.device == "auto" else args.device)
+    index = args.index
+    if index == "builtin":
+        from engine.sources.synthetic import build_builtin_dataset
+
+        with ctx.main_first():  # one rank per node builds the cache, the others find it
+            index = build_builtin_dataset(progress=args.progress and ctx.is_main)
+    index = DatasetIndex.load(index)
+    split = None if args.split == "all" else args.split
+    loaded = load_model(args.model, weights=args.weights, trust_checkpoint=args.trust_checkpoint,
+                        num_classes=args.num_classes, output_space=args.output_space)
+    predictor = Predictor(loaded, device=device, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
+                          label_protocol=args.label_protocol, mean=args.mean, std=args.std, max_batch=args.max_batch)
+    geometry = None
+    if args.resize is not None or args.crop is not None:
+        g = loaded.geometry or {}
+        resize = args.resize or int(g.get("resize", 256))
+        crop = args.crop or int(g.get("crop", min(224, resize)))
+        geometry = CropGeometry(resize, crop)
+    fg_ids = None
+    if args.fg_per_class is not None:
+        fg_ids = challenge_foregrounds(index, split, fg_per_class=args.fg_per_class, seed=args.seed)
+    result, paths = challenge_to_dir(
+        index, predictor, args.out, resume=args.resume, checkpoint_every=args.checkpoint_every, plots=args.plots,
+        split=split, geometry=geometry, backend=args.backend, device=device, seed=args.seed, fg_ids=fg_ids,
+        bg_per_class=args.bg_per_class, batch_size=args.batch_size, fg_tile=args.fg_tile, order=args.order,
+        full_matrix=args.full_matrix, store_predictions=args.store_predictions,
+        progress=args.progress and ctx.is_main,
+    )
+    if ctx.is_main:
+        print(result.format())
+        t = result.timing
+        if "forwards_per_s" in t and t.get("forwards_per_s"):
+            print(f"  {t['forwards_this_process']:,} forwards in {t['wall_s']:.1f} s ({t['forwards_per_s']:.0f} /s)"
+                  + (" (resumed)" if t.get("resumed") else ""))
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
