@@ -115,7 +115,7 @@ def run_demo(
         force: ignore the caches of the prepared index and the model.
     """
     from . import masks, train as train_mod
-    from .challenge import run_challenge
+    from .challenge import challenge_foregrounds, run_challenge
     from .evaluate import evaluate_to_dir
     from .models import Predictor, load_model
     from .sources.synthetic import build_builtin_dataset, default_cache_dir
@@ -166,10 +166,9 @@ def run_demo(
     chal = None
     if challenge:
         step("5/5 Backgrounds Challenge on val")
-        fg_index = index.select(split="val", per_class=challenge_fg_per_class, seed=seed) \
-            if challenge_fg_per_class else index
-        chal = run_challenge(fg_index, predictor, split="val", geometry=geometry, device=device, seed=seed,
-                             bg_per_class=challenge_bg_per_class, backend=backend, progress=progress,
+        fg_ids = challenge_foregrounds(index, "val", fg_per_class=challenge_fg_per_class, seed=seed)
+        chal = run_challenge(index, predictor, split="val", geometry=geometry, device=device, seed=seed,
+                             fg_ids=fg_ids, bg_per_class=challenge_bg_per_class, backend=backend, progress=progress,
                              checkpoint=out_dir / "challenge" / "state.ckpt", resume=True)
         chal.save(out_dir / "challenge")
 
