@@ -77,7 +77,7 @@ def findings(eval_result, challenge=None) -> list[dict]:
         })
     if challenge is not None:
         out.append({
-            "finding": "(b) adversarial backgrounds fool foregrounds the model gets right",
+            "finding": "(b) adversarially chosen backgrounds fool foregrounds (official challenge semantics)",
             "observed": challenge.num_vulnerable > 0,
             "evidence": f"{challenge.num_vulnerable}/{challenge.num_foregrounds} foregrounds fooled, challenge accuracy "
                         f"{100 * challenge.accuracy:.1f}%",
@@ -172,6 +172,13 @@ def run_demo(
                              checkpoint=out_dir / "challenge" / "state.ckpt", resume=True)
         chal.save(out_dir / "challenge")
 
+    from .report.sheets import show_index
+
+    show_index(index, out_dir / "variants.png", n=9, per_class=True, split="val", seed=seed,
+               resize=geometry.resize, crop=geometry.crop, tile=96, backend=backend)
+    show_index(index, out_dir / "decoded.png", n=9, per_class=True, split="val", seed=seed,
+               resize=geometry.resize, crop=geometry.crop, tile=96, decoded=True, backend=backend)
+
     comparison = None
     if compare_training:
         step("extra: the paper's remedy, training on Mixed-Rand (same budget, same seed)")
@@ -215,6 +222,17 @@ def _write_report(out_dir, eval_result, chal, comparison, found, index, ckpt, se
         ]
     if comparison is not None:
         lines += ["## Training on Mixed-Rand (the paper's remedy)", "", "```", comparison.format(), "```", ""]
+    lines += [
+        "## Contact sheets",
+        "",
+        "One row per val image, one column per variant (`variants.png`); decoded crops with mask and box "
+        "(`decoded.png`).",
+        "",
+        "![variants](variants.png)",
+        "",
+        "![decoded](decoded.png)",
+        "",
+    ]
     lines += ["## Findings of the paper on this data", ""]
     for f in found:
         lines.append(f"- {'observed' if f['observed'] else 'NOT observed'}: {f['finding']} ({f['evidence']})")
