@@ -797,6 +797,7 @@ def run_challenge(
     progress: bool = True,
     kernel_backend: str = "auto",
     gallery_k: int = 8,
+    dist=None,
 ) -> ChallengeResult:
     """Run the Backgrounds Challenge for a model (see the module docstring for semantics and method).
 
@@ -828,6 +829,10 @@ def run_challenge(
         progress: show a tqdm bar (foregrounds decided, forwards/s, estimated time left).
         kernel_backend: :func:`kernels.composite` backend (``'auto'``, ``'torch'``, ``'triton'``).
         gallery_k: backgrounds per class kept for the gallery of a ``full_matrix`` run.
+        dist: a :class:`~engine.distributed.DistContext` with several ranks, every one of which calls
+            :func:`run_challenge` (with its own ``shard_id``): the background pool is then decoded across the
+            ranks and gathered (:func:`engine.distributed.build_background_pool_sharded`; a collective). ``None``:
+            each call decodes the whole pool itself.
 
     Returns:
         A :class:`ChallengeResult`.
@@ -875,8 +880,14 @@ def run_challenge(
     fg_list = np.asarray(_shard(fg_all, shard_id, num_shards), np.int64)
     if len(fg_all) == 0:
         raise ConfigError(f"run_challenge: no foreground (image of split {split!r} with a mask) in {index!r}")
-    pool = build_background_pool(index, geometry=geometry, backend=backend, device=device, split=split,
-                                 per_class=bg_per_class, seed=seed, progress=progress)
+    if dist is not None and dist.enabled:  # each rank decodes a share of the backgrounds; all get the whole pool
+        from .distributed import build_background_pool_sharded
+
+        pool = build_background_pool_sharded(index, dist, geometry=geometry, backend=backend, device=device,
+                                             split=split, per_class=bg_per_class, seed=seed, progress=progress)
+    else:
+        pool = build_background_pool(index, geometry=geometry, backend=backend, device=device, split=split,
+                                     per_class=bg_per_class, seed=seed, progress=progress)
     n_bg = len(pool)
     if n_bg == 0:
         raise ConfigError(f"run_challenge: no Only-BG-T background in split {split!r} of {index!r}")
@@ -1222,6 +1233,7 @@ def challenge_to_dir(
     out.mkdir(parents=True, exist_ok=True)
     if ctx.world_size > 1:
         kwargs["shard_id"], kwargs["num_shards"] = ctx.rank, ctx.world_size
+        kwargs["dist"] = ctx
         ckpt = out / f"challenge.ckpt.rank{ctx.rank}.npz"
     else:
         ckpt = out / "challenge.ckpt.npz"

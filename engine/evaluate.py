@@ -13,9 +13,13 @@ Data flow of a single-process run with Mixed-* variants and no pool given (``two
    pool, and the decoded batch is kept for phase 2.
 2. The pool is complete; the Mixed-* variants are synthesized from the kept batches and forwarded.
 
-So each JPEG is decoded exactly once. When the kept batches would not fit ``cache_bytes``, or when sharded or
-given a pool, the pool comes from :func:`engine.pipeline.build_background_pool` (or the argument) and all
-variants run in one loop.
+So each JPEG is decoded exactly once. When the kept batches would not fit ``cache_bytes``, or for a manual
+shard, or when given a pool, the pool comes from :func:`engine.pipeline.build_background_pool` (or the argument)
+and all variants run in one loop.
+
+Under ``torchrun`` (:mod:`engine.distributed`) each rank runs the same two phases on its shard of the image ids;
+between them the ranks' Only-BG-T parts are gathered into the whole split's pool (still one decode per JPEG in
+the whole job), and at the end the records are gathered, so the metrics equal a single-process run's.
 
 >>> from engine.models import load_model
 >>> result = evaluate("index.json", load_model("ckpt.pt"), variants="all", device="cuda")  # doctest: +SKIP
@@ -468,7 +472,11 @@ def merge_results(results: Sequence[EvalResult]) -> EvalResult:
     cfg = dict(first.config)
     cfg.update(shard_id=0, num_shards=1, merged_from=len(results))
     ds = dict(first.dataset)
-    ds["images"] = int(len(np.unique(recs.image_id)))
+    ids, first_row = np.unique(recs.image_id, return_index=True)
+    ds["images"] = int(len(ids))
+    ds["per_class"] = np.bincount(recs.label[first_row], minlength=NUM_IN9)[:NUM_IN9].tolist()
+    ds["planned"] = sum(int(r.dataset.get("planned", 0)) for r in results)
+    ds["rejects"] = [rej for r in results for rej in r.dataset.get("rejects", [])]
     timing = dict(first.timing)
     timing["seconds"] = max(float(r.timing.get("seconds", 0.0)) for r in results)
     timing["images"] = ds["images"]
@@ -477,6 +485,10 @@ def merge_results(results: Sequence[EvalResult]) -> EvalResult:
     if timing["seconds"] > 0:
         timing["images_per_s"] = timing["images"] / timing["seconds"]
         timing["composites_per_s"] = timing["composites"] / timing["seconds"]
+    timing["oom_backoffs"] = sum(int(r.timing.get("oom_backoffs", 0)) for r in results)
+    timing["shards"] = [{"shard_id": int(r.config.get("shard_id", k)), "images": int(r.dataset.get("images", 0)),
+                         "forwards": int(r.timing.get("forwards", 0)), "seconds": float(r.timing.get("seconds", 0.0))}
+                        for k, r in enumerate(results)]
     return dataclasses.replace(first, metrics=m["variants"], bg_gap=m["bg_gap"], config=cfg, dataset=ds,
                                timing=timing, records=recs, examples=_pick_examples(recs, first.examples.get("per_class", 1)),
                                example_images=None)
@@ -553,6 +565,7 @@ def evaluate(
     examples_per_class: int = 1,
     cache_bytes: int | None = None,
     prefetch: int = 2,
+    dist=None,
 ) -> EvalResult:
     """Evaluate a model on all requested variants of a split in one pass over the data.
 
@@ -569,7 +582,8 @@ def evaluate(
         batch_size: images per decoded batch (each batch yields one forward per variant).
         pool: a :class:`~engine.pipeline.BackgroundPool` for Mixed-*; default: the Only-BG-T images of the same
             split (all shards share it).
-        shard_id, num_shards: evaluate ``ids[shard_id::num_shards]`` of the sorted image ids.
+        shard_id, num_shards: evaluate ``ids[shard_id::num_shards]`` of the sorted image ids (a manual shard,
+            merged later with :func:`merge_results`; no collectives).
         progress: show a progress bar (images/s).
         record_provenance: keep the per-composite records in the result (needed for ``provenance.csv`` and for
             merging shards; metrics are computed from them either way).
@@ -579,10 +593,17 @@ def evaluate(
         cache_bytes: memory budget for keeping decoded batches so that Mixed-* needs no second decode
             (default: 40% of free GPU memory, or min(8 GiB, 25% of RAM)); 0 forces the pool-first path.
         prefetch: batches the loader decodes ahead.
+        dist: a :class:`~engine.distributed.DistContext` (default :func:`engine.distributed.current`). Under
+            ``torchrun`` with several ranks (and ``num_shards=1``) every rank must call :func:`evaluate` with the
+            same arguments: each evaluates its shard of the image ids, the Mixed-* background pool is gathered
+            from all shards (each JPEG is decoded by one rank), the per-composite records are gathered, and every
+            rank returns the merged result, identical in records and metrics to a single-process run (contact-sheet
+            composites are rendered on rank 0 only; ``timing['ranks']`` holds the per-rank figures).
 
     Returns:
         An :class:`EvalResult`.
     """
+    from .distributed import DistContext, current, gather_background_pool, shard_ids as _shard_ids
     from .index import DatasetIndex
     from .models import LoadedModel, Predictor
 
@@ -603,6 +624,15 @@ def evaluate(
         dev = predictor.device
     else:
         raise ConfigError(f"evaluate: expected a LoadedModel or Predictor, got {type(model).__name__}")
+    ctx = current() if dist is None else dist
+    if not isinstance(ctx, DistContext):
+        raise ConfigError(f"evaluate: expected dist to be a DistContext or None, got {type(ctx).__name__}")
+    distributed = ctx.enabled and num_shards == 1
+    if distributed:
+        shard_id, num_shards = ctx.rank, ctx.world_size
+    else:
+        ctx = DistContext.single()  # a manual shard (or one process): no collectives
+    progress = bool(progress) and ctx.is_main
     names = resolve_variants(variants)
     geom = _resolve_geometry(geometry, predictor)
     forwards0, backoffs0 = predictor.forwards, predictor.oom_backoffs
@@ -614,7 +644,7 @@ def evaluate(
         splits = sorted({str(index.image(i).get("split")) for i in index.ids})
         raise ConfigError(f"evaluate: no images in split {split!r} of {index.path}; splits present: {splits}")
     all_ids = sub.ids
-    shard_ids = all_ids[shard_id::num_shards]
+    shard_ids = _shard_ids(all_ids, shard_id, num_shards)
 
     mixed = [v for v in names if v in MIXED_VARIANTS]
     plain = [v for v in names if v not in MIXED_VARIANTS]
@@ -622,15 +652,20 @@ def evaluate(
     if cache_bytes is None:
         cache_bytes = _default_cache_bytes(dev)
     need = n_img * (4 * geom.crop * geom.crop + 64)
-    two_phase = bool(mixed) and pool is None and num_shards == 1 and need <= cache_bytes
+    # keep the decoded batches for a Mixed-* second phase (each JPEG decoded once). A manual shard cannot: it
+    # needs the whole split's pool; ranks can, by gathering the pool parts. Every rank must take the same path.
+    two_phase = bool(mixed) and pool is None and (num_shards == 1 or distributed) and ctx.all_true(need <= cache_bytes)
     t_pool = 0.0
+    from_ranks = f", gathered from {ctx.world_size} ranks" if distributed else ""
     pool_source = "none" if not mixed else "given" if pool is not None else (
-        "same split (kept from the evaluation pass)" if two_phase else "same split (build_background_pool)")
+        f"same split (kept from the evaluation pass{from_ranks})" if two_phase
+        else f"same split (build_background_pool{from_ranks})")
     if mixed and pool is None and not two_phase:
-        from .pipeline import build_background_pool
+        from .distributed import build_background_pool_sharded
 
         tp = time.perf_counter()
-        pool = build_background_pool(sub, geometry=geom, backend=backend, device=dev, progress=progress)
+        pool = build_background_pool_sharded(sub, ctx, geometry=geom, backend=backend, device=dev,
+                                             progress=progress)
         t_pool = time.perf_counter() - tp
     if pool is not None:
         pool = pool.to(dev)
@@ -665,8 +700,12 @@ def evaluate(
                 bgt_parts.append((bgt.images, batch.labels, batch.image_ids, bgt.valid & batch.has_bgt))
             n_seen += len(batch)
             _advance(bar, len(batch) * len(first_pass), n_seen)
-        if two_phase and kept:
-            pool = _pool_from_parts(bgt_parts)
+        if two_phase and (kept or distributed):  # every rank joins the gather, even one without images
+            tp = time.perf_counter()
+            pool = _pool_from_parts(bgt_parts, geom.crop, dev)
+            if distributed:
+                pool = gather_background_pool(pool, ctx)
+            t_pool = time.perf_counter() - tp
             del bgt_parts
             for batch in kept:
                 outs = _synthesize(batch, mixed, pool, seed, predictor)
@@ -684,12 +723,30 @@ def evaluate(
     records = _collect(chunks, meta, names, seed)
     if len(np.unique(records.image_id)) * len(names) != len(records):
         raise ConfigError("evaluate: internal error: records do not cover every (image, variant) exactly once")
+    rejects = list(getattr(loader, "rejects", []))
+    forwards = int(predictor.forwards - forwards0)
+    backoffs = int(predictor.oom_backoffs - backoffs0)
+    rank_timing = [{"rank": int(ctx.rank), "images": int(len(np.unique(records.image_id))), "planned": int(n_img),
+                    "forwards": forwards, "seconds": time.perf_counter() - t_start, "loop_seconds": t_loop,
+                    "pool_seconds": t_pool}]
+    if distributed:
+        # every rank gets every rank's records: the merged records are the single-process records
+        parts = ctx.all_gather_object((records, rejects, rank_timing[0], backoffs))
+        records = EvalRecords.cat([p[0] for p in parts])
+        order = {int(i): k for k, i in enumerate(all_ids)}
+        by_path = {sub.record(i).path: int(i) for i in all_ids} if any(p[1] for p in parts) else {}
+        rejects = sorted((r for p in parts for r in p[1]), key=lambda r: (order.get(by_path.get(r.get("path"), -1), -1),
+                                                                          str(r.get("path")), str(r.get("reason"))))
+        rank_timing = [p[2] for p in parts]
+        forwards = sum(t["forwards"] for t in rank_timing)
+        backoffs = sum(p[3] for p in parts)
+        n_img = len(all_ids)
     metrics = metrics_from_records(records)
     seconds = time.perf_counter() - t_start
 
     examples = _pick_examples(records, int(examples_per_class))
     example_images = None
-    if examples["image_ids"]:
+    if examples["image_ids"] and ctx.is_main:
         try:
             example_images = _example_composites(sub, examples["image_ids"], names, pool, seed, geom, backend, dev,
                                                  records)
@@ -714,17 +771,18 @@ def evaluate(
             "backend": getattr(loader, "name", backend),
             "device": str(dev),
             "batch_size": int(batch_size),
-            "shard_id": int(shard_id),
-            "num_shards": int(num_shards),
+            "shard_id": 0 if distributed else int(shard_id),
+            "num_shards": 1 if distributed else int(num_shards),
             "pool": {"size": int(len(pool)) if pool is not None else 0, "source": pool_source},
             "single_decode": bool(two_phase or not mixed),
+            "world_size": int(ctx.world_size),
         },
         dataset={
             "images": n_done,
             "planned": int(n_img),
             "split_images": int(len(all_ids)),
             "per_class": np.bincount(labels_all, minlength=NUM_IN9)[:NUM_IN9].tolist() if n_done else [0] * NUM_IN9,
-            "rejects": list(getattr(loader, "rejects", [])),
+            "rejects": rejects,
         },
         timing={
             "seconds": seconds,
@@ -734,8 +792,9 @@ def evaluate(
             "composites": int(len(records)),
             "images_per_s": n_done / seconds if seconds > 0 else None,
             "composites_per_s": len(records) / seconds if seconds > 0 else None,
-            "forwards": int(predictor.forwards - forwards0),
-            "oom_backoffs": int(predictor.oom_backoffs - backoffs0),
+            "forwards": int(forwards),
+            "oom_backoffs": int(backoffs),
+            **({"ranks": rank_timing} if distributed else {}),
         },
         versions=_versions(),
         examples=examples,
@@ -745,9 +804,13 @@ def evaluate(
     return result
 
 
-def _pool_from_parts(parts):
+def _pool_from_parts(parts, crop: int, device: torch.device):
+    """The Only-BG-T images kept during the evaluation pass as a pool sorted by id (empty without parts)."""
     from .pipeline.batch import BackgroundPool
 
+    if not parts:  # a rank whose shard is empty (or fully rejected) still takes part in the gather
+        z = torch.empty(0, dtype=torch.int64, device=device)
+        return BackgroundPool(torch.empty((0, 3, crop, crop), dtype=torch.uint8, device=device), z, z.clone())
     imgs = torch.cat([p[0] for p in parts])
     labels = torch.cat([p[1] for p in parts])
     ids = torch.cat([p[2] for p in parts])
@@ -861,13 +924,23 @@ def evaluate_to_dir(
 
     Returns:
         ``(result, paths)`` with ``paths`` keyed ``json``, ``csv``, ``provenance``, ``report``.
+
+    Under ``torchrun`` every rank calls it; every rank gets the merged result, rank 0 alone writes the files
+    (``paths`` is empty on the other ranks).
     """
+    from .distributed import current
+
+    ctx = kwargs.get("dist") or current()
     result = evaluate(index, model, **kwargs)
     if name:
         result.model["name"] = str(name)
-    paths = result.save(out_dir, provenance=provenance)
-    if report:
-        from .report import write_report
+    paths: dict[str, pathlib.Path] = {}
+    if ctx.is_main or kwargs.get("num_shards", 1) > 1:  # a manual shard writes its own folder
+        paths = result.save(out_dir, provenance=provenance)
+        if report:
+            from .report import write_report
 
-        paths["report"] = write_report(result, out_dir)
+            paths["report"] = write_report(result, out_dir)
+    if kwargs.get("num_shards", 1) == 1:
+        ctx.barrier()  # every rank returns once the files are there
     return result, paths

@@ -632,6 +632,17 @@ def _rank_journal_path(out: str | os.PathLike, rank: int) -> pathlib.Path:
     return out.with_name(f"{out.name}.journal.rank{int(rank)}.jsonl")
 
 
+def _orphan_journals(out: str | os.PathLike, world_size: int) -> list[pathlib.Path]:
+    """Journals of ranks ``>= world_size`` next to ``out`` (left by an earlier run with more ranks)."""
+    out = pathlib.Path(out)
+    found = []
+    for path in out.parent.glob(f"{out.name}.journal.rank*.jsonl"):
+        tail = path.name[len(out.name) + len(".journal.rank"):-len(".jsonl")]
+        if tail.isdigit() and int(tail) >= world_size:
+            found.append(path)
+    return sorted(found)
+
+
 def _prepare_ranks(
     ctx,
     items: Mapping[int, "_Item"],
@@ -664,8 +675,15 @@ def _prepare_ranks(
     executor = None
     bar = None
     try:
-        # what every rank already journaled (a rerun may even use another number of ranks)
-        for part in ctx.all_gather_object(journal.results if journal is not None else {}):
+        # what every rank already journaled; rank 0 also reads the journals of ranks beyond this world (a rerun
+        # with fewer ranks loses nothing)
+        mine = dict(journal.results) if journal is not None else {}
+        if resume and out is not None and ctx.is_main:
+            for extra in _orphan_journals(out, ctx.world_size):
+                orphan = _Journal(extra, header, True, checkpoint_every)
+                orphan.close()
+                mine.update(orphan.results)
+        for part in ctx.all_gather_object(mine):
             resumed.update(part)
             results.update(part)
         if n_workers > 1:
@@ -1093,6 +1111,9 @@ def prepare(
         jp = _rank_journal_path(out, ctx.rank) if ctx.enabled else journal_path(out)
         if jp.exists():
             jp.unlink()
+        if ctx.enabled and ctx.is_main:
+            for extra in _orphan_journals(out, ctx.world_size):  # of a larger earlier world, now merged
+                extra.unlink()
     if show is not None and ctx.is_main:
         write_mask_sheet(show, result, results, records, count=show_count)
     return result

@@ -22,7 +22,9 @@ def register(subparsers) -> argparse.ArgumentParser:
             "Decode each image of a split once, synthesize every requested variant in-batch and feed the composites "
             "straight to the model. Writes results.json, results.csv, (optionally) provenance.csv, report.md and "
             "plots into --out, and prints the paper's table. INDEX is a dataset index JSON, or 'builtin' for the "
-            "built-in dataset."
+            "built-in dataset. Runs unchanged under torchrun (each rank evaluates its shard of the images, rank 0 "
+            "writes the merged results, identical to a single-process run): "
+            "torchrun --nproc_per_node=8 -m engine.cli eval INDEX --model ckpt.pt"
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -78,19 +80,21 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from engine.distributed import init_distributed
     from engine.evaluate import evaluate_to_dir
     from engine.geometry import CropGeometry
     from engine.models import Predictor, load_model
     from engine.report.tables import format_summary
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    ctx = init_distributed()  # a no-op without torchrun
+    device = ctx.device(None if args.device == "auto" else args.device)
+    progress = args.progress and ctx.is_main
     index = args.index
     if index == "builtin":
         from engine.sources.synthetic import build_builtin_dataset
 
-        index = build_builtin_dataset(progress=args.progress)
+        with ctx.main_first():  # one rank per node builds the cache, the others find it
+            index = build_builtin_dataset(progress=progress)
     loaded = load_model(args.model, weights=args.weights, trust_checkpoint=args.trust_checkpoint,
                         num_classes=args.num_classes, output_space=args.output_space)
     predictor = Predictor(loaded, device=device, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
@@ -101,16 +105,19 @@ def run(args: argparse.Namespace) -> int:
         resize = args.resize or int(g.get("resize", 256))
         crop = args.crop or int(g.get("crop", min(224, resize)))
         geometry = CropGeometry(resize, crop)
-    batch_size = args.batch_size or (256 if torch.device(device).type == "cuda" else 64)
+    batch_size = args.batch_size or (256 if device.type == "cuda" else 64)
     result, paths = evaluate_to_dir(
         index, predictor, args.out, provenance=args.provenance, report=args.report, name=args.name,
         variants=args.variants, split=None if args.split == "all" else args.split, seed=args.seed,
-        geometry=geometry, backend=args.backend, device=device, batch_size=batch_size, progress=args.progress,
-        per_class=args.per_class, examples_per_class=args.examples_per_class,
+        geometry=geometry, backend=args.backend, device=device, batch_size=batch_size, progress=progress,
+        per_class=args.per_class, examples_per_class=args.examples_per_class, dist=ctx,
     )
+    if not ctx.is_main:
+        return 0
     print(format_summary(result))
     t = result.timing
     print(f"{t['images']} images x {len(result.variants)} variants in {t['seconds']:.1f} s "
-          f"({t['images_per_s']:.0f} images/s, {t['composites_per_s']:.0f} composites/s)")
+          f"({t['images_per_s']:.0f} images/s, {t['composites_per_s']:.0f} composites/s)"
+          + (f" on {ctx.world_size} ranks" if ctx.enabled else ""))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
