@@ -204,7 +204,6 @@ def export(
         return fs + ([_mask_file(out, where[i])] if masks else [])
 
     todo = [i for i in sub.ids if not (resume and all(f.exists() for f in files_of(i)))]
-    done_before = len(sub) - len(todo)
     excluded: dict[str, int] = {}
     left_out: list[dict] = []
     written = 0

@@ -74,7 +74,6 @@ def _hwc(t: torch.Tensor) -> np.ndarray:
 
 def reference_outputs(batch: Batch, variant: str, pool_src: Batch | None = None, seed: int = 0):
     """Per-image reference of one variant: (images [B,H,W,3] uint8, valid [B], bg_ids [B])."""
-    c = batch.size
     pool_bgt, pool_ids, pool_labels = {}, [], []
     if pool_src is not None:
         for i in range(len(pool_src)):

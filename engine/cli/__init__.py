@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import warnings
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 

@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from ._args import (add_model_args, geometry_from_args, positive_int, predictor_from_args, resolve_index,
+                    seconds)
+
 __all__ = ["register", "run"]
-
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return v
-
-
-def _seconds(text: str) -> float:
-    v = float(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text}")
-    return v
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -37,41 +26,28 @@ def register(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("index", help="dataset index (COCO-format JSON) or 'builtin'")
-    m = p.add_argument_group("model")
-    m.add_argument("--model", required=True,
-                   help="architecture name (random init unless --weights) or a checkpoint file")
-    m.add_argument("--weights", default=None, help="state_dict file for --model ARCH")
-    m.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow unpickling Python objects from the checkpoint (trusted files only)")
-    m.add_argument("--num-classes", type=_positive_int, default=None, help="output width of a fresh architecture")
-    m.add_argument("--output-space", choices=("auto", "in9", "in1k"), default="auto",
-                   help="auto = 9 outputs -> IN-9, 1000 -> ImageNet-1k mapped to IN-9")
-    m.add_argument("--label-protocol", choices=("official", "restricted"), default="official",
-                   help="1000-class models: official = top-1 over all classes (unmapped = fooled); restricted = "
-                        "argmax over the 370 mapped classes")
-    m.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"), help="input normalisation mean")
-    m.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"), help="input normalisation std")
+    add_model_args(p, unmapped="fooled")
     d = p.add_argument_group("data")
     d.add_argument("--split", default="val", help="split of foregrounds and backgrounds ('all': the whole index)")
-    d.add_argument("--fg-per-class", type=_positive_int, default=None,
+    d.add_argument("--fg-per-class", type=positive_int, default=None,
                    help="at most N foregrounds per class (seeded subset; the official challenge uses all)")
-    d.add_argument("--bg-per-class", type=_positive_int, default=None,
+    d.add_argument("--bg-per-class", type=positive_int, default=None,
                    help="at most N backgrounds per class (seeded subset; the official challenge uses all)")
     d.add_argument("--seed", type=int, default=0, help="seed of the subsets and of the adaptive order's tie-break")
-    d.add_argument("--resize", type=_positive_int, default=None, help="shorter side (default: the checkpoint's, else 256)")
-    d.add_argument("--crop", type=_positive_int, default=None, help="centre crop (default: the checkpoint's, else 224)")
+    d.add_argument("--resize", type=positive_int, default=None, help="shorter side (default: the checkpoint's, else 256)")
+    d.add_argument("--crop", type=positive_int, default=None, help="centre crop (default: the checkpoint's, else 224)")
     s = p.add_argument_group("search")
     s.add_argument("--full-matrix", action="store_true",
                    help="evaluate every pair: fooling matrix, per-background fool fractions, gallery, histogram")
     s.add_argument("--store-predictions", action="store_true", help="with --full-matrix: keep every pair's prediction")
     s.add_argument("--order", choices=("adaptive", "reference"), default="adaptive",
                    help="adaptive = most fooling backgrounds (per class) first; reference = fixed order")
-    s.add_argument("--batch-size", type=_positive_int, default=None,
+    s.add_argument("--batch-size", type=positive_int, default=None,
                    help="composites per forward (default 512 CUDA, 64 CPU)")
-    s.add_argument("--fg-tile", type=_positive_int, default=None,
+    s.add_argument("--fg-tile", type=positive_int, default=None,
                    help="foregrounds searched at once (default 4 x batch size)")
     s.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    s.add_argument("--checkpoint-every", type=_seconds, default=60.0, help="seconds between checkpoints")
+    s.add_argument("--checkpoint-every", type=seconds, default=60.0, help="seconds between checkpoints")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     r.add_argument("--backend", default="auto", help="decode backend: auto, dali, torchvision, pil")
@@ -79,7 +55,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="autocast: auto = bf16 on CUDA, off on CPU")
     r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (default: on for CUDA)")
-    r.add_argument("--max-batch", type=_positive_int, default=None,
+    r.add_argument("--max-batch", type=positive_int, default=None,
                    help="largest forward chunk (halved automatically on out-of-memory)")
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
     o = p.add_argument_group("output")
@@ -92,30 +68,15 @@ def register(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from engine.challenge import challenge_foregrounds, challenge_to_dir
     from engine.distributed import init_distributed
-    from engine.geometry import CropGeometry
     from engine.index import DatasetIndex
-    from engine.models import Predictor, load_model
 
     ctx = init_distributed()
     device = ctx.device(None if args.device == "auto" else args.device)
-    index = args.index
-    if index == "builtin":
-        from engine.sources.synthetic import build_builtin_dataset
-
-        with ctx.main_first():  # one rank per node builds the cache, the others find it
-            index = build_builtin_dataset(progress=args.progress and ctx.is_main)
+    index = resolve_index(args.index, ctx, progress=args.progress and ctx.is_main)
     index = DatasetIndex.load(index)
     split = None if args.split == "all" else args.split
-    loaded = load_model(args.model, weights=args.weights, trust_checkpoint=args.trust_checkpoint,
-                        num_classes=args.num_classes, output_space=args.output_space)
-    predictor = Predictor(loaded, device=device, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
-                          label_protocol=args.label_protocol, mean=args.mean, std=args.std, max_batch=args.max_batch)
-    geometry = None
-    if args.resize is not None or args.crop is not None:
-        g = loaded.geometry or {}
-        resize = args.resize or int(g.get("resize", 256))
-        crop = args.crop or int(g.get("crop", min(224, resize)))
-        geometry = CropGeometry(resize, crop)
+    loaded, predictor = predictor_from_args(args, device)
+    geometry = geometry_from_args(args, loaded)
     fg_ids = None
     if args.fg_per_class is not None:
         fg_ids = challenge_foregrounds(index, split, fg_per_class=args.fg_per_class, seed=args.seed)

@@ -5,19 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from ._args import positive_int
+
 __all__ = ["register", "run"]
-
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return v
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", required=True, metavar="INDEX.json", help="where to write the index")
-    p.add_argument("--workers", type=_positive_int, default=None, help="probing processes (None: all cores)")
+    p.add_argument("--workers", type=positive_int, default=None, help="probing processes (None: all cores)")
     p.add_argument("--verify", choices=("full", "header"), default="full",
                    help="full: decode every image; header: read headers and end markers only (faster)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -5,21 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from ._args import fraction, positive_int
+
 __all__ = ["register", "run"]
-
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return v
-
-
-def _fraction(text: str) -> float:
-    v = float(text)
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text}")
-    return v
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -34,15 +22,15 @@ def register(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--seed", type=int, default=0, help="dataset seed (same seed, same bytes)")
-    p.add_argument("--train-per-class", type=_positive_int, default=200, help="train images per class")
-    p.add_argument("--val-per-class", type=_positive_int, default=50, help="val images per class")
-    p.add_argument("--correlation", type=_fraction, default=0.8,
+    p.add_argument("--train-per-class", type=positive_int, default=200, help="train images per class")
+    p.add_argument("--val-per-class", type=positive_int, default=50, help="val images per class")
+    p.add_argument("--correlation", type=fraction, default=0.8,
                    help="probability that an image's scene is its class's own family (1/9: independent)")
-    p.add_argument("--two-object-rate", type=_fraction, default=0.04, help="fraction of images with two objects")
+    p.add_argument("--two-object-rate", type=fraction, default=0.04, help="fraction of images with two objects")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="cache folder (None: $BGSYNTH_CACHE or ~/.cache/bgsynth)")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
-    p.add_argument("--workers", type=_positive_int, default=None, help="processes (None: all cores)")
+    p.add_argument("--workers", type=positive_int, default=None, help="processes (None: all cores)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     return p

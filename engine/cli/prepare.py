@@ -6,21 +6,9 @@ import argparse
 import json
 import pathlib
 
+from ._args import fraction, positive_int
+
 __all__ = ["register", "run"]
-
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return v
-
-
-def _fraction(text: str) -> float:
-    v = float(text)
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text}")
-    return v
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -43,22 +31,22 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="output index path (default: <INDEX stem>.prepared.json beside the input)")
     p.add_argument("--split", action="append", default=None,
                    help="only process this split (repeatable)")
-    p.add_argument("--per-class", type=_positive_int, default=None,
+    p.add_argument("--per-class", type=positive_int, default=None,
                    help="balanced subset: keep the first N surviving images of each class in a seeded order")
     p.add_argument("--seed", type=int, default=0, help="seed of GrabCut (per image) and of --per-class")
     p.add_argument("--recompute", action="store_true",
                    help="replace existing masks with GrabCut masks (and report IoU against the replaced ones)")
     p.add_argument("--filter-existing", action="store_true",
                    help="apply the selection filters also to images that keep their existing masks")
-    p.add_argument("--workers", type=_positive_int, default=None,
+    p.add_argument("--workers", type=positive_int, default=None,
                    help="processes (default: all cores; under torchrun, each rank its share of the node's cores)")
-    p.add_argument("--max-side", type=_positive_int, default=None,
+    p.add_argument("--max-side", type=positive_int, default=None,
                    help="run GrabCut on a copy whose longer side is at most this (default: full resolution)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its journal")
     p.add_argument("--show", default=None, metavar="PNG", help="write a contact sheet of the worst and best masks")
-    p.add_argument("--show-count", type=_positive_int, default=8, help="rows of worst and of best masks")
-    p.add_argument("--resize", type=_positive_int, default=256, help="crop geometry: shorter side resized to")
-    p.add_argument("--crop", type=_positive_int, default=224, help="crop geometry: centre crop side")
+    p.add_argument("--show-count", type=positive_int, default=8, help="rows of worst and of best masks")
+    p.add_argument("--resize", type=positive_int, default=256, help="crop geometry: shorter side resized to")
+    p.add_argument("--crop", type=positive_int, default=224, help="crop geometry: centre crop side")
     g = p.add_argument_group("selection filters (each on by default)")
     g.add_argument("--no-single-object", dest="single_object", action="store_false",
                    help="keep images with several boxes (their union box is used)")
@@ -68,14 +56,14 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="keep boxes with less than --min-inside-fraction inside the crop")
     g.add_argument("--no-bgt-margin", dest="bgt_margin", action="store_false",
                    help="keep boxes that leave no margin for Only-BG-T")
-    g.add_argument("--max-box-fraction", type=_fraction, default=0.9, help="box size filter threshold")
-    g.add_argument("--min-inside-fraction", type=_fraction, default=0.5, help="box inside filter threshold")
+    g.add_argument("--max-box-fraction", type=fraction, default=0.9, help="box size filter threshold")
+    g.add_argument("--min-inside-fraction", type=fraction, default=0.5, help="box inside filter threshold")
     gc = p.add_argument_group("GrabCut")
-    gc.add_argument("--iterations", type=_positive_int, default=5, help="GrabCut iterations per attempt")
-    gc.add_argument("--attempts", type=_positive_int, default=10, help="seeds tried before an image is dropped")
-    gc.add_argument("--min-fraction", type=_fraction, default=0.10,
+    gc.add_argument("--iterations", type=positive_int, default=5, help="GrabCut iterations per attempt")
+    gc.add_argument("--attempts", type=positive_int, default=10, help="seeds tried before an image is dropped")
+    gc.add_argument("--min-fraction", type=fraction, default=0.10,
                     help="accept a mask covering at least this fraction of the box")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=64,
+    p.add_argument("--checkpoint-every", type=positive_int, default=64,
                    help="journal chunk (images) flushed to disk at a time")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the full report as JSON instead of the summary")

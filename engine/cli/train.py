@@ -5,21 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from ._args import positive_int, unit_interval
+
 __all__ = ["register", "run"]
-
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return v
-
-
-def _unit_interval(text: str) -> float:
-    v = float(text)
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
-    return v
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -40,8 +28,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint file to write")
     m = p.add_argument_group("model and optimisation")
     m.add_argument("--arch", default="bgsynth_cnn", help="bgsynth_cnn or any torchvision / timm architecture name")
-    m.add_argument("--epochs", type=_positive_int, default=14, help="passes over the training split")
-    m.add_argument("--batch-size", type=_positive_int, default=64, help="samples per step")
+    m.add_argument("--epochs", type=positive_int, default=14, help="passes over the training split")
+    m.add_argument("--batch-size", type=positive_int, default=64, help="samples per step")
     m.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default 0.1 for SGD, 2e-3 for AdamW, times batch-size/64)")
     m.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay")
@@ -59,14 +47,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--random-resized-crop", action="store_true",
                    help="random resized crop (area fraction in [--min-scale, 1]); off by default (the demo's short "
                         "schedule on 64 px crops does better with flips alone)")
-    a.add_argument("--min-scale", type=_unit_interval, default=0.35,
+    a.add_argument("--min-scale", type=unit_interval, default=0.35,
                    help="random resized crop: smallest area fraction")
     a.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flip")
     d = p.add_argument_group("data")
     d.add_argument("--split", default="train", help="training split")
     d.add_argument("--val-split", default="val", help="split for the final Original accuracy ('none': skip)")
-    d.add_argument("--resize", type=_positive_int, default=None, help="crop geometry: shorter side (default 72)")
-    d.add_argument("--crop", type=_positive_int, default=None, help="crop geometry: centre crop (default 64)")
+    d.add_argument("--resize", type=positive_int, default=None, help="crop geometry: shorter side (default 72)")
+    d.add_argument("--crop", type=positive_int, default=None, help="crop geometry: centre crop (default 64)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     r.add_argument("--backend", default="auto", help="decode backend: auto, dali, torchvision, pil")
