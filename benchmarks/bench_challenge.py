@@ -29,15 +29,14 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import resource
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from _common import Timer  # noqa: E402  (benchmarks/_common.py: shared timing and paper reference)
 
 from engine.challenge import challenge_foregrounds, run_challenge  # noqa: E402
 from engine.geometry import CropGeometry, tile_strips  # noqa: E402
@@ -45,22 +44,6 @@ from engine.index import DatasetIndex  # noqa: E402
 from engine.models import Predictor, load_model  # noqa: E402
 
 REF_BATCH = 32
-
-
-def _cpu() -> float:
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + ch.ru_utime + ch.ru_stime
-
-
-class Timer:
-    def __enter__(self):
-        self.w0, self.c0 = time.perf_counter(), _cpu()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall = time.perf_counter() - self.w0
-        self.cpu = _cpu() - self.c0
 
 
 # ----------------------------------------------------------------------------------------------- the reference loop

@@ -29,17 +29,16 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import resource
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from _common import Timer, paper_only_bg_t  # noqa: E402  (benchmarks/_common.py: shared timing and paper reference)
 
 from engine.classes import IN9_FOLDERS, IN9_MEAN, IN9_STD  # noqa: E402
 from engine.evaluate import VARIANT_ORDER, evaluate  # noqa: E402
@@ -49,47 +48,7 @@ from engine.models import LoadedModel, Predictor, create_model  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- timing
-def _cpu() -> float:
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + ch.ru_utime + ch.ru_stime
-
-
-class Timer:
-    def __enter__(self):
-        self.w0, self.c0 = time.perf_counter(), _cpu()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall = time.perf_counter() - self.w0
-        self.cpu = _cpu() - self.c0
-
-
 # ----------------------------------------------------------------------------------------------- reference export
-def _strip(box, h, w):
-    """PAPER.md's Only-BG-T strip rule -> (x, y, tile_w, tile_h) or None (no margin)."""
-    x0, y0, x1, y1 = box
-    if x1 < x0 or y1 < y0 or (x0 <= 0 and y0 <= 0 and x1 >= w - 1 and y1 >= h - 1):
-        return None
-    left, right, top, bottom = x0, w - x1, y0, h - y1
-    if max(left, right) * h > max(top, bottom) * w:
-        return (0, 0, x0, h) if left > right else (x1, 0, w - x1, h)
-    return (0, 0, w, y0) if top > bottom else (0, y1, w, h - y1)
-
-
-def _only_bg_t(img, box):
-    h, w = img.shape[:2]
-    s = _strip(box, h, w)
-    if s is None:
-        return None
-    sx, sy, tw, th = s
-    x0, y0, x1, y1 = box
-    tiled = np.tile(img[sy : sy + th, sx : sx + tw], (h // th + 1, w // tw + 1, 1))[:h, :w]
-    out = img.copy()
-    out[y0 : y1 + 1, x0 : x1 + 1] = tiled[y0 : y1 + 1, x0 : x1 + 1]
-    return out
-
-
 def _decode_crop(rec, geometry):
     from PIL import Image
 
@@ -128,7 +87,7 @@ def reference_export(index: DatasetIndex, geometry: CropGeometry, out: pathlib.P
         if x1 >= x0:
             b[y0 : y1 + 1, x0 : x1 + 1] = 0
         v["only_bg_b"] = b
-        t = _only_bg_t(img, box)
+        t = paper_only_bg_t(img, box)
         if t is not None:
             v["only_bg_t"] = t
         for name, arr in v.items():

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from _common import paper_only_bg_t  # noqa: E402  (benchmarks/_common.py: shared timing and paper reference)
 
 from engine.geometry import CropGeometry, tile_strips  # noqa: E402
 from engine.pipeline.batch import Batch  # noqa: E402
@@ -46,31 +47,6 @@ STD = np.array((0.229, 0.224, 0.225), np.float32)
 
 
 # ----------------------------------------------------------------------------------------------- the reference
-def _paper_strip(box, h, w):
-    x0, y0, x1, y1 = box
-    if x1 < x0 or y1 < y0 or (x0 == 0 and y0 == 0 and x1 == w - 1 and y1 == h - 1):
-        return None
-    left, right, top, bottom = x0, w - x1, y0, h - y1
-    if max(left, right) * h > max(top, bottom) * w:
-        return (0, 0, x0, h) if left > right else (x1, 0, w - x1, h)
-    return (0, 0, w, y0) if top > bottom else (0, y1, w, h - y1)
-
-
-def _paper_bgt(img, box):
-    h, w = img.shape[:2]
-    s = _paper_strip(box, h, w)
-    if s is None:
-        return None
-    sx, sy, tw, th = s
-    x0, y0, x1, y1 = box
-    tile = img[sy : sy + th, sx : sx + tw]
-    reps = ((y1 + 1) // th + 1, (x1 + 1) // tw + 1, 1)
-    tiled = np.tile(tile, reps)  # the tiling from the image origin
-    out = img.copy()
-    out[y0 : y1 + 1, x0 : x1 + 1] = tiled[y0 : y1 + 1, x0 : x1 + 1]
-    return out
-
-
 def reference_variant(name, img, mask, box, label, image_id, pool, rng_seed):
     """One variant of one image (``H x W x 3`` uint8), the per-image way."""
     x0, y0, x1, y1 = box
@@ -81,7 +57,7 @@ def reference_variant(name, img, mask, box, label, image_id, pool, rng_seed):
         out[y0 : y1 + 1, x0 : x1 + 1] = 0
         return out
     if name == "only_bg_t":
-        return _paper_bgt(img, box)
+        return paper_only_bg_t(img, box)
     m = mask.astype(bool)
     if name == "no_fg":
         out = img.copy()

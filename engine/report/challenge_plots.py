@@ -18,25 +18,9 @@ import numpy as np
 
 from ..classes import IN9_CLASSES, NUM_IN9
 from ..errors import ConfigError
+from .plots import _plt, _save
 
 __all__ = ["adversarial_gallery", "vulnerability_histogram", "class_accuracy_bars", "challenge_plots"]
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path) -> pathlib.Path:
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-    return path
 
 
 def _need_matrix(result, what: str) -> None:

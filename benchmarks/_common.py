@@ -1,0 +1,58 @@
+"""What the benchmarks share: CPU-time measurement and the paper's per-image Only-BG-T reference (PAPER.md).
+
+The reference is written independently of the engine (NumPy, one image at a time) so that a benchmark compares
+the engine with the procedure the paper describes, not with itself.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import numpy as np
+
+__all__ = ["cpu_seconds", "Timer", "paper_strip", "paper_only_bg_t"]
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its waited-for children (user + system)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + ch.ru_utime + ch.ru_stime
+
+
+class Timer:
+    """``with Timer() as t: ...`` then ``t.wall`` and ``t.cpu`` in seconds."""
+
+    def __enter__(self):
+        self.w0, self.c0 = time.perf_counter(), cpu_seconds()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.w0
+        self.cpu = cpu_seconds() - self.c0
+
+
+def paper_strip(box, h, w):
+    """PAPER.md's Only-BG-T strip rule -> (x, y, tile_w, tile_h), or None when the box leaves no margin."""
+    x0, y0, x1, y1 = box
+    if x1 < x0 or y1 < y0 or (x0 <= 0 and y0 <= 0 and x1 >= w - 1 and y1 >= h - 1):
+        return None
+    left, right, top, bottom = x0, w - x1, y0, h - y1
+    if max(left, right) * h > max(top, bottom) * w:
+        return (0, 0, x0, h) if left > right else (x1, 0, w - x1, h)
+    return (0, 0, w, y0) if top > bottom else (0, y1, w, h - y1)
+
+
+def paper_only_bg_t(img: np.ndarray, box):
+    """Only-BG-T of one ``H x W x 3`` image: the inclusive box filled with the strip tiled from the origin."""
+    h, w = img.shape[:2]
+    s = paper_strip(box, h, w)
+    if s is None:
+        return None
+    sx, sy, tw, th = s
+    x0, y0, x1, y1 = box
+    tiled = np.tile(img[sy : sy + th, sx : sx + tw], (h // th + 1, w // tw + 1, 1))[:h, :w]
+    out = img.copy()
+    out[y0 : y1 + 1, x0 : x1 + 1] = tiled[y0 : y1 + 1, x0 : x1 + 1]
+    return out
