@@ -41,7 +41,7 @@ def run(args) -> int:
         print(res.challenge.format())
     if res.comparison is not None:
         print()
-        print(res.comparison.format())
+        print(res.comparison.table())
     print()
     for f in res.findings:
         print(f"{'observed' if f['observed'] else 'NOT observed'}: {f['finding']} ({f['evidence']})")
