@@ -99,6 +99,7 @@ def run_demo(
     backend: str = "auto",
     progress: bool = True,
     force: bool = False,
+    dataset: dict | None = None,
 ) -> DemoResult:
     """Run the whole demo (see the module docstring) and write ``<out_dir>/report.md``.
 
@@ -113,6 +114,8 @@ def run_demo(
         challenge_fg_per_class, challenge_bg_per_class: balanced val subsets for the challenge (``None``: all).
         compare_training: also train on Mixed-Rand and compare BG-Gap and challenge accuracy.
         force: ignore the caches of the prepared index and the model.
+        dataset: extra arguments of :func:`~engine.sources.synthetic.build_builtin_dataset` (e.g. a smaller
+            ``train_per_class`` / ``val_per_class``).
     """
     from . import masks, train as train_mod
     from .challenge import challenge_foregrounds, run_challenge
@@ -133,7 +136,7 @@ def run_demo(
             print(f"[bgsynth demo {time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
 
     step("1/5 built-in dataset")
-    raw_index = build_builtin_dataset(root=cache, seed=seed, progress=progress)
+    raw_index = build_builtin_dataset(root=cache, seed=seed, progress=progress, **(dataset or {}))
 
     step("2/5 masks and the paper's selection filters")
     prep_key = _key(index=str(raw_index), geometry=geometry.to_dict(), v=1)
@@ -167,9 +170,10 @@ def run_demo(
     if challenge:
         step("5/5 Backgrounds Challenge on val")
         fg_ids = challenge_foregrounds(index, "val", fg_per_class=challenge_fg_per_class, seed=seed)
+        ckpt_path = out_dir / "challenge" / "state.ckpt"  # a killed demo continues the challenge where it stopped
         chal = run_challenge(index, predictor, split="val", geometry=geometry, device=device, seed=seed,
                              fg_ids=fg_ids, bg_per_class=challenge_bg_per_class, backend=backend, progress=progress,
-                             checkpoint=out_dir / "challenge" / "state.ckpt", resume=True)
+                             checkpoint=ckpt_path, resume=ckpt_path.exists())
         chal.save(out_dir / "challenge")
 
     from .report.sheets import show_index
