@@ -171,10 +171,13 @@ def run_demo(
         step("5/5 Backgrounds Challenge on val")
         fg_ids = challenge_foregrounds(index, "val", fg_per_class=challenge_fg_per_class, seed=seed)
         ckpt_path = out_dir / "challenge" / "state.ckpt"  # a killed demo continues the challenge where it stopped
+        if force:
+            ckpt_path.unlink(missing_ok=True)
         chal = run_challenge(index, predictor, split="val", geometry=geometry, device=device, seed=seed,
                              fg_ids=fg_ids, bg_per_class=challenge_bg_per_class, backend=backend, progress=progress,
                              checkpoint=ckpt_path, resume=ckpt_path.exists())
         chal.save(out_dir / "challenge")
+        ckpt_path.unlink(missing_ok=True)  # the finished result is in challenge.json
 
     from .report.sheets import show_index
 
