@@ -798,6 +798,7 @@ def run_challenge(
     kernel_backend: str = "auto",
     gallery_k: int = 8,
     dist=None,
+    share_every: int = 8,
 ) -> ChallengeResult:
     """Run the Backgrounds Challenge for a model (see the module docstring for semantics and method).
 
@@ -833,6 +834,9 @@ def run_challenge(
             :func:`run_challenge` (with its own ``shard_id``): the background pool is then decoded across the
             ranks and gathered (:func:`engine.distributed.build_background_pool_sharded`; a collective). ``None``:
             each call decodes the whole pool itself.
+        share_every: with several ranks and ``order='adaptive'``: every this many search steps the ranks sum their
+            pair statistics, so each rank orders its backgrounds by what all ranks have learnt (0: never). The
+            answer does not depend on it; the work and the fooling records do.
 
     Returns:
         A :class:`ChallengeResult`.
@@ -897,6 +901,9 @@ def run_challenge(
 
     dtype = predictor.input_dtype
     kdtype = dtype if dtype in _KERNEL_DTYPES else torch.float32
+    if share_every < 0:
+        raise ConfigError(f"run_challenge: expected share_every >= 0, got {share_every}")
+    sharing = bool(dist is not None and dist.enabled and order == "adaptive" and not full_matrix and share_every > 0)
     config = {
         "split": split, "geometry": geometry.to_dict(), "order": order, "full_matrix": bool(full_matrix),
         "store_predictions": bool(store_predictions), "batch_size": bs, "fg_tile": tile, "seed": int(seed),
@@ -905,6 +912,7 @@ def run_challenge(
         "model": _model_fingerprint(predictor), "input_dtype": str(dtype).replace("torch.", ""),
         "device_type": device.type, "mean": [float(v) for v in predictor.mean],
         "std": [float(v) for v in predictor.std], "decode_backend": backend,
+        "order_sharing": int(share_every) if sharing else 0,
     }
 
     # ----------------------------------------------------------------------------------- state
@@ -1002,18 +1010,41 @@ def run_challenge(
     import kernels
 
     last_bar = 0.0
+    # pair statistics of the other ranks at the last exchange (order sharing); a resumed rank relearns them at its
+    # first exchange
+    peer_counts = np.zeros_like(state.pair_counts) if sharing else None
+    syncs = 0
+    iteration = 0
     try:
         admit()
-        while len(state.window):
-            _step(state, predictor, pool, win_images, win_masks, slot_of, free_slots, bs, n_bg,
-                  full_matrix, order, tiebreak, bg_labels, fixed_orders, mean, std, kdtype, dtype, kernels,
-                  kernel_backend)
-            admit()
-            if bar is not None and (time.monotonic() - last_bar >= 0.5 or not len(state.window)):
-                last_bar = time.monotonic()
-                _update_bar(bar, state, n_bg, last_bar - t_start, state.forwards - forwards_at_start)
-            if ckpt_path is not None and time.monotonic() - last_ckpt >= checkpoint_every and not state.complete:
-                save_checkpoint()
+        while True:
+            if len(state.window):
+                _step(state, predictor, pool, win_images, win_masks, slot_of, free_slots, bs, n_bg,
+                      full_matrix, order, tiebreak, bg_labels, fixed_orders, mean, std, kdtype, dtype, kernels,
+                      kernel_backend, peer_counts)
+                admit()
+                if bar is not None and (time.monotonic() - last_bar >= 0.5 or not len(state.window)):
+                    last_bar = time.monotonic()
+                    _update_bar(bar, state, n_bg, last_bar - t_start, state.forwards - forwards_at_start)
+                if ckpt_path is not None and time.monotonic() - last_ckpt >= checkpoint_every and not state.complete:
+                    save_checkpoint()
+            if not sharing:
+                if not len(state.window):
+                    break
+                continue
+            # every rank makes the same sequence of collectives: one exchange every `share_every` iterations; a
+            # rank that has finished keeps iterating (without work) until every rank has
+            iteration += 1
+            if iteration % share_every:
+                continue
+            total = torch.as_tensor(state.pair_counts).clone()
+            active = torch.tensor([int(len(state.window) > 0)], dtype=torch.int64)
+            dist.all_reduce(total, "sum")
+            dist.all_reduce(active, "sum")
+            peer_counts = total.numpy() - state.pair_counts
+            syncs += 1
+            if int(active.item()) == 0:
+                break
     finally:
         feed.close()
         if bar is not None:
@@ -1052,6 +1083,7 @@ def run_challenge(
             "resumed": resumed,
             "checkpoints_written": checkpoints_written,
             "steps": int(state.steps),
+            "order_exchanges": syncs,
         },
     )
     if full_matrix and gallery_k > 0:
@@ -1089,7 +1121,7 @@ def _fmt_s(s: float) -> str:
 
 def _step(state: _State, predictor, pool, win_images, win_masks, slot_of, free_slots, bs: int, n_bg: int,
           full_matrix: bool, order: str, tiebreak, bg_labels, fixed_orders, mean, std, kdtype, dtype, kernels,
-          kernel_backend):
+          kernel_backend, peer_counts=None):
     """One forward batch: choose pairs, composite them on the device, classify, update the state."""
     win = state.window
     t = state.tried[win]
@@ -1112,7 +1144,11 @@ def _step(state: _State, predictor, pool, win_images, win_masks, slot_of, free_s
     sel = prio[fits]  # window rows, in priority order
     ks = np.minimum(ks[fits], bs - before[fits])
 
-    orders = _class_orders(state.pair_counts, tiebreak, bg_labels) if order == "adaptive" else fixed_orders
+    if order == "adaptive":
+        counts = state.pair_counts if peer_counts is None else state.pair_counts + peer_counts
+        orders = _class_orders(counts, tiebreak, bg_labels)
+    else:
+        orders = fixed_orders
     sel_cls = state.labels[win[sel]]
     rank_parts, row_parts, bg_parts = [], [], []
     for c in np.unique(sel_cls):

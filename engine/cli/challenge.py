@@ -48,6 +48,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="foregrounds searched at once (default 4 x batch size)")
     s.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     s.add_argument("--checkpoint-every", type=seconds, default=60.0, help="seconds between checkpoints")
+    s.add_argument("--share-every", type=int, default=8,
+                   help="under torchrun, adaptive order: exchange the ranks' fooling statistics every N search steps "
+                        "(0: never; the answer does not depend on it)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     r.add_argument("--backend", default="auto", help="decode backend: auto, dali, torchvision, pil")
@@ -85,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         split=split, geometry=geometry, backend=args.backend, device=device, seed=args.seed, fg_ids=fg_ids,
         bg_per_class=args.bg_per_class, batch_size=args.batch_size, fg_tile=args.fg_tile, order=args.order,
         full_matrix=args.full_matrix, store_predictions=args.store_predictions,
+        share_every=args.share_every,
         progress=args.progress and ctx.is_main,
     )
     if ctx.is_main:
