@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-__all__ = ["cpu_seconds", "Timer", "paper_strip", "paper_only_bg_t"]
+__all__ = ["cpu_seconds", "Timer", "paper_decode", "paper_strip", "paper_only_bg_t"]
 
 
 def cpu_seconds() -> float:
@@ -31,6 +31,27 @@ class Timer:
     def __exit__(self, *exc):
         self.wall = time.perf_counter() - self.w0
         self.cpu = cpu_seconds() - self.c0
+
+
+def paper_decode(rec, geometry):
+    """One image the reference way: PIL decode, bilinear resize, centre crop; mask and box through the same plan.
+
+    Returns:
+        ``(image uint8 [C, C, 3], mask bool [C, C], inclusive crop box)`` with ``(0, 0, -1, -1)`` for no box.
+    """
+    from PIL import Image
+
+    plan = geometry.plan(rec.height, rec.width)
+    with Image.open(rec.path) as im:
+        im = im.convert("RGB")
+        rh, rw = plan.resized
+        im = im.resize((rw, rh), Image.BILINEAR)
+        top, left = plan.offset
+        img = np.asarray(im.crop((left, top, left + plan.crop, top + plan.crop)))
+    m = rec.mask()
+    mask = plan.crop_mask(m).astype(bool) if m is not None else np.zeros(img.shape[:2], bool)
+    box = plan.box_to_crop(rec.union_box) if rec.union_box is not None else None
+    return img, mask, (0, 0, -1, -1) if box is None else box
 
 
 def paper_strip(box, h, w):

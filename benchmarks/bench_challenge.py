@@ -36,10 +36,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from _common import Timer  # noqa: E402  (benchmarks/_common.py: shared timing and paper reference)
+from _common import Timer, paper_decode, paper_only_bg_t  # noqa: E402  (benchmarks/_common.py: shared timing and paper reference)
 
 from engine.challenge import challenge_foregrounds, run_challenge  # noqa: E402
-from engine.geometry import CropGeometry, tile_strips  # noqa: E402
+from engine.geometry import CropGeometry  # noqa: E402
 from engine.index import DatasetIndex  # noqa: E402
 from engine.models import Predictor, load_model  # noqa: E402
 
@@ -47,36 +47,6 @@ REF_BATCH = 32
 
 
 # ----------------------------------------------------------------------------------------------- the reference loop
-def _decode(rec, geometry: CropGeometry) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """PIL decode, resize (bilinear), centre crop; mask and box through the same plan."""
-    from PIL import Image
-
-    plan = geometry.plan(rec.height, rec.width)
-    with Image.open(rec.path) as im:
-        im = im.convert("RGB")
-        rh, rw = plan.resized
-        im = im.resize((rw, rh), Image.BILINEAR)
-        top, left = plan.offset
-        img = np.array(im.crop((left, top, left + plan.crop, top + plan.crop)))
-    m = rec.mask()
-    mask = plan.crop_mask(m).astype(np.float32) if m is not None else np.zeros(img.shape[:2], np.float32)
-    box = plan.box_to_crop(rec.union_box) if rec.union_box is not None else None
-    return img, mask, (0, 0, -1, -1) if box is None else box
-
-
-def _only_bg_t(img: np.ndarray, box) -> np.ndarray | None:
-    """Only-BG-T of a decoded crop: the box filled with the tiled margin strip (PAPER.md's rule)."""
-    h, w = img.shape[:2]
-    sx, sy, tw, th = tile_strips(torch.tensor([box]), h, w)[0].tolist()
-    if tw == 0 or th == 0:
-        return None
-    x0, y0, x1, y1 = box
-    tiled = np.tile(img[sy : sy + th, sx : sx + tw], (h // th + 1, w // tw + 1, 1))[:h, :w]
-    out = img.copy()
-    out[y0 : y1 + 1, x0 : x1 + 1] = tiled[y0 : y1 + 1, x0 : x1 + 1]
-    return out
-
-
 def reference_challenge(index: DatasetIndex, fg_ids, bg_ids, model: torch.nn.Module, mean, std,
                         geometry: CropGeometry, device: torch.device) -> tuple[np.ndarray, int]:
     """The official method: per foreground, backgrounds re-decoded in fixed order, batches of 32, early stop.
@@ -90,14 +60,14 @@ def reference_challenge(index: DatasetIndex, fg_ids, bg_ids, model: torch.nn.Mod
     vulnerable = np.zeros(len(fg_ids), bool)
     forwards = 0
     for k, fid in enumerate(fg_ids):
-        img, mask, _ = _decode(index.record(fid), geometry)
+        img, mask, _ = paper_decode(index.record(fid), geometry)
         fg = torch.from_numpy(img).permute(2, 0, 1).float() / 255.0
-        mk = torch.from_numpy(mask)[None]
+        mk = torch.from_numpy(mask.astype(np.float32))[None]
         for start in range(0, len(bg_ids), REF_BATCH):
             bgs = []
             for bid in bg_ids[start : start + REF_BATCH]:  # decoded again for every foreground
-                b_img, _, b_box = _decode(index.record(bid), geometry)
-                bgs.append(torch.from_numpy(_only_bg_t(b_img, b_box)).permute(2, 0, 1))
+                b_img, _, b_box = paper_decode(index.record(bid), geometry)
+                bgs.append(torch.from_numpy(paper_only_bg_t(b_img, b_box)).permute(2, 0, 1))
             inp = torch.stack(bgs).float() / 255.0
             combined = inp * (1 - mk) + mk * fg
             with torch.inference_mode():

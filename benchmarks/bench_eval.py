@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from _common import Timer, paper_only_bg_t  # noqa: E402  (benchmarks/_common.py: shared timing and paper reference)
+from _common import Timer, paper_decode, paper_only_bg_t  # noqa: E402  (benchmarks/_common.py: shared timing and paper reference)
 
 from engine.classes import IN9_FOLDERS, IN9_MEAN, IN9_STD  # noqa: E402
 from engine.evaluate import VARIANT_ORDER, evaluate  # noqa: E402
@@ -49,22 +49,6 @@ from engine.models import LoadedModel, Predictor, create_model  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------- timing
 # ----------------------------------------------------------------------------------------------- reference export
-def _decode_crop(rec, geometry):
-    from PIL import Image
-
-    plan = geometry.plan(rec.height, rec.width)
-    with Image.open(rec.path) as im:
-        im = im.convert("RGB")
-        rh, rw = plan.resized
-        im = im.resize((rw, rh), Image.BILINEAR)
-        top, left = plan.offset
-        img = np.asarray(im.crop((left, top, left + plan.crop, top + plan.crop)))
-    mask = rec.mask()
-    mask = plan.crop_mask(mask).astype(bool) if mask is not None else np.zeros(img.shape[:2], bool)
-    box = plan.box_to_crop(rec.union_box) if rec.union_box is not None else None
-    return img, mask, (0, 0, -1, -1) if box is None else box
-
-
 def reference_export(index: DatasetIndex, geometry: CropGeometry, out: pathlib.Path, seed: int = 0) -> int:
     """Write all eight variants of every image as JPEG in the release layout, one image at a time."""
     from PIL import Image
@@ -78,7 +62,7 @@ def reference_export(index: DatasetIndex, geometry: CropGeometry, out: pathlib.P
     bgt_of: dict[int, pathlib.Path] = {}
     written = 0
     for rec in recs:  # pass 1: everything that needs only the image itself
-        img, mask, box = _decode_crop(rec, geometry)
+        img, mask, box = paper_decode(rec, geometry)
         stem, y = f"{rec.id:08d}", rec.label
         x0, y0, x1, y1 = box
         v = {"original": img, "no_fg": np.where(mask[..., None], 0, img).astype(np.uint8),
