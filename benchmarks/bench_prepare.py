@@ -102,9 +102,8 @@ def reference_one(img_path: str, xml_path: str, seed: int) -> np.ndarray | None:
     crop = resized[top : top + 224, left : left + 224]
     if crop.sum() > 0.9 * 224 * 224 or crop.sum() < 0.5 * resized.sum():
         return None
-    ys, xs = np.nonzero(crop)
-    if len(ys) and ys.min() == 0 and xs.min() == 0 and ys.max() == 223 and xs.max() == 223:
-        return None  # no margin left: no Only-BG-T
+    if x0 <= 0 and y0 <= 0 and x1 >= w - 1 and y1 >= h - 1:
+        return None  # no margin left in the full-resolution image: no Only-BG-T (prepare's default tiling="paper")
     # filter 5: GrabCut, 5 iterations, >= 10% of the box, up to 10 tries
     area = (x1 - x0 + 1) * (y1 - y0 + 1)
     for attempt in range(10):

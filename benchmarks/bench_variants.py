@@ -14,6 +14,12 @@ not timed. Warm-up first, then the median of ``--repeat`` runs, timed as this pr
 (``time.process_time``: with one thread it equals wall time on an idle machine, and it is robust to other load on a
 shared one).
 
+Paper vs crop tiling (``--tiling-images``, on by default): the paper's Only-BG-T is tiled on the stored image at
+full resolution and then resized (a second resize per image, done while decoding), the crop approximation tiles
+the decoded crop. Both are timed end to end from the JPEG files (decode + Only-BG-T), per decode backend, as
+wall time and CPU time, and as the one-time cost of building the resident background pool; the eval-throughput
+side is in ``bench_eval.py --tiling``.
+
 On CUDA (when present) it also measures the Triton path on device-resident data: composites/s of one fused
 Mixed-Rand composite (gather + select + normalise + bf16 + channels_last) and of Only-BG-T, and the achieved
 memory bandwidth (bytes read + written / time).
@@ -98,7 +104,9 @@ def load_batches(args) -> list[Batch]:
         index = load_builtin_index(small=True, progress=False).select(split="val")
         if args.images:
             index = index.select(ids=index.ids[: args.images])
-        return list(create_loader(index, backend="pil", geometry=geometry, batch_size=args.batch, prefetch=0))
+        # crop tiling: Only-BG-T is then made by the tiling kernel here (with paper tiling the decoder makes it)
+        return list(create_loader(index, backend="pil", geometry=geometry, batch_size=args.batch, prefetch=0,
+                                  tiling="crop"))
     g = torch.Generator().manual_seed(0)
     n, c = args.images or 256, args.crop
     batches = []
@@ -178,6 +186,53 @@ def bench_cuda(args) -> None:
         print(f"{name:<26}{b / tt:>14,.0f}{nbytes / tt / 1e9:>9.0f}{b / tr:>14,.0f}{tr / tt:>8.1f}x")
 
 
+# ----------------------------------------------------------------------------------------------- tiling
+def bench_tiling(args) -> None:
+    """Decode + Only-BG-T images/s with paper tiling vs crop tiling, per decode backend, and the pool build."""
+    import os
+
+    from _common import Timer
+
+    from engine.pipeline import available_backends, create_loader
+    from engine.pool import build_background_pool
+    from engine.sources.synthetic import load_builtin_index
+
+    geometry = CropGeometry(args.resize, args.crop)
+    index = load_builtin_index(small=True, progress=False).select(split="val")
+    if args.tiling_images:
+        index = index.select(ids=index.ids[: args.tiling_images])
+    n = len(index)
+
+    def run(backend, tiling):
+        loader = create_loader(index, backend=backend, geometry=geometry, batch_size=args.batch, tiling=tiling,
+                               num_threads=args.decode_threads)
+        for bt in loader:
+            synthesize(bt, ["only_bg_t"], backend="torch")
+        loader.close()
+
+    print(f"\npaper vs crop tiling: decode + Only-BG-T of {n} built-in val JPEGs ({args.resize} -> {args.crop}), "
+          f"{args.decode_threads} decode thread(s), median of {args.repeat}; load average "
+          f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    print(f"{'backend':<13}{'crop img/s':>11}{'paper img/s':>12}{'paper/crop':>11}{'crop CPU ms':>12}{'paper CPU ms':>13}")
+    for backend in [b for b in ("pil", "torchvision", "dali") if b in available_backends()]:
+        res = {}
+        for tiling in ("crop", "paper"):
+            run(backend, tiling)  # warm-up (DALI builds its pipeline)
+            walls, cpus = [], []
+            for _ in range(args.repeat):
+                with Timer() as t:
+                    run(backend, tiling)
+                walls.append(t.wall)
+                cpus.append(t.cpu)
+            res[tiling] = (statistics.median(walls), statistics.median(cpus))
+        (wc, cc), (wp, cp) = res["crop"], res["paper"]
+        print(f"{backend:<13}{n / wc:>11,.0f}{n / wp:>12,.0f}{wc / wp:>10.2f}x{1e3 * cc / n:>12.2f}{1e3 * cp / n:>13.2f}")
+    for tiling in ("crop", "paper"):
+        with Timer() as t:
+            pool = build_background_pool(index, geometry, backend="auto", tiling=tiling)
+        print(f"background pool ({tiling}): {len(pool)} images in {t.wall:.2f} s wall, {t.cpu:.2f} s CPU (once per run)")
+
+
 # ----------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -192,6 +247,10 @@ def main(argv=None) -> int:
     p.add_argument("--cuda-batch", type=int, default=512)
     p.add_argument("--cuda-pool", type=int, default=2048)
     p.add_argument("--no-cuda", action="store_true")
+    p.add_argument("--tiling-images", type=int, default=None,
+                   help="images for the paper-vs-crop tiling comparison (default: the small val split)")
+    p.add_argument("--decode-threads", type=int, default=2, help="decoder threads of the tiling comparison")
+    p.add_argument("--no-tiling", action="store_true", help="skip the paper-vs-crop tiling comparison")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -219,6 +278,8 @@ def main(argv=None) -> int:
         t_ref = _median_time(lambda: reference_run(names, samples, ref_pool, args.normalize), args.repeat)
         v = n * len(names)
         print(f"{row[0]:<12}{v / t_ours:>12,.0f}{v / t_ref:>17,.0f}{t_ref / t_ours:>7.1f}x")
+    if not args.no_tiling:
+        bench_tiling(args)
     if torch.cuda.is_available() and not args.no_cuda:
         bench_cuda(args)
     return 0

@@ -63,7 +63,7 @@ from torch import nn
 from .classes import IN9_MEAN, IN9_STD
 from .errors import ConfigError
 from .geometry import CropGeometry, tile_strips
-from .pipeline.batch import BackgroundPool, Batch
+from .pipeline.batch import TILINGS, BackgroundPool, Batch
 from .variants import background_pool_from_batch, choose_backgrounds, splitmix64
 
 __all__ = [
@@ -594,7 +594,9 @@ class BackgroundSwap(nn.Module):
         boxes: inclusive union boxes ``[B, 4]`` in the images' coordinates (needed for ``bg_source='batch'``
         unless ``strips`` and Only-BG-T are given otherwise); strips: ``[B, 4]`` Only-BG-T tiles (computed from
         ``boxes`` with :func:`engine.geometry.tile_strips` when ``None``); has_mask / has_bgt: ``bool [B]``
-        (derived when ``None``); epoch: the epoch the draws depend on; params: replay these instead of drawing.
+        (derived when ``None``); epoch: the epoch the draws depend on; params: replay these instead of drawing;
+        bgt: ``uint8 [B, 3, C, C]`` the samples' own Only-BG-T images for ``bg_source='batch'`` (the paper's
+        full-resolution tiling, ``Batch.bgt``); ``None``: tiled in the crop from ``boxes``/``strips``.
 
     Attributes:
         counts: ``int64 [len(AUGMENT_VARIANTS), 2]`` on the device: per variant, samples drawn and samples that
@@ -745,9 +747,14 @@ class BackgroundSwap(nn.Module):
     # ------------------------------------------------------------------------------------------ forward
     def apply_batch(self, batch: Batch, epoch: int = 0, params: AugmentParams | None = None) -> AugmentedBatch:
         """:meth:`forward` on a decoded :class:`~engine.pipeline.batch.Batch`."""
+        if self.bg_source == "batch" and self.needs_background and batch.tiling == "paper" and batch.bgt is None:
+            raise ConfigError(
+                "BackgroundSwap: bg_source='batch' with a tiling='paper' batch needs its Only-BG-T images "
+                "(decode with only_bg_t=True)"
+            )
         return self(
             batch.images, batch.masks, batch.labels, batch.image_ids, boxes=batch.boxes, strips=batch.strips,
-            has_mask=batch.has_mask, has_bgt=batch.has_bgt, epoch=epoch, params=params,
+            has_mask=batch.has_mask, has_bgt=batch.has_bgt, epoch=epoch, params=params, bgt=batch.bgt,
         )
 
     def forward(
@@ -762,6 +769,7 @@ class BackgroundSwap(nn.Module):
         has_bgt: torch.Tensor | None = None,
         epoch: int = 0,
         params: AugmentParams | None = None,
+        bgt: torch.Tensor | None = None,
     ) -> AugmentedBatch:
         import kernels
 
@@ -811,12 +819,15 @@ class BackgroundSwap(nn.Module):
             row, bg_ids, bg_labels = self._pool_rows(image_ids, labels, params)
             bg_images = self.pool.images if len(self.pool) > 0 else None
         elif self.bg_source == "batch" and self.needs_background:
-            if strips is None:
-                raise ConfigError("BackgroundSwap: bg_source='batch' needs boxes or strips to build the Only-BG-T")
-            if boxes is None:
-                raise ConfigError("BackgroundSwap: bg_source='batch' needs the union boxes (the region to tile)")
+            if bgt is not None:  # the paper's Only-BG-T, made by the decoder at full resolution
+                bg_images = _as_tensor(bgt, "bgt", torch.uint8, dev, (B, 3, H, W))
+            else:  # crop-space tiling
+                if strips is None:
+                    raise ConfigError("BackgroundSwap: bg_source='batch' needs boxes or strips to build the Only-BG-T")
+                if boxes is None:
+                    raise ConfigError("BackgroundSwap: bg_source='batch' needs the union boxes (the region to tile)")
+                bg_images = kernels.tile_fill(images, boxes, strips, backend=self.kernel_backend)
             row = self._batch_partners(labels, has_bgt, requested, params.bg_key.to(dev))
-            bg_images = kernels.tile_fill(images, boxes, strips, backend=self.kernel_backend)
             safe = row.clamp(min=0)
             bg_ids = torch.where(row >= 0, image_ids[safe], torch.full_like(row, -1))
             bg_labels = torch.where(row >= 0, labels[safe], torch.full_like(row, -1))
@@ -965,6 +976,7 @@ class TrainIterator:
         num_threads: int | None = None,
         progress: bool = False,
         kernel_backend: str = "auto",
+        tiling: str = "paper",
     ):
         from .distributed import shard_ids
         from .index import DatasetIndex
@@ -978,6 +990,9 @@ class TrainIterator:
                 raise ConfigError(f"TrainIterator: expected {name} to be an integer >= {lo}, got {v!r}")
         if cache not in (True, False, "auto"):
             raise ConfigError(f"TrainIterator: expected cache True, False or 'auto', got {cache!r}")
+        if tiling not in TILINGS:
+            raise ConfigError(f"TrainIterator: expected tiling in {TILINGS}, got {tiling!r}")
+        self.tiling = tiling
         self.geometry = CropGeometry() if geometry is None else geometry
         if not isinstance(self.geometry, CropGeometry):
             raise ConfigError(
@@ -1007,7 +1022,9 @@ class TrainIterator:
             flip=flip, scale=scale, ratio=ratio, bg_transform=bg_transform, mean=mean, std=std, dtype=dtype,
             channels_last=channels_last, kernel_backend=kernel_backend,
         )
-        need = len(self.ids) * 4 * self.geometry.crop**2
+        # bytes per cached image: crop + mask (+ the paper Only-BG-T crop when backgrounds come from the batch/cache)
+        self._bgt_needed = tiling == "paper" and self.swap.needs_background
+        need = len(self.ids) * (4 + 3 * self._bgt_needed) * self.geometry.crop**2
         self.cache = bool(cache) if cache != "auto" else need <= cache_limit_bytes
         self.store: Batch | None = None
         self.last: AugmentedBatch | None = None
@@ -1019,7 +1036,8 @@ class TrainIterator:
 
         return create_loader(
             self.index, backend=self.backend, geometry=self.geometry, batch_size=max(self.batch_size, 64),
-            device=self.device, ids=ids, num_threads=self.num_threads,
+            device=self.device, ids=ids, num_threads=self.num_threads, tiling=self.tiling,
+            only_bg_t=self._bgt_needed,
         )
 
     def _decode(self, ids: Sequence[int], desc: str) -> Batch | None:
@@ -1047,11 +1065,11 @@ class TrainIterator:
                 # the cache holds the whole split: its Only-BG-T rows are the pool (no second decode)
                 self.swap.pool = background_pool_from_batch(self.store, backend=self.kernel_backend)
             else:
-                from .pipeline import build_background_pool
+                from .pool import build_background_pool
 
                 self.swap.pool = build_background_pool(
                     self.index, geometry=self.geometry, backend=self.backend, device=self.device,
-                    num_threads=self.num_threads, progress=self.progress,
+                    num_threads=self.num_threads, progress=self.progress, tiling=self.tiling,
                 )
             if len(self.swap.pool) == 0:
                 warnings.warn(

@@ -60,8 +60,9 @@ import torch
 
 from .classes import IN9_CLASSES, NUM_IN9
 from .errors import CheckpointError, ConfigError
-from .geometry import CropGeometry
+from .geometry import CropGeometry, resolve_geometry
 from .index import DatasetIndex, atomic_write_bytes, atomic_write_json
+from .pipeline.batch import TILINGS
 
 __all__ = [
     "ORDERS",
@@ -670,8 +671,9 @@ class _ForegroundFeed:
         self._iter: Iterator | None = None
         self._loader = None
         if len(ids):
+            # foregrounds need no Only-BG-T of their own (only_bg_t=False spares the paper tiling's second resize)
             self._loader = create_loader(index, backend=backend, geometry=geometry, batch_size=batch_size,
-                                         device=device, ids=list(ids), require_mask=True)
+                                         device=device, ids=list(ids), require_mask=True, only_bg_t=False)
             self._iter = iter(self._loader)
         self._batch = None
         self._ids: list[int] = []
@@ -799,6 +801,7 @@ def run_challenge(
     gallery_k: int = 8,
     dist=None,
     share_every: int = 8,
+    tiling: str = "paper",
 ) -> ChallengeResult:
     """Run the Backgrounds Challenge for a model (see the module docstring for semantics and method).
 
@@ -837,6 +840,8 @@ def run_challenge(
         share_every: with several ranks and ``order='adaptive'``: every this many search steps the ranks sum their
             pair statistics, so each rank orders its backgrounds by what all ranks have learnt (0: never). The
             answer does not depend on it; the work and the fooling records do.
+        tiling: the backgrounds' Only-BG-T: ``"paper"`` (the authors' construction, tiled at full resolution)
+            or ``"crop"`` (the crop-space approximation); recorded in ``config['tiling']``.
 
     Returns:
         A :class:`ChallengeResult`.
@@ -852,6 +857,8 @@ def run_challenge(
         index = DatasetIndex.load(index)
     if order not in ORDERS:
         raise ConfigError(f"run_challenge: expected order in {ORDERS}, got {order!r}")
+    if tiling not in TILINGS:
+        raise ConfigError(f"run_challenge: expected tiling in {TILINGS}, got {tiling!r}")
     if not isinstance(checkpoint_every, (int, float)) or checkpoint_every < 0:
         raise ConfigError(f"run_challenge: expected checkpoint_every >= 0 seconds, got {checkpoint_every!r}")
     if resume and checkpoint is None:
@@ -871,14 +878,14 @@ def run_challenge(
     tile = 4 * bs if fg_tile is None else fg_tile
     if not isinstance(tile, int) or isinstance(tile, bool) or tile < 1:
         raise ConfigError(f"run_challenge: expected fg_tile to be a positive integer, got {fg_tile!r}")
-    if geometry is None:
-        g = getattr(getattr(predictor, "loaded", None), "geometry", None)
-        geometry = CropGeometry(int(g["resize"]), int(g["crop"])) if g else CropGeometry()
+    loaded = getattr(predictor, "loaded", None)
+    geometry, geometry_source = resolve_geometry(geometry, getattr(loaded, "geometry", None),
+                                                 (getattr(loaded, "provenance", None) or {}).get("file"))
     if full_matrix:
         order = "reference"
 
     # ----------------------------------------------------------------------------------- data
-    from .pipeline import build_background_pool
+    from .pool import build_background_pool
 
     fg_all = challenge_foregrounds(index, split, fg_ids)
     fg_list = np.asarray(_shard(fg_all, shard_id, num_shards), np.int64)
@@ -888,10 +895,11 @@ def run_challenge(
         from .distributed import build_background_pool_sharded
 
         pool = build_background_pool_sharded(index, dist, geometry=geometry, backend=backend, device=device,
-                                             split=split, per_class=bg_per_class, seed=seed, progress=progress)
+                                             split=split, per_class=bg_per_class, seed=seed, progress=progress,
+                                             tiling=tiling)
     else:
         pool = build_background_pool(index, geometry=geometry, backend=backend, device=device, split=split,
-                                     per_class=bg_per_class, seed=seed, progress=progress)
+                                     per_class=bg_per_class, seed=seed, progress=progress, tiling=tiling)
     n_bg = len(pool)
     if n_bg == 0:
         raise ConfigError(f"run_challenge: no Only-BG-T background in split {split!r} of {index!r}")
@@ -905,7 +913,9 @@ def run_challenge(
         raise ConfigError(f"run_challenge: expected share_every >= 0, got {share_every}")
     sharing = bool(dist is not None and dist.enabled and order == "adaptive" and not full_matrix and share_every > 0)
     config = {
-        "split": split, "geometry": geometry.to_dict(), "order": order, "full_matrix": bool(full_matrix),
+        "split": split, "geometry": geometry.to_dict(), "geometry_source": geometry_source, "tiling": tiling,
+        "order": order,
+        "full_matrix": bool(full_matrix),
         "store_predictions": bool(store_predictions), "batch_size": bs, "fg_tile": tile, "seed": int(seed),
         "bg_per_class": bg_per_class, "shard_id": int(shard_id), "num_shards": int(num_shards),
         "foregrounds_digest": _ids_digest(fg_list), "backgrounds_digest": _ids_digest(bg_ids),

@@ -3,8 +3,9 @@
 Steps (each cached, so a re-run only redoes what changed):
 
 1. build the built-in IN-9-like dataset (:func:`engine.sources.synthetic.build_builtin_dataset`);
-2. masks and the paper's selection filters (:func:`engine.masks.prepare`; the built-in masks are the true ones,
-   so only the filters run);
+2. the paper's selection filters (:func:`engine.masks.prepare` with its defaults: every filter on, applied to
+   every image; the built-in masks are the true ones and are kept, so no GrabCut runs; e.g. the images with two
+   objects are dropped);
 3. train the demo CNN on the Original train split (:func:`engine.train.train`);
 4. evaluate all eight variants on val in one pass (:func:`engine.evaluate.evaluate_to_dir`);
 5. the Backgrounds Challenge on val (:func:`engine.challenge.run_challenge`);
@@ -100,6 +101,7 @@ def run_demo(
     progress: bool = True,
     force: bool = False,
     dataset: dict | None = None,
+    tiling: str = "paper",
 ) -> DemoResult:
     """Run the whole demo (see the module docstring) and write ``<out_dir>/report.md``.
 
@@ -116,6 +118,8 @@ def run_demo(
         force: ignore the caches of the prepared index and the model.
         dataset: extra arguments of :func:`~engine.sources.synthetic.build_builtin_dataset` (e.g. a smaller
             ``train_per_class`` / ``val_per_class``).
+        tiling: Only-BG-T construction everywhere (filters, evaluation, challenge, training backgrounds):
+            ``"paper"`` (the authors' full-resolution tiling) or ``"crop"`` (the crop-space approximation).
     """
     from . import masks, train as train_mod
     from .challenge import challenge_foregrounds, run_challenge
@@ -138,15 +142,25 @@ def run_demo(
     step("1/5 built-in dataset")
     raw_index = build_builtin_dataset(root=cache, seed=seed, progress=progress, **(dataset or {}))
 
-    step("2/5 masks and the paper's selection filters")
-    prep_key = _key(index=str(raw_index), geometry=geometry.to_dict(), v=1)
+    step("2/5 the paper's selection filters on every image (true masks kept, no GrabCut needed)")
+    filters = masks.SelectionFilters()  # every filter on; Only-BG-T margin per ``tiling``
+    # v=2: indexes cached before the filters applied to images with masks (v=1) are not reused
+    prep_key = _key(index=str(raw_index), geometry=geometry.to_dict(), filters=filters.to_dict(), tiling=tiling,
+                    v=2)
     prepared = raw_index.parent / f"prepared-{prep_key}.json"
     if prepared.exists() and not force:
         index = DatasetIndex.load(prepared)
     else:
-        index = masks.prepare(raw_index, out=prepared, geometry=geometry, seed=seed, progress=progress)
+        index = masks.prepare(raw_index, out=prepared, geometry=geometry, filters=filters, tiling=tiling, seed=seed,
+                              progress=progress)
     summ = index.summary()
-    step(f"    {summ['images']} images kept ({summ['per_split']}), rejects: {summ['rejects']}")
+    prep = index.data["info"]["prepare"]
+    dropped = prep["filtered"]
+    step(f"    {summ['images']} of {prep['input_images']} images kept ({summ['per_split']}); the selection filters "
+         f"({', '.join(prep['filters_enabled'])}) dropped {sum(dropped.values())}: {dropped or 'none'}")
+    other = {k: v for k, v in summ["rejects"].items() if k not in dropped}
+    if other:
+        step(f"    other rejects: {other}")
 
     step("3/5 demo model (trained on Original train)")
     ckpt_key = _key(index=prep_key, seed=seed, epochs=epochs, geometry=geometry.to_dict(), v=1)
@@ -164,7 +178,7 @@ def run_demo(
     step("4/5 evaluation of all eight variants on val (one pass)")
     eval_result, _files = evaluate_to_dir(index, predictor, out_dir / "eval", split="val", seed=seed,
                                           geometry=geometry, device=device, backend=backend, progress=progress,
-                                          name="demo model (Original)")
+                                          name="demo model (Original)", tiling=tiling)
 
     chal = None
     if challenge:
@@ -175,14 +189,14 @@ def run_demo(
             ckpt_path.unlink(missing_ok=True)
         chal = run_challenge(index, predictor, split="val", geometry=geometry, device=device, seed=seed,
                              fg_ids=fg_ids, bg_per_class=challenge_bg_per_class, backend=backend, progress=progress,
-                             checkpoint=ckpt_path, resume=ckpt_path.exists())
+                             checkpoint=ckpt_path, resume=ckpt_path.exists(), tiling=tiling)
         chal.save(out_dir / "challenge")
         ckpt_path.unlink(missing_ok=True)  # the finished result is in challenge.json
 
     from .report.sheets import show_index
 
     show_index(index, out_dir / "variants.png", n=9, per_class=True, split="val", seed=seed,
-               resize=geometry.resize, crop=geometry.crop, tile=96, backend=backend)
+               resize=geometry.resize, crop=geometry.crop, tile=96, backend=backend, tiling=tiling)
     show_index(index, out_dir / "decoded.png", n=9, per_class=True, split="val", seed=seed,
                resize=geometry.resize, crop=geometry.crop, tile=96, decoded=True, backend=backend)
 
@@ -192,7 +206,7 @@ def run_demo(
         kw = {} if epochs is None else {"epochs": epochs}
         comparison = train_mod.compare_training(
             index, out_dir / "compare-training", seed=seed, geometry=geometry, device=device, progress=progress,
-            challenge=challenge,
+            challenge=challenge, tiling=tiling,
             challenge_kwargs={"bg_per_class": challenge_bg_per_class,
                               "fg_ids": challenge_foregrounds(index, "val", fg_per_class=challenge_fg_per_class,
                                                               seed=seed)},

@@ -419,7 +419,7 @@ def build_background_pool_sharded(
             ``progress`` (shown on rank 0 only).
     """
     from .index import DatasetIndex
-    from .pipeline import build_background_pool
+    from .pool import build_background_pool
     from .pipeline.batch import BackgroundPool
 
     ctx = current() if ctx is None else ctx

@@ -46,7 +46,8 @@ import torch
 
 from .classes import IN9_CLASSES, NUM_IN9
 from .errors import ConfigError
-from .geometry import CropGeometry
+from .geometry import CropGeometry, resolve_geometry
+from .pipeline.batch import TILINGS
 
 __all__ = [
     "SCHEMA",
@@ -510,19 +511,10 @@ def _pick_examples(records: EvalRecords, per_class: int) -> dict:
     return {"per_class": int(per_class), "image_ids": [int(i) for i in ids]}
 
 
-def _resolve_geometry(geometry, predictor) -> CropGeometry:
-    if geometry is None:
-        g = getattr(predictor.loaded, "geometry", None)
-        if isinstance(g, Mapping) and "resize" in g and "crop" in g:
-            return CropGeometry(int(g["resize"]), int(g["crop"]))
-        return CropGeometry()
-    if isinstance(geometry, CropGeometry):
-        return geometry
-    if isinstance(geometry, Mapping):
-        return CropGeometry(int(geometry["resize"]), int(geometry["crop"]))
-    if isinstance(geometry, (tuple, list)) and len(geometry) == 2:
-        return CropGeometry(int(geometry[0]), int(geometry[1]))
-    raise ConfigError(f"expected geometry as CropGeometry, {{'resize', 'crop'}} or (resize, crop), got {geometry!r}")
+def _resolve_geometry(geometry, predictor) -> tuple[CropGeometry, str]:
+    loaded = getattr(predictor, "loaded", None)
+    return resolve_geometry(geometry, getattr(loaded, "geometry", None),
+                            (getattr(loaded, "provenance", None) or {}).get("file"))
 
 
 def _synthesize(batch, names, pool, seed, predictor):
@@ -566,6 +558,7 @@ def evaluate(
     cache_bytes: int | None = None,
     prefetch: int = 2,
     dist=None,
+    tiling: str = "paper",
 ) -> EvalResult:
     """Evaluate a model on all requested variants of a split in one pass over the data.
 
@@ -599,6 +592,9 @@ def evaluate(
             from all shards (each JPEG is decoded by one rank), the per-composite records are gathered, and every
             rank returns the merged result, identical in records and metrics to a single-process run (contact-sheet
             composites are rendered on rank 0 only; ``timing['ranks']`` holds the per-rank figures).
+        tiling: Only-BG-T (and so every Mixed-* background) as the paper made it, ``"paper"`` (tiled at full
+            resolution, then resized and cropped), or the crop-space approximation ``"crop"``; recorded in
+            ``config['tiling']``.
 
     Returns:
         An :class:`EvalResult`.
@@ -634,7 +630,9 @@ def evaluate(
         ctx = DistContext.single()  # a manual shard (or one process): no collectives
     progress = bool(progress) and ctx.is_main
     names = resolve_variants(variants)
-    geom = _resolve_geometry(geometry, predictor)
+    if tiling not in TILINGS:
+        raise ConfigError(f"evaluate: expected tiling in {TILINGS}, got {tiling!r}")
+    geom, geom_source = _resolve_geometry(geometry, predictor)
     forwards0, backoffs0 = predictor.forwards, predictor.oom_backoffs
 
     sub = index.select(split=split) if split is not None else index
@@ -665,7 +663,7 @@ def evaluate(
 
         tp = time.perf_counter()
         pool = build_background_pool_sharded(sub, ctx, geometry=geom, backend=backend, device=dev,
-                                             progress=progress)
+                                             progress=progress, tiling=tiling)
         t_pool = time.perf_counter() - tp
     if pool is not None:
         pool = pool.to(dev)
@@ -673,7 +671,8 @@ def evaluate(
     from .pipeline import create_loader
 
     loader = create_loader(sub, backend=backend, geometry=geom, batch_size=batch_size, device=dev,
-                           shard_id=shard_id, num_shards=num_shards, prefetch=prefetch)
+                           shard_id=shard_id, num_shards=num_shards, prefetch=prefetch, tiling=tiling,
+                           only_bg_t="only_bg_t" in names or two_phase)
     bar = _progress(progress, n_img * len(names), f"eval {len(names)} variants")
     chunks: dict[str, list[tuple]] = {v: [] for v in names}
     meta: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -749,7 +748,7 @@ def evaluate(
     if examples["image_ids"] and ctx.is_main:
         try:
             example_images = _example_composites(sub, examples["image_ids"], names, pool, seed, geom, backend, dev,
-                                                 records)
+                                                 records, tiling)
         except Exception as e:  # noqa: BLE001 - examples are illustrative; never lose a finished run over them
             warnings.warn(f"could not render example composites for the report ({type(e).__name__}: {e})", stacklevel=2)
 
@@ -768,6 +767,8 @@ def evaluate(
             "per_class": per_class,
             "seed": int(seed),
             "geometry": geom.to_dict(),
+            "geometry_source": geom_source,
+            "tiling": tiling,
             "backend": getattr(loader, "name", backend),
             "device": str(dev),
             "batch_size": int(batch_size),
@@ -845,13 +846,13 @@ def _collect(chunks, meta, names, seed) -> EvalRecords:
     return EvalRecords(tuple(names), int(seed), *(np.concatenate(cols[c]) for c in RECORD_COLUMNS)).sorted()
 
 
-def _example_composites(sub, ids, names, pool, seed, geom, backend, dev, records: EvalRecords) -> dict:
+def _example_composites(sub, ids, names, pool, seed, geom, backend, dev, records: EvalRecords, tiling) -> dict:
     """uint8 composites of a few images for the contact sheet, with their records (predictions)."""
     from .pipeline import create_loader
     from .variants import synthesize
 
     loader = create_loader(sub, backend=backend, geometry=geom, batch_size=max(1, len(ids)), device=dev,
-                           ids=list(ids), prefetch=0)
+                           ids=list(ids), prefetch=0, tiling=tiling)
     batches = list(loader)
     if not batches:
         return {}

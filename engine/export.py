@@ -3,7 +3,8 @@
 Layout (PAPER.md), under ``out_dir``::
 
     <variant>/<split>/<NN_name>/<stem>.JPEG     one folder per variant: original, only_bg_b, only_bg_t, no_fg,
-                                                only_fg, mixed_same, mixed_rand, mixed_next
+                                                only_fg, mixed_same, mixed_rand, mixed_next (``.png`` with
+                                                ``image_format="png"``: lossless, see below)
     fg_mask/<split>/<NN_name>/<stem>.npy        the foreground mask, uint8 0/1 at the crop's size
     backgrounds.csv                              the background each Mixed-* image used
     manifest.json                                parameters, counts and the images left out (with reasons)
@@ -11,6 +12,12 @@ Layout (PAPER.md), under ``out_dir``::
 ``<split>`` is the index's split name (the release has ``val``); ``<NN_name>`` the IN-9 class folder
 (``00_dog`` .. ``08_fish``; two contain a space, as released). Images are the crops the model sees
 (:class:`~engine.geometry.CropGeometry`), so, as in the release, a reader applies only ``ToTensor``.
+
+* **Format**: JPEG (default, as released; quality in the manifest) or PNG (``image_format="png"``): lossless, so a
+  tool that reads the export (e.g. the official evaluation code) sees exactly the pixels ``bgsynth eval`` feeds
+  the model in memory, and gives the same predictions.
+* **Tiling**: Only-BG-T and the Mixed-* backgrounds follow ``tiling`` (``"paper"``: the authors' full-resolution
+  construction, the default; ``"crop"``: the crop-space approximation); recorded in the manifest.
 
 * **File names** are the source file's stem made safe: the base name only (no folders, no ``..``), characters
   outside ``[A-Za-z0-9._-]`` replaced by ``_``, no leading dot; stems that would collide in one class folder get
@@ -40,10 +47,10 @@ from .classes import IN9_FOLDERS, NUM_IN9
 from .errors import ConfigError
 from .geometry import CropGeometry
 from .index import DatasetIndex, atomic_write_bytes, atomic_write_json
-from .pipeline.batch import BackgroundPool
+from .pipeline.batch import TILINGS, BackgroundPool
 from .variants import MIXED_VARIANTS, VARIANTS, choose_backgrounds, resolve_variants, synthesize
 
-__all__ = ["export", "ExportResult", "safe_stem", "release_paths", "MASK_FOLDER"]
+__all__ = ["export", "ExportResult", "safe_stem", "release_paths", "MASK_FOLDER", "IMAGE_FORMATS"]
 
 MASK_FOLDER = "fg_mask"
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -107,9 +114,9 @@ def release_paths(index: DatasetIndex, ids: Iterable[int]) -> dict[int, tuple[st
     return entries
 
 
-def _variant_file(out: pathlib.Path, variant: str, where: tuple[str, str, str]) -> pathlib.Path:
+def _variant_file(out: pathlib.Path, variant: str, where: tuple[str, str, str], ext: str = ".JPEG") -> pathlib.Path:
     split, folder, stem = where
-    return out / variant / split / folder / f"{stem}.JPEG"
+    return out / variant / split / folder / f"{stem}{ext}"
 
 
 def _mask_file(out: pathlib.Path, where: tuple[str, str, str]) -> pathlib.Path:
@@ -117,11 +124,17 @@ def _mask_file(out: pathlib.Path, where: tuple[str, str, str]) -> pathlib.Path:
     return out / MASK_FOLDER / split / folder / f"{stem}.npy"
 
 
-def _jpeg_bytes(hwc: np.ndarray, quality: int) -> bytes:
+IMAGE_FORMATS = {"jpeg": ".JPEG", "png": ".png"}
+
+
+def _image_bytes(hwc: np.ndarray, image_format: str, quality: int) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(hwc).save(buf, format="JPEG", quality=quality)
+    if image_format == "png":
+        Image.fromarray(hwc).save(buf, format="PNG", compress_level=1)  # lossless; level 1 is the fast one
+    else:
+        Image.fromarray(hwc).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
@@ -149,6 +162,8 @@ def export(
     masks: bool = True,
     num_threads: int | None = None,
     progress: bool = True,
+    image_format: str = "jpeg",
+    tiling: str = "paper",
 ) -> ExportResult:
     """Write the variants of an index in the IN-9 release layout (see the module docstring).
 
@@ -171,6 +186,9 @@ def export(
         masks: also write ``fg_mask/`` (images without a mask are then left out).
         num_threads: JPEG encoding/decoding threads (default ``min(8, cpu_count)``).
         progress: show a progress bar.
+        image_format: ``"jpeg"`` (``<stem>.JPEG`` at ``jpeg_quality``, as released) or ``"png"`` (``<stem>.png``,
+            lossless).
+        tiling: ``"paper"`` or ``"crop"`` Only-BG-T (see the module docstring).
 
     Returns:
         An :class:`ExportResult`.
@@ -178,13 +196,19 @@ def export(
     Raises:
         ConfigError: bad arguments (unknown variant, quality out of range, non-IN-9 labels).
     """
-    from .pipeline import build_background_pool, create_loader
+    from .pipeline import create_loader
+    from .pool import build_background_pool
 
     if not isinstance(index, DatasetIndex):
         index = DatasetIndex.load(index)
     names = resolve_variants(variants)
     if isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, int) or not 1 <= jpeg_quality <= 100:
         raise ConfigError(f"export: expected jpeg_quality an integer in 1..100, got {jpeg_quality!r}")
+    if image_format not in IMAGE_FORMATS:
+        raise ConfigError(f"export: expected image_format in {tuple(IMAGE_FORMATS)}, got {image_format!r}")
+    if tiling not in TILINGS:
+        raise ConfigError(f"export: expected tiling in {TILINGS}, got {tiling!r}")
+    ext = IMAGE_FORMATS[image_format]
     geometry = CropGeometry() if geometry is None else geometry
     out = pathlib.Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -195,12 +219,12 @@ def export(
     need_pool = any(n in MIXED_VARIANTS for n in names)
     if need_pool and pool is None:
         pool = build_background_pool(sub, geometry=geometry, backend=backend, device=dev, batch_size=batch_size,
-                                     num_threads=threads, progress=progress)
+                                     num_threads=threads, progress=progress, tiling=tiling)
     if pool is not None:
         pool = pool.to(dev)
 
     def files_of(i: int) -> list[pathlib.Path]:
-        fs = [_variant_file(out, n, where[i]) for n in names]
+        fs = [_variant_file(out, n, where[i], ext) for n in names]
         return fs + ([_mask_file(out, where[i])] if masks else [])
 
     todo = [i for i in sub.ids if not (resume and all(f.exists() for f in files_of(i)))]
@@ -228,7 +252,7 @@ def export(
     try:
         if todo:
             loader = create_loader(sub, backend=backend, geometry=geometry, batch_size=batch_size, device=dev,
-                                   ids=todo, num_threads=threads)
+                                   ids=todo, num_threads=threads, tiling=tiling, only_bg_t="only_bg_t" in names)
             try:
                 for batch in loader:
                     outs = synthesize(batch, names, pool=pool, seed=seed, backend=kernel_backend)
@@ -244,8 +268,8 @@ def export(
                             continue
                         for n in names:
                             if valid[n][k]:
-                                f = _variant_file(out, n, where[i])
-                                pending.append(pool_exec.submit(_write, f, host[n][k], jpeg_quality))
+                                f = _variant_file(out, n, where[i], ext)
+                                pending.append(pool_exec.submit(_write, f, host[n][k], image_format, jpeg_quality))
                         if masks and has_mask[k]:
                             f = _mask_file(out, where[i])
                             pending.append(pool_exec.submit(_write_mask, f, mask_np[k]))
@@ -270,20 +294,22 @@ def export(
     else:
         exported = [i for i in sub.ids if any(f.exists() for f in files_of(i))]
     bg_csv = out / "backgrounds.csv"
-    _write_backgrounds(bg_csv, sub, exported, names, pool, seed, where, out)
-    counts = {n: _count(out / n) for n in names}
+    _write_backgrounds(bg_csv, sub, exported, names, pool, seed, where, out, ext)
+    counts = {n: _count(out / n, f"*{ext}") for n in names}
     if masks:
         counts[MASK_FOLDER] = _count(out / MASK_FOLDER, "*.npy")
     manifest = out / "manifest.json"
     atomic_write_json(manifest, {
         "format": "bgsynth-export",
-        "layout": "<variant>/<split>/<NN_name>/<stem>.JPEG; fg_mask/<split>/<NN_name>/<stem>.npy",
+        "layout": f"<variant>/<split>/<NN_name>/<stem>{ext}; fg_mask/<split>/<NN_name>/<stem>.npy",
         "index": str(index.path) if index.path else None,
         "variants": names,
         "display_names": {n: VARIANTS[n].display for n in names},
         "seed": int(seed),
-        "jpeg_quality": jpeg_quality,
+        "image_format": image_format,
+        "jpeg_quality": jpeg_quality if image_format == "jpeg" else None,
         "geometry": geometry.to_dict(),
+        "tiling": tiling,
         "split": split,
         "consistent": consistent,
         "images": len(exported),
@@ -295,8 +321,8 @@ def export(
     return ExportResult(out, len(exported), written, excluded, counts, manifest, bg_csv)
 
 
-def _write(path: pathlib.Path, hwc: np.ndarray, quality: int) -> None:
-    atomic_write_bytes(path, _jpeg_bytes(hwc, quality))
+def _write(path: pathlib.Path, hwc: np.ndarray, image_format: str, quality: int) -> None:
+    atomic_write_bytes(path, _image_bytes(hwc, image_format, quality))
 
 
 def _write_mask(path: pathlib.Path, mask: np.ndarray) -> None:
@@ -313,7 +339,8 @@ def _count(folder: pathlib.Path, pattern: str = "*.JPEG") -> int:
     return sum(1 for _ in folder.rglob(pattern)) if folder.is_dir() else 0
 
 
-def _write_backgrounds(path, index: DatasetIndex, ids: list[int], names: list[str], pool, seed: int, where, out):
+def _write_backgrounds(path, index: DatasetIndex, ids: list[int], names: list[str], pool, seed: int, where, out,
+                       ext: str):
     """``backgrounds.csv``: variant, image, its file, the background image id/label/file (Mixed-* only)."""
     rows = []
     mixed = [n for n in names if n in MIXED_VARIANTS]
@@ -324,7 +351,7 @@ def _write_backgrounds(path, index: DatasetIndex, ids: list[int], names: list[st
         for n in mixed:
             _, bg_ids, bg_labels = choose_backgrounds(t_ids, t_lab, n, pool, seed)
             for i, b, bl in zip(ids, bg_ids.cpu().tolist(), bg_labels.cpu().tolist()):
-                f = _variant_file(out, n, where[i])
+                f = _variant_file(out, n, where[i], ext)
                 if not f.exists():
                     continue
                 bg_file = index.image(b).get("file_name", "") if b >= 0 and _has(index, b) else ""

@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 
 from .errors import ConfigError
 
-__all__ = ["CropGeometry", "CropPlan", "nearest_map", "tile_strips"]
+__all__ = ["CropGeometry", "CropPlan", "nearest_map", "resolve_geometry", "tile_strips"]
 
 
 def nearest_map(src: int, dst: int) -> np.ndarray:
@@ -67,6 +69,43 @@ class CropGeometry:
 
     def to_dict(self) -> dict:
         return {"resize": self.resize, "crop": self.crop}
+
+
+def resolve_geometry(geometry=None, stored: Mapping | None = None, checkpoint: str | None = None
+                     ) -> tuple[CropGeometry, str]:
+    """The crop geometry of a run, and where it came from: ``'arguments'``, ``'checkpoint'`` or ``'default'``.
+
+    Args:
+        geometry: what the caller asked for: a :class:`CropGeometry`, ``{'resize', 'crop'}``, ``(resize, crop)``
+            or ``None``.
+        stored: the geometry saved with the model's checkpoint (``{'resize', 'crop'}``) or ``None``.
+        checkpoint: the checkpoint file, named in the warning when a file without a geometry falls back to the
+            default (the official release's checkpoints, plain state_dicts and TorchScript files carry none, and
+            the model may have been trained at another size).
+
+    >>> resolve_geometry(None, {"resize": 72, "crop": 64})
+    (CropGeometry(resize=72, crop=64), 'checkpoint')
+    >>> resolve_geometry((128, 112))
+    (CropGeometry(resize=128, crop=112), 'arguments')
+    """
+    if geometry is None:
+        if isinstance(stored, Mapping) and "resize" in stored and "crop" in stored:
+            return CropGeometry(int(stored["resize"]), int(stored["crop"])), "checkpoint"
+        default = CropGeometry()
+        if checkpoint:
+            warnings.warn(
+                f"{checkpoint}: the checkpoint carries no crop geometry; using the default resize {default.resize} / "
+                f"crop {default.crop} (give --resize/--crop to change it)",
+                stacklevel=3,
+            )
+        return default, "default"
+    if isinstance(geometry, CropGeometry):
+        return geometry, "arguments"
+    if isinstance(geometry, Mapping) and "resize" in geometry and "crop" in geometry:
+        return CropGeometry(int(geometry["resize"]), int(geometry["crop"])), "arguments"
+    if isinstance(geometry, (tuple, list)) and len(geometry) == 2:
+        return CropGeometry(int(geometry[0]), int(geometry[1])), "arguments"
+    raise ConfigError(f"expected geometry as CropGeometry, {{'resize', 'crop'}} or (resize, crop), got {geometry!r}")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -170,7 +209,7 @@ class CropPlan:
         return 0.0 if full == 0 else self.box_area(self.box_to_crop(box)) / float(full)
 
 
-def tile_strips(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def tile_strips(boxes: torch.Tensor, height, width) -> torch.Tensor:
     """The paper's Only-BG-T strip rule, batched and branchless.
 
     For each inclusive box ``(x0, y0, x1, y1)`` in an image of ``height`` x ``width``: the left strip is
@@ -182,7 +221,8 @@ def tile_strips(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
     Args:
         boxes: ``[B, 4]`` integer tensor of inclusive boxes.
-        height, width: image size the boxes live in.
+        height, width: image size the boxes live in: integers (one size for the batch, e.g. the crop) or
+            integer tensors ``[B]`` (each image's stored size, for the paper's full-resolution tiling).
 
     Returns:
         ``int32 [B, 4]`` tile rectangles ``(sx0, sy0, tw, th)``; the tiled value at ``(y, x)`` is the image pixel
@@ -190,12 +230,15 @@ def tile_strips(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
     >>> tile_strips(torch.tensor([[10, 0, 19, 9]]), 10, 30).tolist()   # right strip is wider
     [[19, 0, 11, 10]]
+    >>> tile_strips(torch.tensor([[0, 2, 9, 5], [0, 0, 9, 9]]), torch.tensor([8, 10]), torch.tensor([10, 10])).tolist()
+    [[0, 5, 10, 3], [0, 0, 0, 0]]
     """
     if boxes.ndim != 2 or boxes.shape[-1] != 4:
         raise ConfigError(f"tile_strips: expected boxes of shape [B, 4], got {tuple(boxes.shape)}")
     b = boxes.to(torch.int64)
     x0, y0, x1, y1 = b.unbind(-1)
-    H, W = int(height), int(width)
+    H = torch.as_tensor(height, dtype=torch.int64, device=b.device).expand_as(x0)
+    W = torch.as_tensor(width, dtype=torch.int64, device=b.device).expand_as(x0)
     present = (x1 >= x0) & (y1 >= y0)
     margin = (x0 > 0) | (y0 > 0) | (x1 < W - 1) | (y1 < H - 1)
     ok = present & margin
@@ -204,8 +247,8 @@ def tile_strips(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     pick_left = left > right
     pick_top = top > bottom
     zeros = torch.zeros_like(x0)
-    full_h = torch.full_like(x0, H)
-    full_w = torch.full_like(x0, W)
+    full_h = H.clone()
+    full_w = W.clone()
     lr = torch.stack(
         [torch.where(pick_left, zeros, x1), zeros, torch.where(pick_left, left, right), full_h], dim=-1
     )

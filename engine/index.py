@@ -72,6 +72,8 @@ class Reject:
     BOX_OUTSIDE_CROP = "box_outside_crop"
     NO_BGT_MARGIN = "no_bgt_margin"
     GRABCUT_FAILED = "grabcut_failed"
+    MASK_TOO_SMALL = "mask_too_small"
+    BOX_MASK_MISMATCH = "box_mask_mismatch"
     DECODE_FAILED = "decode_failed"
 
 

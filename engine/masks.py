@@ -2,7 +2,9 @@
 
 This is the ``prepare`` stage of the engine (DESIGN.md): it takes a dataset index whose images carry boxes, drops
 the images the paper's generation script would drop (PAPER.md, "How an image enters the set"), and fills in a
-foreground mask for every survivor with GrabCut seeded by the box.
+foreground mask for every survivor with GrabCut seeded by the box. The selection filters apply to every image,
+whatever its mask source (none, released, synthetic, external, grabcut), unless they are switched off explicitly
+(:meth:`SelectionFilters.off`, or one filter at a time).
 
 Three layers, each usable on its own:
 
@@ -48,6 +50,8 @@ from .geometry import CropGeometry, nearest_map
 from .index import DatasetIndex, Reject, atomic_write_bytes, rle_decode, rle_encode
 
 __all__ = [
+    "TILINGS",
+    "FILTER_REASONS",
     "SelectionFilters",
     "check_selection",
     "check_selection_many",
@@ -67,13 +71,31 @@ _QUANTILES = (0.05, 0.10, 0.25, 0.50, 0.75, 0.90, 0.95)
 
 
 # ==============================================================================================================
-# Selection filters (the paper's rules 2-4 plus "Only-BG-T possible")
+# Selection filters (the paper's rules 2-5 plus "Only-BG-T possible")
 # ==============================================================================================================
+
+#: How Only-BG-T is built, which decides when an image has none (the ``bgt_margin`` filter). ``"paper"``: the strip
+#: rule on the stored image's full-resolution margins (PAPER.md; the engine's default); ``"crop"``: the strip rule on
+#: the crop-space box inside the crop (the faster approximation).
+TILINGS = ("paper", "crop")
+
+#: Reject reasons that come from a selection filter (counted in ``info.prepare.filtered``); every other reject
+#: reason of :func:`prepare` is an always-on sanity check or bad input.
+FILTER_REASONS = (
+    Reject.MULTIPLE_OBJECTS,
+    Reject.BOX_TOO_LARGE,
+    Reject.BOX_OUTSIDE_CROP,
+    Reject.NO_BGT_MARGIN,
+    Reject.MASK_TOO_SMALL,
+    Reject.GRABCUT_FAILED,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class SelectionFilters:
     """The paper's selection filters; each is on by default and can be switched off on its own.
+
+    :func:`prepare` applies them to every image, whatever its mask source.
 
     Args:
         single_object: drop images with more than one box (:attr:`Reject.MULTIPLE_OBJECTS`). When off, the union
@@ -82,13 +104,21 @@ class SelectionFilters:
             (:attr:`Reject.BOX_TOO_LARGE`).
         box_inside: drop images with less than ``min_inside_fraction`` of the (resized) box inside the crop
             (:attr:`Reject.BOX_OUTSIDE_CROP`).
-        bgt_margin: drop images whose crop-space box leaves no margin, so that no Only-BG-T exists
-            (:attr:`Reject.NO_BGT_MARGIN`).
+        bgt_margin: drop images whose box leaves no margin, so that no Only-BG-T exists
+            (:attr:`Reject.NO_BGT_MARGIN`). With ``tiling="paper"`` (default) the margin is measured on the stored
+            image at full resolution (the inclusive union box must not cover the whole image); with
+            ``tiling="crop"`` on the crop-space box inside the crop.
+        mask_size: the paper's GrabCut rule, applied by :func:`prepare` (it needs the mask): a GrabCut mask is
+            accepted only when it covers at least ``min_fraction`` (10%) of the box, retried with new seeds, else
+            :attr:`Reject.GRABCUT_FAILED`; an existing mask (released, synthetic, external, grabcut) must cover
+            at least that fraction of the union box with its pixels inside the box, else
+            :attr:`Reject.MASK_TOO_SMALL`. When off, GrabCut accepts its first non-empty mask and existing masks
+            are not measured.
         max_box_fraction: threshold of ``box_size`` ("at most 90% of the crop": exactly 0.9 passes).
         min_inside_fraction: threshold of ``box_inside`` ("at least 50% inside": exactly 0.5 passes).
 
     >>> SelectionFilters().enabled()
-    ('single_object', 'box_size', 'box_inside', 'bgt_margin')
+    ('single_object', 'box_size', 'box_inside', 'bgt_margin', 'mask_size')
     >>> SelectionFilters.off().enabled()
     ()
     """
@@ -97,8 +127,11 @@ class SelectionFilters:
     box_size: bool = True
     box_inside: bool = True
     bgt_margin: bool = True
+    mask_size: bool = True
     max_box_fraction: float = 0.9
     min_inside_fraction: float = 0.5
+
+    NAMES = ("single_object", "box_size", "box_inside", "bgt_margin", "mask_size")
 
     def __post_init__(self):
         for name in ("max_box_fraction", "min_inside_fraction"):
@@ -109,11 +142,11 @@ class SelectionFilters:
     @classmethod
     def off(cls) -> "SelectionFilters":
         """All filters switched off (only the always-on sanity checks remain)."""
-        return cls(single_object=False, box_size=False, box_inside=False, bgt_margin=False)
+        return cls(**{n: False for n in cls.NAMES})
 
     def enabled(self) -> tuple[str, ...]:
         """Names of the filters that are on, in the order they are applied."""
-        return tuple(n for n in ("single_object", "box_size", "box_inside", "bgt_margin") if getattr(self, n))
+        return tuple(n for n in self.NAMES if getattr(self, n))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -129,15 +162,21 @@ def _clip_boxes(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
     return b
 
 
+def _check_tiling(tiling: str, where: str) -> str:
+    if tiling not in TILINGS:
+        raise ConfigError(f"{where}: expected tiling in {TILINGS}, got {tiling!r}")
+    return tiling
+
+
 def _pre_checks(
     boxes: np.ndarray, height: int, width: int, geometry: CropGeometry, filters: SelectionFilters
-) -> tuple[tuple[str, str] | None, tuple[int, int, int, int] | None]:
-    """Every rule except the (batched) Only-BG-T one: ``(reject or None, crop-space box or None)``."""
+) -> tuple[tuple[str, str] | None, tuple[int, int, int, int] | None, tuple[int, int, int, int] | None]:
+    """Every rule except the (batched) Only-BG-T one: ``(reject or None, union box, crop-space box or None)``."""
     boxes = np.asarray(boxes)
     if boxes.ndim != 2 or boxes.shape[-1] != 4 or len(boxes) == 0:
-        return (Reject.NO_OBJECT, "no bounding box"), None
+        return (Reject.NO_OBJECT, "no bounding box"), None, None
     if height <= 0 or width <= 0:
-        return (Reject.BAD_ANNOTATION, f"image size {width}x{height} is not positive"), None
+        return (Reject.BAD_ANNOTATION, f"image size {width}x{height} is not positive"), None, None
     clipped = _clip_boxes(boxes, height, width)
     empty = (clipped[:, 2] < clipped[:, 0]) | (clipped[:, 3] < clipped[:, 1])
     if empty.any():
@@ -145,9 +184,9 @@ def _pre_checks(
         return (
             Reject.BOX_OUTSIDE_IMAGE,
             f"box {tuple(int(v) for v in boxes[j])} has no pixel inside the {width}x{height} image",
-        ), None
+        ), None, None
     if filters.single_object and len(clipped) > 1:
-        return (Reject.MULTIPLE_OBJECTS, f"{len(clipped)} boxes"), None
+        return (Reject.MULTIPLE_OBJECTS, f"{len(clipped)} boxes"), None, None
     box = (int(clipped[:, 0].min()), int(clipped[:, 1].min()), int(clipped[:, 2].max()), int(clipped[:, 3].max()))
     plan = geometry.plan(height, width)
     if filters.box_size:
@@ -156,61 +195,88 @@ def _pre_checks(
             return (
                 Reject.BOX_TOO_LARGE,
                 f"box covers {frac:.1%} of the crop (at most {filters.max_box_fraction:.0%} allowed)",
-            ), None
+            ), None, None
     if filters.box_inside:
         frac = plan.box_inside_fraction(box)
         if frac < filters.min_inside_fraction:
             return (
                 Reject.BOX_OUTSIDE_CROP,
                 f"{frac:.1%} of the box lies inside the crop (at least {filters.min_inside_fraction:.0%} needed)",
-            ), None
-    return None, plan.box_to_crop(box)
+            ), None, None
+    return None, box, plan.box_to_crop(box)
 
 
 def check_selection_many(
     items: Sequence[tuple[np.ndarray, int, int]],
     geometry: CropGeometry = CropGeometry(),
     filters: SelectionFilters = SelectionFilters(),
+    tiling: str = "paper",
 ) -> list[tuple[str, str] | None]:
-    """Apply the selection filters to many images at once (the Only-BG-T rule runs batched).
+    """Apply the box-based selection filters to many images at once (the Only-BG-T rule runs batched).
 
     Always-on checks come first: an image without boxes is :attr:`Reject.NO_OBJECT`, a box with no pixel inside
     the image :attr:`Reject.BOX_OUTSIDE_IMAGE` (boxes that stick out are clipped to the image). Then the enabled
     filters in this order: single object, box size, box inside, Only-BG-T margin; the first failing rule names the
-    reason.
+    reason. (``filters.mask_size`` needs the mask and is applied by :func:`prepare`.)
 
     Args:
         items: ``(boxes, height, width)`` per image; ``boxes`` is ``int [K, 4]`` inclusive ``(x0, y0, x1, y1)`` in
             the stored image's pixels.
         geometry: the model's crop geometry the rules are evaluated in.
         filters: which filters are on and their thresholds.
+        tiling: which Only-BG-T the margin rule checks (:data:`TILINGS`). ``"paper"`` (default): the strip rule
+            (:func:`engine.geometry.tile_strips`) on the clipped union box in the stored image at full
+            resolution, i.e. the image is dropped only when the inclusive union box covers the whole image.
+            ``"crop"``: the strip rule on the crop-space box in the crop (a box with no pixel in the crop leaves
+            the whole crop as margin).
 
     Returns:
         One entry per image: ``None`` if it passes, else ``(reason, detail)`` with ``reason`` from
         :class:`~engine.index.Reject`.
     """
+    _check_tiling(tiling, "check_selection_many")
     out: list[tuple[str, str] | None] = []
     need_margin: list[int] = []
-    crop_boxes: list[tuple[int, int, int, int]] = []
+    margin_boxes: list[tuple[int, int, int, int]] = []
+    sizes: list[tuple[int, int]] = []
     for i, (boxes, height, width) in enumerate(items):
-        reject, crop_box = _pre_checks(boxes, int(height), int(width), geometry, filters)
+        reject, box, crop_box = _pre_checks(boxes, int(height), int(width), geometry, filters)
         out.append(reject)
-        # A box with no pixel in the crop leaves the whole crop as margin: Only-BG-T is the crop itself.
-        if reject is None and filters.bgt_margin and crop_box is not None:
+        if reject is not None or not filters.bgt_margin:
+            continue
+        if tiling == "paper":
             need_margin.append(i)
-            crop_boxes.append(crop_box)
+            margin_boxes.append(box)
+            sizes.append((int(height), int(width)))
+        elif crop_box is not None:
+            # A box with no pixel in the crop leaves the whole crop as margin: Only-BG-T is the crop itself.
+            need_margin.append(i)
+            margin_boxes.append(crop_box)
+            sizes.append((geometry.crop, geometry.crop))
     if need_margin:
         import torch
 
         from .geometry import tile_strips
 
-        strips = tile_strips(torch.as_tensor(crop_boxes, dtype=torch.int64), geometry.crop, geometry.crop)
+        boxes_t = torch.as_tensor(margin_boxes, dtype=torch.int64)
+        if tiling == "paper":  # each image's own stored size
+            hw = torch.as_tensor(sizes, dtype=torch.int64)
+            strips = tile_strips(boxes_t, hw[:, 0], hw[:, 1])
+        else:
+            strips = tile_strips(boxes_t, geometry.crop, geometry.crop)
         no_margin = (strips[:, 2] <= 0).tolist()
-        for i, cb, bad in zip(need_margin, crop_boxes, no_margin):
-            if bad:
+        for i, mb, (h, w), bad in zip(need_margin, margin_boxes, sizes, no_margin):
+            if not bad:
+                continue
+            if tiling == "paper":
                 out[i] = (
                     Reject.NO_BGT_MARGIN,
-                    f"crop-space box {cb} leaves no margin in the {geometry.crop}x{geometry.crop} crop",
+                    f"union box {mb} covers the whole {w}x{h} image: no margin for Only-BG-T (tiling='paper')",
+                )
+            else:
+                out[i] = (
+                    Reject.NO_BGT_MARGIN,
+                    f"crop-space box {mb} leaves no margin in the {w}x{h} crop (tiling='crop')",
                 )
     return out
 
@@ -221,8 +287,9 @@ def check_selection(
     width: int,
     geometry: CropGeometry = CropGeometry(),
     filters: SelectionFilters = SelectionFilters(),
+    tiling: str = "paper",
 ) -> tuple[str, str] | None:
-    """Apply the selection filters to one image (see :func:`check_selection_many`).
+    """Apply the box-based selection filters to one image (see :func:`check_selection_many`).
 
     >>> check_selection([[0, 0, 499, 374]], 375, 500)[0]
     'box_too_large'
@@ -230,7 +297,7 @@ def check_selection(
     True
     """
     return check_selection_many([(np.asarray(boxes, dtype=np.int64).reshape(-1, 4), height, width)], geometry,
-                                filters)[0]
+                                filters, tiling)[0]
 
 
 # ==============================================================================================================
@@ -558,6 +625,28 @@ class _Item:
     task: dict | None = None
 
 
+def _existing_mask_check(record, min_fraction: float) -> tuple[str, str] | None:
+    """The mask-size rule for an image that keeps its existing mask: the mask's pixels inside the (clipped) union
+    box must cover at least ``min_fraction`` of the box area (GrabCut's acceptance rule, PAPER.md rule 5)."""
+    from .errors import IndexFormatError
+
+    try:
+        mask = record.mask()
+    except IndexFormatError as e:
+        return Reject.MASK_SHAPE, str(e)
+    b = _clip_boxes(record.boxes, record.height, record.width)
+    x0, y0, x1, y1 = int(b[:, 0].min()), int(b[:, 1].min()), int(b[:, 2].max()), int(b[:, 3].max())
+    area = (x1 - x0 + 1) * (y1 - y0 + 1)
+    inside = int(np.count_nonzero(mask[y0 : y1 + 1, x0 : x1 + 1]))
+    if inside == 0 or inside < min_fraction * area:
+        return (
+            Reject.MASK_TOO_SMALL,
+            f"the existing {record.mask_source} mask covers {inside / area:.1%} of the box {(x0, y0, x1, y1)} "
+            f"({inside} of {area} pixels; at least {min_fraction:.0%} needed)",
+        )
+    return None
+
+
 def _fingerprint(parts: Iterable[Any]) -> str:
     h = hashlib.sha256()
     for p in parts:
@@ -780,7 +869,8 @@ def prepare(
     iterations: int = 5,
     attempts: int = 10,
     min_fraction: float = 0.10,
-    filter_existing: bool = False,
+    tiling: str = "paper",
+    filter_existing: bool | None = None,
     checkpoint_every: int = 64,
     show_count: int = 8,
     dist=None,
@@ -789,13 +879,16 @@ def prepare(
 
     For every image of ``index`` (optionally restricted to ``split``):
 
-    1. Images that already carry a mask (released, synthetic, external) are kept as they are, unless
-       ``recompute`` (then their mask is replaced by GrabCut's, and on the built-in dataset the old one serves as
-       ground truth for the quality report). With ``filter_existing`` the selection filters also apply to them.
-    2. The selection filters (:func:`check_selection_many`) run on the boxes in the crop geometry; no decode.
-    3. Survivors are decoded by the workers and run through :func:`grabcut_mask` with the seed
+    1. The selection filters run on **every** image, whatever its mask source (none, released, synthetic,
+       external, grabcut), unless switched off in ``filters`` (:meth:`SelectionFilters.off` for all): the box
+       rules (:func:`check_selection_many`, in the crop geometry, no decode; the Only-BG-T margin rule follows
+       ``tiling``), then, for an image that keeps its existing mask, the mask-size rule (the mask's pixels inside
+       the union box cover at least ``min_fraction`` of it, else :attr:`Reject.MASK_TOO_SMALL`).
+    2. Surviving images that already carry a mask keep it, unless ``recompute`` (then their mask is replaced by
+       GrabCut's, and on the built-in dataset the old one serves as ground truth for the quality report).
+    3. The other survivors are decoded by the workers and run through :func:`grabcut_mask` with the seed
        :func:`image_seed` ``(seed, image id)``; an image that fails to decode, has the wrong size, or gets no
-       accepted mask is rejected with its reason.
+       accepted mask (the paper's 10% rule, part of ``filters.mask_size``) is rejected with its reason.
 
     With ``per_class=N`` the result is a balanced subset: the images of each class are visited in an order
     shuffled with ``(seed, class)`` and the first ``N`` that survive are kept, so a class ends with exactly ``N``
@@ -803,8 +896,11 @@ def prepare(
     (they are counted in ``info.skipped.not_selected``).
 
     Every dropped image is listed in the result's ``rejects`` (path, reason, detail) and counted per reason in
-    ``info.prepare``, which also holds the settings, attempt counts, the mask-quality report (IoU against masks
-    that were replaced, with ``recompute``) and, under ``timing``, the run's speed.
+    ``info.prepare``: ``rejects`` (every reason), ``filtered`` (only the selection filters' reasons,
+    :data:`FILTER_REASONS`) and ``filtered_by_mask_source`` (mask source before prepare, ``"none"`` without a
+    mask -> reason -> count). ``info.prepare`` also holds the settings (``filters``, ``tiling``, ...), attempt
+    counts, the mask-quality report (IoU against masks that were replaced, with ``recompute``) and, under
+    ``timing``, the run's speed.
 
     Args:
         index: the input index (or the path of its JSON); it is not modified.
@@ -812,7 +908,7 @@ def prepare(
             :func:`journal_path` ``(out)`` as they come in (flushed and fsynced every ``checkpoint_every``
             images), and the journal is deleted once the index is written.
         geometry: the model's crop geometry the filters are evaluated in.
-        filters: which selection filters are on.
+        filters: which selection filters are on (all by default; they apply to every image).
         recompute: replace existing masks with GrabCut masks.
         per_class: keep at most N images per class (balanced subset, see above).
         seed: seed of GrabCut (per image, :func:`image_seed`) and of the per-class order.
@@ -822,8 +918,14 @@ def prepare(
         progress: show a tqdm progress bar with ETA on stderr.
         show: write a contact sheet PNG of the worst and best masks there (:func:`write_mask_sheet`).
         split: only process images of this split (or these splits).
-        iterations, attempts, min_fraction: GrabCut settings (the paper: 5, 10, 0.10).
-        filter_existing: apply the selection filters also to images that keep their existing masks.
+        iterations, attempts, min_fraction: GrabCut settings (the paper: 5, 10, 0.10); ``min_fraction`` is also
+            the threshold of the mask-size rule for existing masks.
+        tiling: the Only-BG-T construction the ``bgt_margin`` filter checks (:data:`TILINGS`): ``"paper"``
+            (default; the union box must not cover the whole stored image) or ``"crop"`` (the crop-space box must
+            leave a margin in the crop). Use the tiling the variants will be built with.
+        filter_existing: removed. The filters now apply to images with existing masks by default;
+            ``filter_existing=True`` only warns (:class:`FutureWarning`), ``False`` raises :class:`ConfigError`
+            (switch filters off with ``filters`` instead).
         checkpoint_every: journal chunk size in images.
         show_count: rows of worst and of best masks on the contact sheet.
         dist: a :class:`~engine.distributed.DistContext` (default :func:`engine.distributed.current`). Under
@@ -846,10 +948,24 @@ def prepare(
        ``fork`` is not used because a child forked after OpenCV's thread pool was used in the parent can hang.
 
     >>> idx = prepare("index.json", out="prepared.json", per_class=450, seed=0)  # doctest: +SKIP
-    >>> idx.data["info"]["prepare"]["rejects"]                                 # doctest: +SKIP
+    >>> idx.data["info"]["prepare"]["filtered"]                                # doctest: +SKIP
     {'box_too_large': 812, 'multiple_objects': 1403, ...}
     """
     t_start = time.perf_counter()
+    if filter_existing is not None:
+        if filter_existing:
+            warnings.warn(
+                "prepare(filter_existing=True) is deprecated and has no effect: the selection filters now apply to "
+                "every image, existing masks included, by default",
+                FutureWarning, stacklevel=2,
+            )
+        else:
+            raise ConfigError(
+                "prepare: filter_existing=False was removed: the selection filters apply to every image, existing "
+                "masks included; to keep images they would drop, switch filters off with "
+                "filters=SelectionFilters.off() (all) or SelectionFilters(<name>=False) (one)"
+            )
+    _check_tiling(tiling, "prepare")
     if not isinstance(index, DatasetIndex):
         index = DatasetIndex.load(index)
     if not isinstance(geometry, CropGeometry):
@@ -876,8 +992,8 @@ def prepare(
     settings = {
         "geometry": geometry.to_dict(),
         "filters": filters.to_dict(),
+        "tiling": tiling,
         "recompute": bool(recompute),
-        "filter_existing": bool(filter_existing),
         "per_class": None if per_class is None else int(per_class),
         "seed": int(seed),
         "split": split if split is None or isinstance(split, str) else list(split),
@@ -889,15 +1005,16 @@ def prepare(
 
     # ---------------------------------------------------------------- plan: filters first (cheap, no decode)
     records = {i: base.record(i) for i in base.ids}
-    to_filter = [i for i, r in records.items() if r.mask_rle is None or recompute or filter_existing]
+    source_of = {i: r.mask_source or "none" for i, r in records.items()}
     verdicts = dict(zip(
-        to_filter,
-        check_selection_many([(records[i].boxes, records[i].height, records[i].width) for i in to_filter],
-                             geometry, filters),
+        records,
+        check_selection_many([(r.boxes, r.height, r.width) for r in records.values()], geometry, filters, tiling),
     ))
     items: dict[int, _Item] = {}
     for i, r in records.items():
-        verdict = verdicts.get(i)
+        verdict = verdicts[i]
+        if verdict is None and r.mask_rle is not None and not recompute and filters.mask_size:
+            verdict = _existing_mask_check(r, float(min_fraction))
         if verdict is not None:
             items[i] = _Item(i, r.label, "reject", reject=verdict)
         elif r.mask_rle is not None and not recompute:
@@ -909,7 +1026,8 @@ def prepare(
             items[i] = _Item(i, r.label, "grabcut", task={
                 "id": i, "path": r.path, "width": r.width, "height": r.height, "box": box,
                 "seed": image_seed(seed, i), "iterations": int(iterations), "attempts": int(attempts),
-                "min_fraction": float(min_fraction), "max_side": max_side,
+                # the mask-size filter switched off: GrabCut's first non-empty mask is accepted
+                "min_fraction": float(min_fraction) if filters.mask_size else 0.0, "max_side": max_side,
                 "true_rle": r.mask_rle if recompute else None,
             })
 
@@ -1076,7 +1194,17 @@ def prepare(
     if rank_resumed is not None:  # only what came from the ranks' journals, not every gathered result
         n_resumed = sum(1 for it in processed if it.kind == "grabcut" and it.id in rank_resumed)
     reject_counts = collections.Counter(t[1] for t in rejected)
+    filtered = collections.Counter(t[1] for t in rejected if t[1] in FILTER_REASONS)
+    filtered_by_source: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for image_id, reason, _detail in rejected:
+        if reason in FILTER_REASONS:
+            filtered_by_source[source_of[image_id]][reason] += 1
     quality = _quality(ious, failed_per_class)
+    if quality is not None:
+        # images whose true mask is known but that a selection filter dropped before GrabCut (not in the IoUs)
+        quality["filtered"] = sum(1 for image_id, reason, _d in rejected
+                                  if reason in FILTER_REASONS and reason != Reject.GRABCUT_FAILED
+                                  and records[image_id].mask_rle is not None)
     elapsed = time.perf_counter() - t_start
     n_gc = sum(1 for it in processed if it.kind == "grabcut")
     report = {
@@ -1088,6 +1216,9 @@ def prepare(
         "kept_existing_masks": kept_existing,
         "not_selected": len(not_selected),
         "rejects": dict(sorted(reject_counts.items())),
+        "filters_enabled": list(filters.enabled()),
+        "filtered": dict(sorted(filtered.items())),
+        "filtered_by_mask_source": {src: dict(sorted(c.items())) for src, c in sorted(filtered_by_source.items())},
         "per_class_kept": {IN9_CLASSES[c]: int(n) for c, n in
                            sorted(collections.Counter(result.labels()).items())},
         "attempts": {str(k): int(v) for k, v in sorted(attempts_hist.items(),
@@ -1132,13 +1263,30 @@ def format_prepare_summary(report: Mapping[str, Any]) -> str:
     ]
     if report.get("not_selected"):
         lines.append(f"not selected (beyond --per-class): {report['not_selected']}")
+    settings = report.get("settings") or {}
+    enabled = report.get("filters_enabled")
+    if enabled is not None:
+        tiling = settings.get("tiling")
+        named = [f"bgt_margin (tiling={tiling})" if n == "bgt_margin" and tiling else n for n in enabled]
+        lines.append("selection filters: " + (", ".join(named) + " (applied to every image, existing masks "
+                                                "included)" if named else "off"))
     rej = report.get("rejects") or {}
-    if rej:
-        lines.append("rejected: " + sum(rej.values()).__str__())
-        for reason, n in sorted(rej.items(), key=lambda kv: (-kv[1], kv[0])):
-            lines.append(f"  {reason:<28s} {n}")
-    else:
-        lines.append("rejected: 0")
+    filtered = report.get("filtered")
+    if filtered is None:  # a report written before the per-filter counts existed
+        filtered = {}
+    other = {k: v for k, v in rej.items() if k not in filtered}
+    lines.append(f"rejected: {sum(rej.values())}")
+    if filtered:
+        lines.append(f"  by the selection filters: {sum(filtered.values())}")
+        for reason, n in sorted(filtered.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"    {reason:<26s} {n}")
+        by_src = report.get("filtered_by_mask_source") or {}
+        if by_src:
+            lines.append("    by mask source: " + ", ".join(f"{src} {sum(c.values())}" for src, c in by_src.items()))
+    if other:
+        lines.append(f"  {'other (input, decode)' if filtered else 'by reason'}: {sum(other.values())}")
+        for reason, n in sorted(other.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"    {reason:<26s} {n}")
     if report.get("per_class_kept"):
         lines.append("kept per class: " + ", ".join(f"{k} {v}" for k, v in report["per_class_kept"].items()))
     q = report.get("quality")
@@ -1146,7 +1294,8 @@ def format_prepare_summary(report: Mapping[str, Any]) -> str:
         qs = q["quantiles"]
         lines.append(
             f"GrabCut IoU vs previous masks: mean {q['mean']:.3f}, p05 {qs['p05']:.3f}, p25 {qs['p25']:.3f}, "
-            f"median {qs['p50']:.3f}, p75 {qs['p75']:.3f}, p95 {qs['p95']:.3f} (n={q['n']}, failed {q['failed']})"
+            f"median {qs['p50']:.3f}, p75 {qs['p75']:.3f}, p95 {qs['p95']:.3f} (n={q['n']}, failed {q['failed']}"
+            + (f", dropped by the filters before GrabCut {q['filtered']}" if q.get("filtered") else "") + ")"
         )
         counts = q["histogram"]["counts"]
         peak = max(counts) or 1

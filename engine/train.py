@@ -221,6 +221,7 @@ def train(
     max_steps: int | None = None,
     pretrained_model: nn.Module | None = None,
     dist=None,
+    tiling: str = "paper",
 ) -> TrainResult:
     """Train a classifier on a split of an index with online background-swap augmentation.
 
@@ -262,6 +263,8 @@ def train(
             rank runs the same number of steps per epoch, the background pool is decoded once across the ranks,
             BatchNorm statistics are per rank, and rank 0 alone measures ``val_split`` and writes ``out``. The
             result (history, stats) is the same on every rank.
+        tiling: the Only-BG-T of the Mixed-* backgrounds: ``"paper"`` (tiled at full resolution, as the
+            authors) or ``"crop"`` (the crop-space approximation).
 
     Returns:
         A :class:`TrainResult`.
@@ -322,12 +325,13 @@ def train(
             index, split=split, geometry=geometry, batch_size=rank_batch, device=dev, seed=seed, probs=probs,
             bg_source=bg_source, random_resized_crop=random_resized_crop, flip=flip, backend=backend, scale=scale,
             mean=mean, std=std, channels_last=channels_last, num_threads=num_threads, progress=progress,
-            shard_id=ctx.rank, num_shards=ctx.world_size,
+            shard_id=ctx.rank, num_shards=ctx.world_size, tiling=tiling,
         )
         if ctx.enabled and it.swap.bg_source == "pool" and it.swap.needs_background and it.swap.pool is None:
             # the whole split's Only-BG-T pool, each JPEG decoded by one rank
             it.swap.pool = build_background_pool_sharded(
                 it.index, ctx, geometry=geometry, backend=backend, device=dev, num_threads=num_threads,
+                tiling=tiling,
             )
         it.prepare()
         steps_per_epoch = len(it)
@@ -449,6 +453,7 @@ def train(
         "scale": [float(scale[0]), float(scale[1])],
         "flip": bool(flip),
         "geometry": geometry.to_dict(),
+        "tiling": tiling,
         "device": str(dev),
         "amp": amp,
         "steps": steps,
@@ -533,6 +538,7 @@ def compare_training(
     eval_split: str = "val",
     reuse: bool = True,
     progress: bool = True,
+    tiling: str = "paper",
     **train_kwargs: Any,
 ) -> CompareResult:
     """Train the demo model without and with background augmentation, evaluate both, report BG-Gap and challenge.
@@ -549,6 +555,8 @@ def compare_training(
         variants: variants to evaluate (:func:`engine.evaluate.evaluate`).
         challenge: also run the Backgrounds Challenge (:func:`engine.challenge.run_challenge`).
         challenge_kwargs: extra arguments of ``run_challenge``.
+        tiling: Only-BG-T construction (``"paper"`` or ``"crop"``) of training backgrounds, evaluation and
+            challenge alike.
         eval_split: split evaluated and challenged.
         reuse: reuse a checkpoint in ``out_dir`` trained with the same settings.
         progress: progress bars.
@@ -576,7 +584,8 @@ def compare_training(
     for name, p in runs.items():
         ckpt = out / f"{name}.pt"
         settings = {"augment": {k: v for k, v in p.items() if v > 0}, "epochs": epochs, "seed": int(seed),
-                    "geometry": geometry.to_dict(), "index": None if index.path is None else str(index.path),
+                    "geometry": geometry.to_dict(), "tiling": tiling,
+                    "index": None if index.path is None else str(index.path),
                     **{k: (list(v) if isinstance(v, tuple) else v) for k, v in train_kwargs.items()}}
         meta_path = out / f"{name}.train.json"
         t_train = None
@@ -593,13 +602,13 @@ def compare_training(
             if progress:
                 print(f"compare_training: training {name!r} ({settings['augment']}) for {epochs} epochs")
             res = train(index, epochs=epochs, seed=seed, geometry=geometry, device=device, augment=p, out=ckpt,
-                        progress=progress, **train_kwargs)
+                        progress=progress, tiling=tiling, **train_kwargs)
             t_train, val = res.seconds, res.val_accuracy
             atomic_write_json(meta_path, {"settings": settings, "seconds": t_train, "val_accuracy": val,
                                           "history": res.history, "augment_stats": res.augment_stats}, indent=1)
         loaded = load_model(str(ckpt))
         ev = evaluate(index, loaded, variants=variants, split=eval_split, seed=seed, geometry=geometry,
-                      device=device, progress=progress)
+                      device=device, progress=progress, tiling=tiling)
         ev.model["name"] = name
         ev.save(out / f"eval_{name}")
         row = {
@@ -615,9 +624,11 @@ def compare_training(
             "challenge_forwards": None,
         }
         if challenge:
-            row.update(_challenge(index, ckpt, eval_split, geometry, device, seed, progress, challenge_kwargs))
+            row.update(_challenge(index, ckpt, eval_split, geometry, device, seed, progress,
+                                  {"tiling": tiling, **dict(challenge_kwargs or {})}))
         rows[name] = row
     result = CompareResult(rows=rows, config={"epochs": epochs, "seed": int(seed), "geometry": geometry.to_dict(),
+                                              "tiling": tiling,
                                               "eval_split": eval_split, **{k: str(v) for k, v in train_kwargs.items()}})
     atomic_write_json(out / "compare.json", result.to_dict(), indent=1)
     (out / "compare.md").write_text(result.table() + "\n", encoding="utf-8")

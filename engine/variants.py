@@ -22,22 +22,39 @@ margin, black background for a Mixed-* without a candidate); consumers must use 
 
 Geometry (**ours**, PAPER.md): every variant is computed in the crop the model sees. The decode stage carries the
 mask (nearest neighbour) and the union box (exact integer maps) through the same resize + centre crop as the
-image (:mod:`engine.geometry`), and the Only-BG-T strip is chosen by the paper's rule on the crop box inside the
-crop (:func:`engine.geometry.tile_strips`), then tiled from the crop's origin. The Only-BG-T backgrounds of the
-pool are made the same way, so a Mixed-* composite is ``where(M, x, pool[row])`` in crop space, as the paper
-composites "in the model's input geometry".
+image (:mod:`engine.geometry`). Only-BG-T has two constructions, chosen when the batch is decoded (``tiling``,
+recorded in every results and manifest file):
 
-How close crop-space tiling is to the paper's tiling at the original resolution followed by resize and crop
-(``benchmarks/measure_tiling_parity.py --full``: the built-in dataset's 450 val images, resize 256 / crop 224,
-the same PIL bilinear resampling on both sides): every image has an Only-BG-T in both geometries; the same strip
-side is chosen for 91.1% of them (410/450); inside the box the mean absolute difference is 13.7 grey levels
-(0..255) over all images, 12.6 where the side agrees and 24.9 where it differs; for scale, the paper's Only-BG-T
-differs from the untouched crop there by 47.0. (Small built-in set, 108 val images: 88.9% same side, 15.0.) The
-choice differs when the centre crop cuts a margin so much that another side becomes the larger one, and even with
-the same side the tile differs in phase and width (the tiling restarts at the crop's origin, and the crop's strip
-is the resized strip cut by the crop). Only-BG-B, No-FG, Only-FG and Mixed-* are the same pixels in either order
-except along the box/mask edges: blacking out before a bilinear resize blurs the edge, ours keeps it sharp and
-uses exactly the mask/box the model's crop has (nearest neighbour, as the paper's filters measure boxes).
+* ``tiling="paper"`` (the default): **the paper's construction**. The strip rule runs on the stored image's
+  full-resolution margins (inclusive union box, :func:`engine.geometry.tile_strips` with each image's own size),
+  the strip is tiled from the image origin over the box at full resolution, and the tiled image is then resized
+  and cropped with the same resampling as Original. The decoders do this while they still hold the full-resolution
+  pixels (PIL and torchvision: one ``index_select`` along the strip's axis; DALI: ``fn.multi_paste`` of
+  non-overlapping rectangles inside its graph, then the same ``fn.resize`` crop window), so the batch carries
+  the Only-BG-T crops (``Batch.bgt``) and this variant is a copy (plus the normalise/cast epilogue). An image
+  whose box leaves no full-resolution margin has no Only-BG-T (``valid`` False), even when its crop box leaves a
+  margin in the crop, and vice versa.
+* ``tiling="crop"``: the faster approximation. The strip rule runs on the crop box inside the crop and the crop is
+  tiled from its own origin (:func:`kernels.tile_fill`). It is not the paper's background: on 14 real
+  photographs (``benchmarks/measure_tiling_parity.py``, the test fixture ``tests/photos.py``, 256 -> 224) it
+  picked a different strip side for 3 of the 12 images that have an Only-BG-T in both modes, one more image has
+  one in paper mode only, and inside the box it differs from the paper's by 33.4 grey levels on average with 64%
+  of the pixels off by more than 8 (30.5 and 56% where the side agrees, 41.9 and 84% where it differs; for
+  scale, the paper's Only-BG-T differs from the untouched crop there by 56.4). On the built-in cartoons the gap is
+  smaller (450 val images: 410 same side, 13.7 levels, 42% of pixels > 8), because their backgrounds are flat.
+
+Only-BG-T is also the background of every Mixed-* composite, of the Backgrounds Challenge and of the augmentation
+pool, so the setting follows everywhere: a :class:`~engine.pipeline.batch.BackgroundPool` is the Only-BG-T output
+of decoded batches (:func:`background_pool_from_batch`), and a Mixed-* composite is ``where(M, x, pool[row])``
+in crop space, as the paper composites "in the model's input geometry". Cost of paper tiling (a second resize per
+image, in the decoder; ``benchmarks/bench_variants.py``, 108 built-in JPEGs, 256 -> 224, 2 threads): decode +
+Only-BG-T ran at 0.85x the crop mode's images/s with torchvision (3.8 vs 3.1 ms CPU per image), 0.83x with DALI
+(CPU) and 0.51x with PIL (the plain reference resizes the whole image twice); the resident pool is built once per
+run, and a full ``bgsynth eval`` of the demo (430 images x 8 variants, 72 -> 64) ran at the same rate in both
+modes within the machine's noise. Only-BG-B, No-FG, Only-FG and the Mixed-* foreground are the same pixels in
+either order except along the box/mask edges: blacking out before a bilinear resize blurs the edge, ours keeps
+it sharp and uses exactly the mask/box the model's crop has (nearest neighbour, as the paper's filters measure
+boxes).
 
 Background choice (Mixed-*), :func:`choose_backgrounds`: a counter-based hash, a pure function of
 ``(seed, variant, image id)`` and the pool's content, never of the batch size, order, device or number of
@@ -167,15 +184,20 @@ def _output(images: torch.Tensor, valid: torch.Tensor, batch: Batch) -> VariantO
     return VariantOutput(images, valid.to(torch.bool), *_no_bg(batch))
 
 
-@_register("original", "Original", 0)
-def _original(batch: Batch, req: _Request) -> VariantOutput:
+def _as_output(images: torch.Tensor, req: _Request) -> torch.Tensor:
+    """``images`` in the requested dtype, normalisation and memory format (itself when nothing is to change)."""
     o = req.out
     if o["dtype"] in (None, torch.uint8) and o["mean"] is None:
         fmt = torch.channels_last if o["channels_last"] else torch.contiguous_format
-        if batch.images.is_contiguous(memory_format=fmt):
-            # nothing to compute: the crop itself (aliases batch.images; do not modify it in place)
-            return _output(batch.images, torch.ones_like(batch.has_bgt, dtype=torch.bool), batch)
-    return _output(kernels.composite(batch.images, **o), torch.ones_like(batch.has_bgt, dtype=torch.bool), batch)
+        if images.is_contiguous(memory_format=fmt):
+            # nothing to compute: the input itself (aliases the batch's tensor; do not modify it in place)
+            return images
+    return kernels.composite(images, **o)
+
+
+@_register("original", "Original", 0)
+def _original(batch: Batch, req: _Request) -> VariantOutput:
+    return _output(_as_output(batch.images, req), torch.ones_like(batch.has_bgt, dtype=torch.bool), batch)
 
 
 @_register("only_bg_b", "Only-BG-B", 1)
@@ -188,6 +210,13 @@ def _only_bg_b(batch: Batch, req: _Request) -> VariantOutput:
 
 @_register("only_bg_t", "Only-BG-T", 2)
 def _only_bg_t(batch: Batch, req: _Request) -> VariantOutput:
+    if batch.tiling == "paper":
+        if batch.bgt is None:
+            raise ConfigError(
+                "synthesize: Only-BG-T with tiling='paper' needs the batch's full-resolution Only-BG-T images "
+                "(decode with create_loader(..., tiling='paper', only_bg_t=True))"
+            )
+        return _output(_as_output(batch.bgt, req), batch.has_bgt, batch)
     out = kernels.tile_fill(batch.images, batch.boxes, batch.strips, **req.out)
     return _output(out, batch.has_bgt, batch)
 
@@ -469,5 +498,5 @@ def background_pool_from_batch(batch: Batch, backend: str = "auto") -> Backgroun
     if rows.numel():
         rows = rows[torch.argsort(batch.image_ids[rows], stable=True)]
     sub = batch.slice(rows)
-    images = kernels.tile_fill(sub.images, sub.boxes, sub.strips, backend=backend)
-    return BackgroundPool(images, sub.labels.to(torch.int64), sub.image_ids.to(torch.int64))
+    images = synthesize(sub, ["only_bg_t"], backend=backend)["only_bg_t"].images
+    return BackgroundPool(images.contiguous(), sub.labels.to(torch.int64), sub.image_ids.to(torch.int64))

@@ -50,3 +50,11 @@ def tiny_geometry():
 def cpu_and_cuda():
     """Devices to parametrise over: CPU always, CUDA when present."""
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="session")
+def photo_index(tmp_path_factory):
+    """Path of the real-photograph fixture's index JSON (tests/photos.py), built once per test session."""
+    from photos import build_photo_index
+
+    return build_photo_index(tmp_path_factory.mktemp("photos"))

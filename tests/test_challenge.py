@@ -63,7 +63,8 @@ def case(tiny_index, tiny_geometry):
     """Foregrounds (3 val images with a mask per class) and the whole Only-BG-T pool of val (54), decoded with the
     PIL backend, independently of the search. Runs use a seeded subset of the pool (``bg_per_class``); tables
     cover the whole pool, so any subset can be checked."""
-    from engine.pipeline import build_background_pool, create_loader
+    from engine.pipeline import create_loader
+    from engine.pool import build_background_pool
 
     fg_ids = challenge_foregrounds(tiny_index, "val", fg_per_class=FG_PER_CLASS, seed=0)
     batches = list(create_loader(tiny_index, backend="pil", geometry=tiny_geometry, batch_size=256, ids=fg_ids))

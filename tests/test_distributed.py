@@ -34,6 +34,7 @@ from engine.errors import ConfigError
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GROUP_TIMEOUT = 120  # BGSYNTH_DIST_TIMEOUT of the healthy groups (a hang fails instead of blocking CI)
 SEED = 3
+from fixtures import calibrate_batchnorm
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -73,15 +74,9 @@ def ckpt(tiny_index, tiny_geometry, tmp_path_factory):
     m = torch.tensor(IN9_MEAN).view(1, 3, 1, 1)
     s = torch.tensor(IN9_STD).view(1, 3, 1, 1)
     x = (x.float() / 255.0 - m) / s
-    for mod in net.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.momentum = None
-            mod.reset_running_stats()
-    net.train()
-    with torch.no_grad():
-        net(x)
+    calibrate_batchnorm(net, x)
     path = tmp_path_factory.mktemp("dist-model") / "cnn.pt"
-    save_checkpoint(net.eval(), path, "bgsynth_cnn", NUM_IN9, extra={"geometry": tiny_geometry})
+    save_checkpoint(net, path, "bgsynth_cnn", NUM_IN9, extra={"geometry": tiny_geometry})
     return path
 
 

@@ -25,7 +25,8 @@ from engine.evaluate import (
     metrics_from_records,
 )
 from engine.models import LoadedModel, Predictor, create_model
-from reference import reference_background, reference_variant
+from fixtures import calibrate_batchnorm
+from reference import reference_background, reference_tiled, reference_variant
 
 SEED = 5
 MARGIN = 1e-4  # float64 top-1/top-2 logit margin below which float32 batching may flip a near-tie
@@ -57,6 +58,20 @@ def _ref_decode(record, geometry):
     return img, mask, (0, 0, -1, -1) if box is None else box
 
 
+def _ref_paper_bgt(record, geometry):
+    """The paper's Only-BG-T: tiled on the stored pixels (PAPER.md's rule), then the same resize + crop."""
+    plan = geometry.plan(record.height, record.width)
+    with Image.open(record.path) as im:
+        full = np.asarray(im.convert("RGB"))
+    tiled = reference_tiled(full, record.union_box) if record.union_box is not None else None
+    if tiled is None:
+        return None
+    rh, rw = plan.resized
+    top, left = plan.offset
+    rgb = Image.fromarray(tiled).resize((rw, rh), Image.BILINEAR)
+    return np.asarray(rgb.crop((left, top, left + plan.crop, top + plan.crop))).copy()
+
+
 def _normalise64(img: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(img).permute(2, 0, 1).to(torch.float64) / 255.0
     m = torch.tensor(IN9_MEAN, dtype=torch.float64).view(3, 1, 1)
@@ -71,14 +86,7 @@ def _model(index, geometry) -> nn.Module:
     net = create_model("bgsynth_cnn", NUM_IN9)
     sub = index.select(split="train", per_class=3)
     x = torch.cat([_normalise64(_ref_decode(r, geometry)[0]) for r in sub.records()]).float()
-    for mod in net.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.momentum = None
-            mod.reset_running_stats()
-    net.train()
-    with torch.no_grad():
-        net(x)
-    return net.eval()
+    return calibrate_batchnorm(net, x)
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +108,10 @@ def _slow_reference(index, geometry, net, seed):
     val = index.select(split="val")
     data = {r.id: (r.label,) + _ref_decode(r, geometry) for r in val.records()}
     pool = {}
-    for i in sorted(data):
-        _, img, mask, box = data[i]
-        bgt = reference_variant(img, mask, box, "only_bg_t")
+    for r in val.records():
+        bgt = _ref_paper_bgt(r, geometry)
         if bgt is not None:
-            pool[i] = (data[i][0], bgt)
+            pool[r.id] = (r.label, bgt)
     pool_ids = sorted(pool)
     pool_labels = [pool[i][0] for i in pool_ids]
     out = {}
@@ -120,7 +127,8 @@ def _slow_reference(index, geometry, net, seed):
                     valid = row >= 0 and mask is not None
                     bg = pool[bg_id][1] if row >= 0 else None
                 comp = reference_variant(img, mask if mask is not None else np.zeros(img.shape[:2], np.uint8), box, v, bg)
-                if v == "only_bg_t":
+                if v == "only_bg_t":  # the paper's construction (tiled at full resolution), not the crop's
+                    comp = pool[i][1] if i in pool else None
                     valid = comp is not None
                 if v == "only_bg_b":
                     valid = box[2] >= box[0]

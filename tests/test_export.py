@@ -16,7 +16,8 @@ import engine.export as export_mod
 from engine.classes import IN9_FOLDERS
 from engine.errors import ConfigError
 from engine.export import export, release_paths, safe_stem
-from engine.pipeline import build_background_pool, create_loader
+from engine.pipeline import create_loader
+from engine.pool import build_background_pool
 from engine.pipeline.batch import Batch
 from engine.variants import MIXED_VARIANTS, VARIANT_NAMES, choose_backgrounds, synthesize
 
@@ -119,11 +120,11 @@ def test_killed_export_finishes_identically(exported, val_index, tiny_geometry, 
     real = export_mod._write
     calls = {"n": 0}
 
-    def flaky(path, hwc, quality):
+    def flaky(path, hwc, image_format, quality):
         calls["n"] += 1
         if calls["n"] == 40:
             raise KeyboardInterrupt("simulated kill")
-        real(path, hwc, quality)
+        real(path, hwc, image_format, quality)
 
     monkeypatch.setattr(export_mod, "_write", flaky)
     root = tmp_path / "killed"

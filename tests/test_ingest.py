@@ -392,12 +392,12 @@ def test_coco_ingest(tmp_path, map_kind):
     for name, m in truth.items():
         np.testing.assert_array_equal(recs[name].mask(), m)
         ys, xs = np.nonzero(m)
-        assert recs[name].boxes.tolist() == [[xs.min(), ys.min(), xs.max(), ys.max()]]
+        assert recs[name].boxes.tolist() == [[xs.min(), ys.min(), xs.max(), ys.max()]]  # these bboxes are tight
     a = recs["a.jpg"]
     assert a.mask_source == "external" and len(a.boxes) == 1  # the bird annotation is not the image's class
+    assert a.boxes.tolist() == [[5, 5, 24, 14]]  # its COCO bbox [5, 5, 20, 10]
+    assert [ann["bbox"] for ann in idx.annotations(a.id)] == [[5, 5, 20, 10]]
     ma = a.mask()
-    ys, xs = np.nonzero(ma)
-    assert a.boxes.tolist() == [[xs.min(), ys.min(), xs.max(), ys.max()]]
     inter = (ma & rect_mask(30, 40, (5, 5, 24, 14))).sum()
     assert inter / (ma | rect_mask(30, 40, (5, 5, 24, 14))).sum() > 0.85  # the polygon's rasterisation
     for r in recs.values():
@@ -408,6 +408,126 @@ def test_coco_ingest(tmp_path, map_kind):
 
     coco = COCO(str(out))
     assert sorted(coco.getImgIds()) == sorted(recs[k].id for k in recs)
+
+
+def _coco_box_fixture(tmp_path):
+    """Hand-made COCO JSON over 40x30 images: one annotation per image, mask and bbox chosen per case.
+
+    Returns (json path, images root, category map, {file name: (annotation id, mask, bbox)}).
+    """
+    h, w = 30, 40
+    cases = {
+        # name: (mask box (inclusive), bbox as written in the JSON, or a marker for a missing one)
+        "loose.jpg": ((10, 5, 19, 14), [8, 3, 16, 14]),  # a looser box than the mask's (like 241x400 vs 223x347)
+        "float.jpg": ((10, 5, 19, 14), [9.6, 4.4, 11.2, 10.3]),  # fractional: rounded like every index box
+        "missing.jpg": ((3, 4, 12, 20), None),  # no bbox key at all
+        "malformed.jpg": ((3, 4, 12, 20), [3, 4, "ten", 17]),
+        "empty.jpg": ((3, 4, 12, 20), [3, 4, 0, 17]),
+        "sticks_out.jpg": ((0, 22, 39, 29), [-3, 20, 50, 20]),  # x -3..46, y 20..39: clipped to the image
+        "half.jpg": ((0, 0, 9, 9), [5, 0, 10, 10]),  # exactly 50% of the mask inside: kept
+        "gross.jpg": ((2, 2, 11, 11), [8, 8, 20, 20]),  # 16 of 100 mask pixels inside: reject
+        "outside.jpg": ((2, 2, 11, 11), [100, 100, 5, 5]),  # no pixel inside the image
+    }
+    imgs = tmp_path / "coco_box_images"
+    images, anns, truth = [], [], {}
+    for k, (name, (mbox, bbox)) in enumerate(cases.items(), start=1):
+        write_image(imgs / name, w, h, seed=k)
+        m = rect_mask(h, w, mbox)
+        images.append({"id": k, "file_name": name, "width": w, "height": h})
+        x0, y0, x1, y1 = mbox
+        ann = {"id": 100 + k, "image_id": k, "category_id": 18, "iscrowd": 0, "area": int(m.sum()),
+               "segmentation": [[x0, y0, x1 + 1, y0, x1 + 1, y1 + 1, x0, y1 + 1]]}
+        if bbox is not None:
+            ann["bbox"] = bbox
+        anns.append(ann)
+        truth[name] = (100 + k, m, bbox)
+    path = coco_json(tmp_path / "boxes.json", images, anns, [{"id": 18, "name": "dog"}])
+    return path, imgs, {"dog": 0}, truth
+
+
+def _tight(m):
+    ys, xs = np.nonzero(m)
+    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+
+
+def test_coco_bbox_is_the_box(tmp_path):
+    path, imgs, cmap, truth = _coco_box_fixture(tmp_path)
+    idx = ingest_coco(path, imgs, cmap, progress=False, workers=1)
+    recs = _by_name(idx)
+    bbox = {name: [a["bbox"] for a in idx.annotations(r.id)] for name, r in recs.items()}
+    src = {name: [a["box_source"] for a in idx.annotations(r.id)] for name, r in recs.items()}
+    for name, r in recs.items():  # the decoded polygons are the hand-made masks
+        np.testing.assert_array_equal(r.mask(), truth[name][1])
+    # the COCO bbox is kept exactly, not replaced by the mask's tight box [10, 5, 10, 10]
+    assert bbox["loose.jpg"] == [[8, 3, 16, 14]] and src["loose.jpg"] == ["bbox"]
+    assert recs["loose.jpg"].boxes.tolist() == [[8, 3, 23, 16]]
+    assert _tight(truth["loose.jpg"][1]) == [10, 5, 10, 10]
+    # a fractional bbox is rounded as bbox_to_inclusive rounds every index box
+    assert recs["float.jpg"].boxes.tolist() == [list(bbox_to_inclusive([9.6, 4.4, 11.2, 10.3]))] == [[10, 4, 20, 13]]
+    # missing, malformed or empty bbox: the mask's tight box
+    for name in ("missing.jpg", "malformed.jpg", "empty.jpg"):
+        assert bbox[name] == [_tight(truth[name][1])] == [[3, 4, 10, 17]] and src[name] == ["mask_fallback"], name
+    # a bbox sticking out of the image is clipped to it
+    assert bbox["sticks_out.jpg"] == [[0, 20, 40, 10]] and src["sticks_out.jpg"] == ["bbox"]
+    # exactly half of the mask inside the bbox passes
+    assert bbox["half.jpg"] == [[5, 0, 10, 10]]
+    # gross disagreement and a bbox outside the image are recorded rejects with the annotation id and fractions
+    rejects = {r["path"]: r for r in idx.rejects}
+    assert set(rejects) == {"gross.jpg", "outside.jpg"} and "gross.jpg" not in recs and "outside.jpg" not in recs
+    gross = rejects["gross.jpg"]
+    assert gross["reason"] == Reject.BOX_MASK_MISMATCH == "box_mask_mismatch"
+    ann_id = truth["gross.jpg"][0]
+    # brute force: mask pixels inside the bbox x 8..27, y 8..27 of the 10x10 mask at 2..11
+    m = truth["gross.jpg"][1]
+    inside = int(m[8:28, 8:28].sum())
+    assert (inside, int(m.sum())) == (16, 100)
+    assert gross["detail"].startswith(f"annotation {ann_id}: 16.0% of its mask (16 of 100 pixels)")
+    assert "at least 50% required" in gross["detail"] and "fills 4.0% of the bbox" in gross["detail"]
+    assert rejects["outside.jpg"]["reason"] == Reject.BOX_OUTSIDE_IMAGE
+    assert f"annotation {truth['outside.jpg'][0]}" in rejects["outside.jpg"]["detail"]
+    info = idx.data["info"]["source"]
+    assert info["box_from"] == "bbox" and info["min_mask_inside"] == 0.5
+    assert info["boxes"] == {"bbox": 4, "mask": 0, "mask_fallback": 3, "clipped": 1}
+    idx.validate()
+
+
+def test_coco_box_from_mask_and_threshold(tmp_path):
+    path, imgs, cmap, truth = _coco_box_fixture(tmp_path)
+    idx = ingest_coco(path, imgs, cmap, progress=False, workers=1, box_from="mask")
+    recs = _by_name(idx)
+    # every box is the tight box of its mask, whatever the bbox says; nothing disagrees, nothing is outside
+    assert set(recs) == set(truth) and idx.rejects == []
+    for name, r in recs.items():
+        assert [a["bbox"] for a in idx.annotations(r.id)] == [_tight(truth[name][1])], name
+        assert [a["box_source"] for a in idx.annotations(r.id)] == ["mask"]
+    assert idx.data["info"]["source"]["boxes"]["mask"] == len(truth)
+    # the agreement threshold is an option: 0.1 keeps the 16% image, 0 switches the check off
+    loose = ingest_coco(path, imgs, cmap, progress=False, workers=1, min_mask_inside=0.1)
+    assert _reasons(loose) == {"outside.jpg": Reject.BOX_OUTSIDE_IMAGE}
+    assert [a["bbox"] for a in loose.annotations(_by_name(loose)["gross.jpg"].id)] == [[8, 8, 20, 20]]
+    with pytest.raises(IngestError, match="box_from"):
+        ingest_coco(path, imgs, cmap, progress=False, box_from="tight")
+    with pytest.raises(IngestError, match="min_mask_inside"):
+        ingest_coco(path, imgs, cmap, progress=False, min_mask_inside=1.5)
+
+
+def test_cli_ingest_coco_box_from(tmp_path, capsys):
+    from engine.cli import main
+
+    path, imgs, _cmap, truth = _coco_box_fixture(tmp_path)
+    cmap = write_text(tmp_path / "map.txt", "dog = 0\n")
+    base = ["ingest", "coco", str(path), "--images", str(imgs), "--category-map", str(cmap), "--no-progress",
+            "--workers", "1"]
+    assert main([*base, "--out", str(tmp_path / "bbox.json")]) == 0
+    text = capsys.readouterr().out
+    assert "box_mask_mismatch 1" in text and "gross.jpg" in text and f"annotation {truth['gross.jpg'][0]}" in text
+    by_bbox = _by_name(DatasetIndex.load(tmp_path / "bbox.json"))
+    assert by_bbox["loose.jpg"].boxes.tolist() == [[8, 3, 23, 16]]
+    assert main([*base, "--out", str(tmp_path / "mask.json"), "--box-from", "mask", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == len(truth) and summary["rejects"] == {}
+    by_mask = _by_name(DatasetIndex.load(tmp_path / "mask.json"))
+    assert by_mask["loose.jpg"].boxes.tolist() == [[10, 5, 19, 14]]
 
 
 def test_coco_errors(tmp_path):

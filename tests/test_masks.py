@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -151,9 +152,39 @@ def test_box_touching_all_four_edges_has_no_only_bg_t():
     assert check_selection(whole, 20, 20, IDENTITY, SelectionFilters(box_size=False, bgt_margin=False)) is None
     # touching three edges leaves a margin (one free row at the bottom)
     assert check_selection([[0, 0, 19, 18]], 20, 20, IDENTITY, SelectionFilters(box_size=False)) is None
-    # a box touching the crop's edges from a larger image: the rule is applied in crop coordinates
+    # a box touching the crop's edges from a larger image: with tiling="crop" the rule is applied in crop
+    # coordinates; the paper's full-resolution tiling still finds a 3-pixel strip in the stored image
     g = CropGeometry(resize=20, crop=10)
-    assert check_selection([[3, 3, 16, 16]], 20, 20, g, SelectionFilters(box_size=False))[0] == Reject.NO_BGT_MARGIN
+    no_size = SelectionFilters(box_size=False)
+    assert check_selection([[3, 3, 16, 16]], 20, 20, g, no_size, tiling="crop")[0] == Reject.NO_BGT_MARGIN
+    assert check_selection([[3, 3, 16, 16]], 20, 20, g, no_size) is None  # tiling="paper" is the default
+    with pytest.raises(ConfigError, match="tiling"):
+        check_selection([[3, 3, 16, 16]], 20, 20, g, no_size, tiling="full")
+
+
+def test_paper_tiling_margin_is_measured_at_full_resolution():
+    # 40x30 stored image, geometry (20, 18): resized to 26x20, the crop samples columns/rows inside the image
+    g = CropGeometry(resize=20, crop=18)
+    no_size = SelectionFilters(box_size=False)
+    whole = [[0, 0, 39, 29]]
+    # a box covering the whole stored image has no Only-BG-T in either construction
+    assert check_selection(whole, 30, 40, g, no_size)[0] == Reject.NO_BGT_MARGIN
+    assert "whole 40x30 image" in check_selection(whole, 30, 40, g, no_size)[1]
+    assert check_selection(whole, 30, 40, g, no_size, tiling="crop")[0] == Reject.NO_BGT_MARGIN
+    # one free full-resolution pixel on any side is a margin (the paper's strip of width 1) although the
+    # crop-space box covers the whole crop
+    plan = g.plan(30, 40)
+    for box in ([1, 0, 39, 29], [0, 1, 39, 29], [0, 0, 38, 29], [0, 0, 39, 28]):
+        assert plan.box_to_crop(box) == (0, 0, 17, 17)
+        assert check_selection([box], 30, 40, g, no_size) is None
+        assert check_selection([box], 30, 40, g, no_size, tiling="crop")[0] == Reject.NO_BGT_MARGIN
+    # the union box of several boxes counts: two halves that together cover the image leave no margin
+    halves = [[0, 0, 19, 29], [20, 0, 39, 29]]
+    union_off = SelectionFilters(box_size=False, single_object=False)
+    assert check_selection(halves, 30, 40, g, union_off)[0] == Reject.NO_BGT_MARGIN
+    assert check_selection(halves[:1] + [[20, 0, 38, 29]], 30, 40, g, union_off) is None
+    # boxes that stick out are clipped first: a box larger than the image covers it
+    assert check_selection([[-5, -5, 50, 50]], 30, 40, g, no_size)[0] == Reject.NO_BGT_MARGIN
 
 
 def test_always_on_checks_and_all_filters_off():
@@ -166,7 +197,7 @@ def test_always_on_checks_and_all_filters_off():
         SelectionFilters(max_box_fraction=1.5)
 
 
-def _reference_filters(box, h, w, resize, crop, size_rule=True):
+def _reference_filters(box, h, w, resize, crop, size_rule=True, tiling="paper"):
     """Brute force from PAPER.md: paint the box into a mask, resize (nearest), centre-crop, count pixels."""
     if h <= w:
         rh, rw = resize, int(resize * w / h)
@@ -184,15 +215,19 @@ def _reference_filters(box, h, w, resize, crop, size_rule=True):
         return Reject.BOX_TOO_LARGE
     if cropped.sum() < 0.5 * resized.sum() or resized.sum() == 0:  # a box too thin to survive the resize: 0% in
         return Reject.BOX_OUTSIDE_CROP
-    if cropped.sum() > 0:
+    if tiling == "paper":  # the stored image: no strip only when the painted box is every pixel
+        if src.all():
+            return Reject.NO_BGT_MARGIN
+    elif cropped.sum() > 0:
         ys, xs = np.nonzero(cropped)
         if ys.min() == 0 and xs.min() == 0 and ys.max() == crop - 1 and xs.max() == crop - 1:
             return Reject.NO_BGT_MARGIN
     return None
 
 
+@pytest.mark.parametrize("tiling", ["paper", "crop"])
 @pytest.mark.parametrize("size_rule", [True, False])
-def test_filters_agree_with_brute_force_reference(size_rule):
+def test_filters_agree_with_brute_force_reference(size_rule, tiling):
     rng = np.random.default_rng(7)
     geo = CropGeometry(resize=32, crop=28)
     items, expected = [], []
@@ -201,12 +236,26 @@ def test_filters_agree_with_brute_force_reference(size_rule):
         x0, x1 = sorted(int(v) for v in rng.integers(0, w, 2))
         y0, y1 = sorted(int(v) for v in rng.integers(0, h, 2))
         items.append((np.array([[x0, y0, x1, y1]]), h, w))
-        expected.append(_reference_filters((x0, y0, x1, y1), h, w, geo.resize, geo.crop, size_rule))
-    got = [None if r is None else r[0] for r in check_selection_many(items, geo, SelectionFilters(box_size=size_rule))]
+        expected.append(_reference_filters((x0, y0, x1, y1), h, w, geo.resize, geo.crop, size_rule, tiling))
+    for k in range(12):  # boxes covering the whole (near-square) image, or all of it but one row or column
+        h = 20 + 3 * k
+        w = h + k % 3
+        box = [0, 0, w - 1, h - 1]
+        if k % 4:
+            box[k % 4] += 1 if k % 4 == 1 else -1  # y0 = 1, x1 = w - 2 or y1 = h - 2
+        items.append((np.array([box]), h, w))
+        expected.append(_reference_filters(tuple(box), h, w, geo.resize, geo.crop, size_rule, tiling))
+    got = [None if r is None else r[0]
+           for r in check_selection_many(items, geo, SelectionFilters(box_size=size_rule), tiling=tiling)]
     assert got == expected
     # every outcome was exercised
     assert set(expected) == {None, Reject.BOX_OUTSIDE_CROP} | (
         {Reject.BOX_TOO_LARGE} if size_rule else {Reject.NO_BGT_MARGIN})
+    if not size_rule:
+        # the full-resolution rule drops exactly the boxes covering the whole image; the crop rule drops more
+        whole = sum(1 for b, h, w in items if b[0].tolist() == [0, 0, w - 1, h - 1])
+        n_margin = expected.count(Reject.NO_BGT_MARGIN)
+        assert whole == 3 and ((n_margin == whole) if tiling == "paper" else (n_margin > whole + 5))
 
 
 # ==============================================================================================================
@@ -563,3 +612,182 @@ def test_grabcut_quality_on_builtin_dataset(tiny_index, tmp_path):
     # 0.80 fails if the box, the foreground labels or the mask resizing go wrong, with room for OpenCV versions.
     assert q["mean"] > 0.80
     assert sheet.is_file() and sheet.stat().st_size > 1000
+
+
+# ==============================================================================================================
+# The selection filters apply to every image, whatever its mask source
+# ==============================================================================================================
+
+
+def _brute_force_reason(rec, geo: CropGeometry, filters: SelectionFilters, tiling: str, min_fraction=0.10):
+    """What PAPER.md's rules (plus the engine's margin and mask-size rules) say about one image, from scratch."""
+    if filters.single_object and len(rec.boxes) > 1:
+        return Reject.MULTIPLE_OBJECTS
+    h, w = rec.height, rec.width
+    x0, y0 = max(0, int(rec.boxes[:, 0].min())), max(0, int(rec.boxes[:, 1].min()))
+    x1, y1 = min(w - 1, int(rec.boxes[:, 2].max())), min(h - 1, int(rec.boxes[:, 3].max()))
+    assert filters.box_inside and filters.bgt_margin  # the reference below always applies both
+    reason = _reference_filters((x0, y0, x1, y1), h, w, geo.resize, geo.crop, filters.box_size, tiling)
+    if reason is not None:
+        return reason
+    if filters.mask_size:
+        m = rec.mask()
+        area = (x1 - x0 + 1) * (y1 - y0 + 1)
+        if m[y0 : y1 + 1, x0 : x1 + 1].sum() < min_fraction * area:
+            return Reject.MASK_TOO_SMALL
+    return None
+
+
+def _edited_val(tiny_index) -> tuple[DatasetIndex, dict]:
+    """The tiny val split (true synthetic masks, a few two-object images) with hand-made trouble added.
+
+    Returns the index and ``{role: image id}``. Every third image's mask is marked ``released`` so that two mask
+    sources are filtered side by side.
+    """
+    val = tiny_index.select(split="val")
+    data = json.loads(json.dumps(val.data))
+    anns = {}
+    for a in data["annotations"]:
+        anns.setdefault(a["image_id"], []).append(a)
+    single = [i for i in sorted(anns) if len(anns[i]) == 1]
+    ims = {im["id"]: im for im in data["images"]}
+    # the one-free-column image needs an object covering more than 10% of the image (the mask-size rule)
+    big = next(i for i in single if anns[i][0]["area"] > 0.15 * ims[i]["width"] * ims[i]["height"])
+    single.remove(big)
+    roles = {"whole": single[0], "one_px_margin": big, "corner": single[1], "tiny_mask": single[2],
+             "two_objects": next(i for i in sorted(anns) if len(anns[i]) > 1)}
+    w, h = ims[roles["whole"]]["width"], ims[roles["whole"]]["height"]
+    anns[roles["whole"]][0]["bbox"] = [0, 0, w, h]  # the whole stored image
+    w, h = ims[roles["one_px_margin"]]["width"], ims[roles["one_px_margin"]]["height"]
+    anns[roles["one_px_margin"]][0]["bbox"] = [1, 0, w - 1, h]  # all but the first column
+    w, h = ims[roles["corner"]]["width"], ims[roles["corner"]]["height"]
+    anns[roles["corner"]][0]["bbox"] = [0, 0, max(2, w // 8), max(2, h // 8)]  # outside the centre crop
+    a = anns[roles["tiny_mask"]][0]
+    im = ims[roles["tiny_mask"]]
+    x, y = int(a["bbox"][0]), int(a["bbox"][1])
+    m = np.zeros((im["height"], im["width"]), np.uint8)
+    m[y : y + 2, x : x + 2] = 1  # 4 pixels: far below 10% of the box
+    a["segmentation"] = rle_encode(m)
+    for k, i in enumerate(sorted(anns)):
+        if k % 3 == 0:
+            for a in anns[i]:
+                if a.get("segmentation") is not None:
+                    a["mask_source"] = "released"
+    return DatasetIndex(data, tiny_index.path), roles
+
+
+@pytest.mark.parametrize("box_size", [True, False])
+def test_filters_apply_to_existing_masks_and_counts_match_brute_force(tiny_index, tiny_geometry, box_size):
+    idx, roles = _edited_val(tiny_index)
+    filters = SelectionFilters(box_size=box_size)
+    res = prepare(idx, geometry=tiny_geometry, filters=filters, workers=1, progress=False)
+    p = res.data["info"]["prepare"]
+    assert p["grabcut_masks"] == 0 and p["kept_existing_masks"] == len(res)  # every image kept its own mask
+    expected = {i: _brute_force_reason(idx.record(i), tiny_geometry, filters, "paper") for i in idx.ids}
+    assert sorted(res.ids) == sorted(i for i, r in expected.items() if r is None)
+    want = collections.Counter(r for r in expected.values() if r is not None)
+    assert p["filtered"] == dict(want) == p["rejects"]
+    # the rejects list (path, reason, detail) says the same, image by image
+    got = {int(r["detail"].split()[1].rstrip(":")): r["reason"] for r in res.rejects}
+    assert got == {i: r for i, r in expected.items() if r is not None}
+    for r in res.rejects:
+        assert r["path"] == idx.record(int(r["detail"].split()[1].rstrip(":"))).path
+    # per mask source
+    by_src = collections.defaultdict(collections.Counter)
+    for i, r in expected.items():
+        if r is not None:
+            by_src[idx.record(i).mask_source][r] += 1
+    assert p["filtered_by_mask_source"] == {s: dict(c) for s, c in by_src.items()}
+    assert set(p["filtered_by_mask_source"]) == {"released", "synthetic"}
+    # the hand-made cases: every rule fired where it should (numbers for the tiny set, seed 0)
+    assert expected[roles["two_objects"]] == Reject.MULTIPLE_OBJECTS
+    assert want[Reject.MULTIPLE_OBJECTS] == sum(1 for r in idx.records() if len(r.boxes) > 1) == 2
+    assert expected[roles["corner"]] == Reject.BOX_OUTSIDE_CROP
+    assert expected[roles["tiny_mask"]] == Reject.MASK_TOO_SMALL
+    if box_size:
+        assert expected[roles["whole"]] == expected[roles["one_px_margin"]] == Reject.BOX_TOO_LARGE
+        assert p["filtered"] == {Reject.BOX_OUTSIDE_CROP: 1, Reject.BOX_TOO_LARGE: 2, Reject.MASK_TOO_SMALL: 1,
+                                 Reject.MULTIPLE_OBJECTS: 2}
+    else:
+        # the paper's full-resolution margin: the whole-image box has no Only-BG-T; one free column is a margin
+        # although the crop-space box covers the whole crop (tiling="crop" drops that image)
+        assert expected[roles["whole"]] == Reject.NO_BGT_MARGIN and expected[roles["one_px_margin"]] is None
+        r = idx.record(roles["one_px_margin"])
+        c = tiny_geometry.crop - 1
+        assert tiny_geometry.plan(r.height, r.width).box_to_crop(r.union_box) == (0, 0, c, c)
+        assert roles["one_px_margin"] in res.ids
+        assert p["filtered"] == {Reject.BOX_OUTSIDE_CROP: 1, Reject.NO_BGT_MARGIN: 1, Reject.MASK_TOO_SMALL: 1,
+                                 Reject.MULTIPLE_OBJECTS: 2}
+        crop = prepare(idx, geometry=tiny_geometry, filters=filters, workers=1, progress=False, tiling="crop")
+        assert roles["one_px_margin"] not in crop.ids and roles["whole"] not in crop.ids
+        assert crop.data["info"]["prepare"]["settings"]["tiling"] == "crop"
+        want_crop = collections.Counter(_brute_force_reason(idx.record(i), tiny_geometry, filters, "crop")
+                                        for i in idx.ids)
+        want_crop.pop(None)
+        assert crop.data["info"]["prepare"]["filtered"] == dict(want_crop)
+        assert want_crop[Reject.NO_BGT_MARGIN] >= 2
+    assert p["settings"]["tiling"] == "paper" and p["filters_enabled"] == list(filters.enabled())
+
+
+def test_filters_switched_off_keep_existing_masks(tiny_index, tiny_geometry):
+    idx, roles = _edited_val(tiny_index)
+    n = len(idx)
+    # all off: every image keeps its mask (the always-on sanity checks find nothing here)
+    off = prepare(idx, geometry=tiny_geometry, filters=SelectionFilters.off(), workers=1, progress=False)
+    assert len(off) == n and off.rejects == [] and off.data["info"]["prepare"]["filtered"] == {}
+    assert off.data["info"]["prepare"]["filters_enabled"] == []
+    # one filter off keeps exactly what that filter alone would drop
+    no_single = prepare(idx, geometry=tiny_geometry, filters=SelectionFilters(single_object=False), workers=1,
+                        progress=False)
+    assert roles["two_objects"] in no_single.ids
+    assert Reject.MULTIPLE_OBJECTS not in no_single.data["info"]["prepare"]["filtered"]
+    no_mask = prepare(idx, geometry=tiny_geometry, filters=SelectionFilters(mask_size=False), workers=1,
+                      progress=False)
+    assert roles["tiny_mask"] in no_mask.ids and roles["two_objects"] not in no_mask.ids
+
+
+def test_filter_existing_is_gone_with_a_clear_message(tiny_index, tiny_geometry, builtin_root, tmp_path, capsys):
+    from engine.cli import main
+
+    val = tiny_index.select(split="val")
+    default = prepare(val, geometry=tiny_geometry, workers=1, progress=False)
+    with pytest.warns(FutureWarning, match="filter_existing"):
+        old = prepare(val, geometry=tiny_geometry, workers=1, progress=False, filter_existing=True)
+    assert _strip_timing(old.data) == _strip_timing(default.data)
+    with pytest.raises(ConfigError, match="SelectionFilters.off"):
+        prepare(val, geometry=tiny_geometry, workers=1, progress=False, filter_existing=False)
+    with pytest.raises(ConfigError, match="tiling"):
+        prepare(val, geometry=tiny_geometry, workers=1, progress=False, tiling="full")
+    # the CLI flag still parses, says it is now the default, and changes nothing
+    common = [str(builtin_root), "--split", "val", "--resize", "72", "--crop", "64", "--workers", "1",
+              "--no-progress", "--json"]
+    assert main(["prepare", *common, "-o", str(tmp_path / "a.json"), "--filter-existing"]) == 0
+    captured = capsys.readouterr()
+    assert "--filter-existing is deprecated" in captured.err and "every image" in captured.err
+    report = json.loads(captured.out)
+    assert report["filtered"] == default.data["info"]["prepare"]["filtered"] == {Reject.MULTIPLE_OBJECTS: 2}
+    assert main(["prepare", *common, "-o", str(tmp_path / "b.json")]) == 0
+    assert json.loads(capsys.readouterr().out)["filtered"] == report["filtered"]
+
+
+def test_cli_filter_switches(builtin_root, tmp_path, capsys):
+    from engine.cli import main
+
+    common = [str(builtin_root), "--split", "val", "--resize", "72", "--crop", "64", "--workers", "1",
+              "--no-progress"]
+    assert main(["prepare", *common, "-o", str(tmp_path / "d.json")]) == 0
+    text = capsys.readouterr().out
+    assert "selection filters: single_object, box_size, box_inside, bgt_margin (tiling=paper), mask_size" in text
+    assert "by the selection filters: 2" in text and "multiple_objects" in text and "synthetic 2" in text
+    n_val = len(DatasetIndex.load(builtin_root).select(split="val"))
+    for flags, kept in ((["--no-filters"], n_val), (["--no-single-object"], n_val), (["--no-box-size"], n_val - 2)):
+        out = tmp_path / f"{flags[0]}.json"
+        assert main(["prepare", *common, "-o", str(out), "--json", *flags]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["kept"] == kept == len(DatasetIndex.load(out)), flags
+    assert report["settings"]["filters"]["box_size"] is False and report["settings"]["tiling"] == "paper"
+    assert main(["prepare", *common, "-o", str(tmp_path / "c.json"), "--json", "--tiling", "crop",
+                 "--no-mask-size"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"]["tiling"] == "crop" and report["settings"]["filters"]["mask_size"] is False
+    assert DatasetIndex.load(tmp_path / "c.json").data["info"]["prepare"]["settings"]["tiling"] == "crop"

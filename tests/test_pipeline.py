@@ -38,12 +38,12 @@ from engine.pipeline import (
     Batch,
     auto_backend,
     available_backends,
-    build_background_pool,
     create_loader,
     register_backend,
 )
 from engine.pipeline.common import SampleError, probe_image
 from engine.pipeline.dali import crop_window
+from engine.pool import build_background_pool
 
 ALL = ("pil", "torchvision", "dali")
 BACKEND_PARAMS = [
@@ -550,31 +550,31 @@ def test_cuda_device_without_cuda(tiny_index):
 # ------------------------------------------------------------------------------------------------ background pool
 
 
-def test_background_pool_is_only_bg_t_of_val(tiny_index, tiny_geometry):
-    pool = build_background_pool(tiny_index, tiny_geometry, backend="pil", split="val", batch_size=16)
+@pytest.mark.parametrize("tiling", ["crop", "paper"])
+def test_background_pool_is_only_bg_t_of_val(tiny_index, tiny_geometry, tiling):
+    pool = build_background_pool(tiny_index, tiny_geometry, backend="pil", split="val", batch_size=16, tiling=tiling)
     val = tiny_index.select(split="val")
-    dec = collect(create_loader(val, backend="pil", geometry=tiny_geometry))
+    dec = collect(create_loader(val, backend="pil", geometry=tiny_geometry, tiling=tiling))
     keep = dec.has_bgt
     assert pool.image_ids.tolist() == dec.image_ids[keep].tolist() == sorted(pool.image_ids.tolist())
     assert pool.labels.tolist() == dec.labels[keep].tolist()
     assert len(pool) > 0 and pool.images.dtype == torch.uint8
     for k, row in enumerate(keep.nonzero().squeeze(1).tolist()[::4]):
         j = pool.image_ids.tolist().index(int(dec.image_ids[row]))
-        expected = ref_only_bg_t(dec.images[row].numpy(), dec.boxes[row].tolist(), dec.strips[row].tolist())
+        if tiling == "crop":
+            expected = ref_only_bg_t(dec.images[row].numpy(), dec.boxes[row].tolist(), dec.strips[row].tolist())
+        else:  # the loader's paper Only-BG-T crop (checked against the slow reference in tests/test_photos.py)
+            expected = dec.bgt[row].numpy()
         assert np.array_equal(pool.images[j].numpy(), expected)
 
 
 def test_background_pool_options_and_errors(tiny_index, tiny_geometry, monkeypatch):
-    pool = build_background_pool(tiny_index, tiny_geometry, backend="pil", per_class=2, seed=3,
-                                 tile_fn=lambda images, boxes, strips: images.clone())
+    pool = build_background_pool(tiny_index, tiny_geometry, backend="pil", per_class=2, seed=3)
     chosen = tiny_index.select(per_class=2, seed=3)
     assert set(pool.image_ids.tolist()) <= set(chosen.ids)
     assert max(np.bincount(pool.labels.numpy())) <= 2
     plain = collect(create_loader(chosen, backend="pil", geometry=tiny_geometry))
-    assert torch.equal(pool.images, plain.images[plain.has_bgt])
-    with pytest.raises(ConfigError, match="tile_fn must return"):
-        build_background_pool(tiny_index, tiny_geometry, backend="pil", per_class=1,
-                              tile_fn=lambda images, boxes, strips: images.float())
+    assert torch.equal(pool.images, plain.bgt[plain.has_bgt])
     monkeypatch.setattr(BackgroundPool, "estimate_bytes", staticmethod(lambda n, crop: 1 << 62))
     with pytest.raises(PoolTooLargeError):
         build_background_pool(tiny_index, tiny_geometry, backend="pil")
@@ -614,3 +614,62 @@ def test_cuda_background_pool(tiny_index, tiny_geometry):
     gpu = build_background_pool(tiny_index, tiny_geometry, backend="pil", split="val", device="cuda")
     assert gpu.device.type == "cuda"
     assert torch.equal(gpu.images.cpu(), cpu.images) and torch.equal(gpu.image_ids.cpu(), cpu.image_ids)
+
+
+# ------------------------------------------------------------------------------------------------ paper tiling
+def test_only_bg_t_full_equals_the_tiling_kernel():
+    """The one-image full-resolution tiling of the decoders == kernels.tile_fill (the batched reference kernel) on
+    random images, boxes (also partly outside the image) and the strips the paper's rule picks."""
+    from types import SimpleNamespace
+
+    import kernels
+    from engine.geometry import tile_strips
+    from engine.pipeline.common import only_bg_t_full
+
+    rng = np.random.default_rng(1)
+    checked = 0
+    for _ in range(400):
+        h, w = (int(v) for v in rng.integers(1, 50, 2))
+        x0, x1 = sorted(int(v) for v in rng.integers(-3, w + 3, 2))
+        y0, y1 = sorted(int(v) for v in rng.integers(-3, h + 3, 2))
+        strip = tile_strips(torch.tensor([[x0, y0, x1, y1]]), h, w)[0].tolist()
+        if strip[2] == 0:
+            continue
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        sample = SimpleNamespace(record=SimpleNamespace(union_box=(x0, y0, x1, y1)), strip=tuple(strip))
+        chw = torch.from_numpy(img).permute(2, 0, 1).contiguous()
+        want = kernels.tile_fill(chw[None], torch.tensor([[x0, y0, x1, y1]]), torch.tensor([strip]), backend="torch")[0]
+        got_hwc = only_bg_t_full(img, sample)
+        got_chw = only_bg_t_full(chw, sample)
+        assert np.array_equal(got_hwc, want.permute(1, 2, 0).numpy()), (x0, y0, x1, y1, h, w)
+        assert torch.equal(got_chw, want), (x0, y0, x1, y1, h, w)
+        checked += 1
+    assert checked > 200
+
+
+def test_dali_paste_plan_tiles_the_image_exactly_once():
+    """The rectangles DALI pastes cover every output pixel once, and copying them reproduces only_bg_t_full."""
+    from types import SimpleNamespace
+
+    from engine.geometry import tile_strips
+    from engine.pipeline.common import only_bg_t_full
+    from engine.pipeline.dali import paste_plan
+
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        h, w = (int(v) for v in rng.integers(2, 40, 2))
+        x0, x1 = sorted(int(v) for v in rng.integers(0, w, 2))
+        y0, y1 = sorted(int(v) for v in rng.integers(0, h, 2))
+        strip = tile_strips(torch.tensor([[x0, y0, x1, y1]]), h, w)[0].tolist()
+        if strip[2] == 0:
+            continue
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        ia, sh, oa = paste_plan(h, w, (x0, y0, x1, y1), strip)
+        out = np.zeros_like(img)
+        cover = np.zeros((h, w), np.int32)
+        for (iy, ix), (ph, pw), (oy, ox) in zip(ia, sh, oa):
+            out[oy : oy + ph, ox : ox + pw] = img[iy : iy + ph, ix : ix + pw]
+            cover[oy : oy + ph, ox : ox + pw] += 1
+        assert (cover == 1).all()
+        sample = SimpleNamespace(record=SimpleNamespace(union_box=(x0, y0, x1, y1)), strip=tuple(strip))
+        assert np.array_equal(out, only_bg_t_full(img, sample))

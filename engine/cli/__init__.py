@@ -53,10 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings of a command as one line each: ``bgsynth: warning: <message>`` (no source line, no path)."""
+    return f"bgsynth: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     from engine.errors import BgsynthError
 
     args = build_parser().parse_args(argv)
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return int(args._run(args) or 0)
     except BgsynthError as e:
@@ -65,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"bgsynth {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning  # main() may run in-process (tests, notebooks)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["positive_int", "fraction", "unit_interval", "seconds", "add_model_args", "predictor_from_args",
-           "resolve_index", "geometry_from_args"]
+__all__ = ["positive_int", "fraction", "unit_interval", "seconds", "add_model_args", "add_tiling_arg",
+           "predictor_from_args", "resolve_index", "geometry_from_args"]
 
 
 def positive_int(text: str) -> int:
@@ -58,6 +58,14 @@ def add_model_args(p: argparse.ArgumentParser, unmapped: str = "wrong") -> argpa
                    help="input normalisation mean (default: by output space, or stored in the checkpoint)")
     m.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"), help="input normalisation std")
     return m
+
+
+def add_tiling_arg(group) -> None:
+    """``--tiling paper|crop``: how Only-BG-T (and so every Mixed-* background) is built."""
+    group.add_argument("--tiling", choices=("paper", "crop"), default="paper",
+                       help="Only-BG-T construction: paper = the strip rule and tiling on the stored image at full "
+                            "resolution, then resize + crop (the authors' backgrounds); crop = tiled inside the crop "
+                            "(a faster approximation that differs on real photographs, see docs/variants.md)")
 
 
 def predictor_from_args(args, device):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ._args import (add_model_args, geometry_from_args, positive_int, predictor_from_args, resolve_index,
-                    seconds)
+from ._args import (add_model_args, add_tiling_arg, geometry_from_args, positive_int, predictor_from_args,
+                    resolve_index, seconds)
 
 __all__ = ["register", "run"]
 
@@ -36,6 +36,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="seed of the subsets and of the adaptive order's tie-break")
     d.add_argument("--resize", type=positive_int, default=None, help="shorter side (default: the checkpoint's, else 256)")
     d.add_argument("--crop", type=positive_int, default=None, help="centre crop (default: the checkpoint's, else 224)")
+    add_tiling_arg(d)
     s = p.add_argument_group("search")
     s.add_argument("--full-matrix", action="store_true",
                    help="evaluate every pair: fooling matrix, per-background fool fractions, gallery, histogram")
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         split=split, geometry=geometry, backend=args.backend, device=device, seed=args.seed, fg_ids=fg_ids,
         bg_per_class=args.bg_per_class, batch_size=args.batch_size, fg_tile=args.fg_tile, order=args.order,
         full_matrix=args.full_matrix, store_predictions=args.store_predictions,
-        share_every=args.share_every,
+        share_every=args.share_every, tiling=args.tiling,
         progress=args.progress and ctx.is_main,
     )
     if ctx.is_main:

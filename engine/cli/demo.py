@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._args import add_tiling_arg
+
 
 def register(subparsers):
     p = subparsers.add_parser(
@@ -20,6 +22,7 @@ def register(subparsers):
     p.add_argument("--compare-training", action="store_true",
                    help="also train on Mixed-Rand and compare BG-Gap and challenge accuracy")
     p.add_argument("--backend", default="auto", help="decode backend: auto | dali | torchvision | pil")
+    add_tiling_arg(p)
     p.add_argument("--force", action="store_true", help="ignore cached prepared index and model")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -33,7 +36,7 @@ def run(args) -> int:
     res = run_demo(out_dir=args.out, seed=args.seed, device=args.device, cache_dir=args.cache_dir,
                    epochs=args.epochs, challenge=not args.no_challenge, challenge_fg_per_class=n,
                    challenge_bg_per_class=n, compare_training=args.compare_training, backend=args.backend,
-                   progress=not args.quiet, force=args.force)
+                   progress=not args.quiet, force=args.force, tiling=args.tiling)
     print()
     print(format_summary([res.eval_result]))
     if res.challenge is not None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ._args import add_model_args, geometry_from_args, positive_int, predictor_from_args, resolve_index
+from ._args import (add_model_args, add_tiling_arg, geometry_from_args, positive_int, predictor_from_args,
+                    resolve_index)
 
 __all__ = ["register", "run"]
 
@@ -34,6 +35,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="crop geometry: shorter side (default: the checkpoint's, else 256)")
     d.add_argument("--crop", type=positive_int, default=None,
                    help="crop geometry: centre crop (default: the checkpoint's, else 224)")
+    add_tiling_arg(d)
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     r.add_argument("--backend", default="auto", help="decode backend: auto, dali, torchvision, pil")
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         index, predictor, args.out, provenance=args.provenance, report=args.report, name=args.name,
         variants=args.variants, split=None if args.split == "all" else args.split, seed=args.seed,
         geometry=geometry, backend=args.backend, device=device, batch_size=batch_size, progress=progress,
-        per_class=args.per_class, examples_per_class=args.examples_per_class, dist=ctx,
+        per_class=args.per_class, examples_per_class=args.examples_per_class, dist=ctx, tiling=args.tiling,
     )
     if not ctx.is_main:
         return 0

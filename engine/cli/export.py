@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._args import add_tiling_arg
+
 __all__ = ["register", "run"]
 
 
@@ -24,9 +26,13 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--variants", default="all", help="'all' or a comma-separated list (e.g. original,mixed_rand)")
     p.add_argument("--split", default="val", help="split to export ('all': every image of the index)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Mixed-* background choice")
+    p.add_argument("--format", dest="image_format", choices=("jpeg", "png"), default="jpeg",
+                   help="jpeg (<stem>.JPEG, as released) or png (<stem>.png, lossless: a reader of the export sees "
+                        "exactly the pixels bgsynth eval feeds the model)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality (1..100)")
     p.add_argument("--resize", type=int, default=256, help="crop geometry: shorter side")
     p.add_argument("--crop", type=int, default=224, help="crop geometry: centre crop")
+    add_tiling_arg(p)
     p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--backend", default="auto", help="decode backend: auto, dali, torchvision, pil")
     p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"), help="variant kernels backend")
@@ -54,7 +60,7 @@ def run(args) -> int:
         geometry=CropGeometry(args.resize, args.crop), backend=args.backend, kernel_backend=args.kernels,
         device=args.device, split=None if args.split == "all" else args.split, batch_size=args.batch_size,
         resume=not args.no_resume, consistent=not args.partial, masks=not args.no_masks, num_threads=args.threads,
-        progress=not args.quiet,
+        progress=not args.quiet, image_format=args.image_format, tiling=args.tiling,
     )
     print(f"exported {res.images} images to {res.out_dir} ({res.written} written now, "
           f"{res.images - res.written if res.images >= res.written else 0} already there)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._args import positive_int
+from ._args import fraction, positive_int
 
 __all__ = ["register", "run"]
 
@@ -67,7 +67,10 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="a COCO instance-mask JSON (polygons or RLE) with a category -> IN-9 map",
         description=(
             "The map is a JSON object or a text file of 'category = IN-9 class' lines; categories by name or id, "
-            "IN-9 classes by id (0-8), name or folder. Unmapped categories are skipped and counted."
+            "IN-9 classes by id (0-8), name or folder. Unmapped categories are skipped and counted. Boxes: each "
+            "annotation's COCO bbox is the box, as in COCO (clipped to the image; the tight box of its mask only "
+            "when the bbox is missing, malformed or empty), unless --box-from mask. A bbox with less than "
+            "--min-mask-inside (50%) of its mask's pixels inside it makes the image a 'box_mask_mismatch' reject."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -77,6 +80,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     co.add_argument("--split", default="val", help="split name recorded in the index")
     co.add_argument("--mask-source", default="external", choices=("external", "released", "grabcut", "synthetic"),
                     help="provenance recorded on the masks")
+    co.add_argument("--box-from", default="bbox", choices=("bbox", "mask"),
+                    help="bbox: the annotation's COCO bbox is the box (mask's tight box only where bbox is missing, "
+                         "malformed or empty); mask: the tight box of each decoded mask")
+    co.add_argument("--min-mask-inside", type=fraction, default=0.5,
+                    help="with --box-from bbox: reject an image (box_mask_mismatch) when less than this fraction "
+                         "of an annotation's mask pixels lies inside its bbox (0 switches the check off)")
     _common(co)
     return p
 
@@ -92,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         index = ingest_in9_release(args.root, variant=args.variant, split=args.split, masks=args.masks, **common)
     else:
         index = ingest_coco(args.annotations, args.images, args.category_map, split=args.split,
-                            mask_source=args.mask_source, **common)
+                            mask_source=args.mask_source, box_from=args.box_from,
+                            min_mask_inside=args.min_mask_inside, **common)
     summary = index.summary()
     if args.json:
         print(json.dumps({"index": str(args.out), **summary, "reject_list": index.rejects[: args.show_rejects]},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 
 from ._args import fraction, positive_int
 
@@ -16,10 +17,13 @@ def register(subparsers) -> argparse.ArgumentParser:
         "prepare",
         help="select images as the paper did and fill in GrabCut foreground masks (parallel, resumable)",
         description=(
-            "Apply the paper's IN-9 selection filters in the model's crop geometry (one box; box at most 90% of "
-            "the crop; at least 50% of it inside the crop; some margin left for Only-BG-T), then give every "
-            "surviving image without a mask a GrabCut mask seeded by its box (5 iterations, accepted when it "
-            "covers at least 10% of the box, up to 10 seeds). Runs on all cores; results are journaled next to "
+            "Apply the paper's IN-9 selection filters to every image, whatever its mask source (released, "
+            "synthetic, external, grabcut or none), in the model's crop geometry: one box; box at most 90% of "
+            "the crop; at least 50% of it inside the crop; some margin left for Only-BG-T (per --tiling); the mask "
+            "covers at least 10% of the box. Then give every surviving image without a mask a GrabCut mask seeded "
+            "by its box (5 iterations, accepted when it covers at least 10% of the box, up to 10 seeds). Each "
+            "filter can be switched off (--no-<filter>, or --no-filters for all); what they drop is counted per "
+            "reason in the output's info.prepare.filtered. Runs on all cores; results are journaled next to "
             "the output so that a killed run continues with --resume and ends with the same index. Under torchrun "
             "each rank takes a share of the images (and of the node's cores) with its own journal, and rank 0 writes "
             "the index a single process would: torchrun --nnodes=4 --nproc_per_node=1 ... -m engine.cli prepare INDEX"
@@ -36,8 +40,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of GrabCut (per image) and of --per-class")
     p.add_argument("--recompute", action="store_true",
                    help="replace existing masks with GrabCut masks (and report IoU against the replaced ones)")
-    p.add_argument("--filter-existing", action="store_true",
-                   help="apply the selection filters also to images that keep their existing masks")
+    # removed: the filters now apply to images with existing masks by default (a deprecation note, no effect)
+    p.add_argument("--filter-existing", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workers", type=positive_int, default=None,
                    help="processes (default: all cores; under torchrun, each rank its share of the node's cores)")
     p.add_argument("--max-side", type=positive_int, default=None,
@@ -47,7 +51,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--show-count", type=positive_int, default=8, help="rows of worst and of best masks")
     p.add_argument("--resize", type=positive_int, default=256, help="crop geometry: shorter side resized to")
     p.add_argument("--crop", type=positive_int, default=224, help="crop geometry: centre crop side")
-    g = p.add_argument_group("selection filters (each on by default)")
+    g = p.add_argument_group(
+        "selection filters (each on by default, applied to every image whatever its mask source; one switch each)")
+    g.add_argument("--no-filters", dest="filters", action="store_false",
+                   help="switch every selection filter off (only the sanity checks remain: no box, box outside "
+                        "the image, unreadable file; GrabCut still needs a non-empty mask)")
     g.add_argument("--no-single-object", dest="single_object", action="store_false",
                    help="keep images with several boxes (their union box is used)")
     g.add_argument("--no-box-size", dest="box_size", action="store_false",
@@ -55,14 +63,23 @@ def register(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--no-box-inside", dest="box_inside", action="store_false",
                    help="keep boxes with less than --min-inside-fraction inside the crop")
     g.add_argument("--no-bgt-margin", dest="bgt_margin", action="store_false",
-                   help="keep boxes that leave no margin for Only-BG-T")
+                   help="keep boxes that leave no margin for Only-BG-T (see --tiling)")
+    g.add_argument("--no-mask-size", dest="mask_size", action="store_false",
+                   help="keep masks covering less than --min-fraction of the box: GrabCut accepts its first "
+                        "non-empty mask, existing masks are not measured")
     g.add_argument("--max-box-fraction", type=fraction, default=0.9, help="box size filter threshold")
     g.add_argument("--min-inside-fraction", type=fraction, default=0.5, help="box inside filter threshold")
+    g.add_argument("--tiling", choices=("paper", "crop"), default="paper",
+                   help="Only-BG-T the margin filter checks: paper = strip rule on the stored image at full "
+                        "resolution (dropped only when the union box covers the whole image); crop = strip rule "
+                        "on the crop-space box inside the crop (the faster approximation). Use the tiling the "
+                        "variants will be built with")
     gc = p.add_argument_group("GrabCut")
     gc.add_argument("--iterations", type=positive_int, default=5, help="GrabCut iterations per attempt")
     gc.add_argument("--attempts", type=positive_int, default=10, help="seeds tried before an image is dropped")
     gc.add_argument("--min-fraction", type=fraction, default=0.10,
-                    help="accept a mask covering at least this fraction of the box")
+                    help="accept a mask covering at least this fraction of the box (GrabCut's acceptance rule and "
+                         "the mask size filter of existing masks)")
     p.add_argument("--checkpoint-every", type=positive_int, default=64,
                    help="journal chunk (images) flushed to disk at a time")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -76,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
     from engine.masks import SelectionFilters, format_prepare_summary, prepare
 
     ctx = init_distributed()  # under torchrun each rank runs GrabCut on its share; a no-op otherwise
+    if args.filter_existing and ctx.is_main:
+        print("bgsynth prepare: warning: --filter-existing is deprecated and has no effect: the selection filters "
+              "now apply to every image, existing masks included, by default (--no-filters or --no-<filter> "
+              "switch them off)", file=sys.stderr)
     out = args.out
     if out is None:
         src = pathlib.Path(args.index)
@@ -86,13 +107,15 @@ def run(args: argparse.Namespace) -> int:
         out=out,
         geometry=CropGeometry(resize=args.resize, crop=args.crop),
         filters=SelectionFilters(
-            single_object=args.single_object,
-            box_size=args.box_size,
-            box_inside=args.box_inside,
-            bgt_margin=args.bgt_margin,
+            single_object=args.filters and args.single_object,
+            box_size=args.filters and args.box_size,
+            box_inside=args.filters and args.box_inside,
+            bgt_margin=args.filters and args.bgt_margin,
+            mask_size=args.filters and args.mask_size,
             max_box_fraction=args.max_box_fraction,
             min_inside_fraction=args.min_inside_fraction,
         ),
+        tiling=args.tiling,
         recompute=args.recompute,
         per_class=args.per_class,
         seed=args.seed,
@@ -105,7 +128,6 @@ def run(args: argparse.Namespace) -> int:
         iterations=args.iterations,
         attempts=args.attempts,
         min_fraction=args.min_fraction,
-        filter_existing=args.filter_existing,
         checkpoint_every=args.checkpoint_every,
         show_count=args.show_count,
         dist=ctx,

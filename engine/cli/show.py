@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._args import add_tiling_arg
+
 __all__ = ["register", "run"]
 
 
@@ -27,6 +29,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the Mixed-* background choice")
     p.add_argument("--resize", type=int, default=256)
     p.add_argument("--crop", type=int, default=224)
+    add_tiling_arg(p)
     p.add_argument("--tile", type=int, default=None, help="tile side in pixels (default: crop, at most 128)")
     p.add_argument("--decoded", action="store_true", help="draw decoded crops with mask and box instead")
     p.add_argument("--backend", default="auto", help="decode backend: auto, dali, torchvision, pil")
@@ -45,7 +48,7 @@ def run(args) -> int:
     path, n = show_index(
         index, args.out, n=args.images, per_class=args.per_class, variants=args.variants,
         split=None if args.split == "all" else args.split, seed=args.seed, resize=args.resize, crop=args.crop,
-        tile=args.tile, decoded=args.decoded, backend=args.backend, device=args.device,
+        tile=args.tile, decoded=args.decoded, backend=args.backend, device=args.device, tiling=args.tiling,
     )
     print(f"wrote {path} ({n} images)")
     return 0

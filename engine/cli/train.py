@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._args import positive_int, unit_interval
+from ._args import add_tiling_arg, positive_int, unit_interval
 
 __all__ = ["register", "run"]
 
@@ -50,6 +50,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--min-scale", type=unit_interval, default=0.35,
                    help="random resized crop: smallest area fraction")
     a.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flip")
+    add_tiling_arg(a)
     d = p.add_argument_group("data")
     d.add_argument("--split", default="train", help="training split")
     d.add_argument("--val-split", default="val", help="split for the final Original accuracy ('none': skip)")
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         random_resized_crop=args.random_resized_crop, flip=args.flip, scale=(args.min_scale, 1.0),
         optimizer=args.optimizer, schedule=args.schedule, label_smoothing=args.label_smoothing, out=args.out,
         progress=args.progress and ctx.is_main, amp=None if args.amp == "none" else args.amp, backend=args.backend,
-        dist=ctx,
+        dist=ctx, tiling=args.tiling,
     )
     if not ctx.is_main:
         return 0

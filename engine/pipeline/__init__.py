@@ -26,7 +26,6 @@ from ..geometry import CropGeometry
 from ..index import DatasetIndex
 from .batch import BackgroundPool, Batch
 from .common import BACKENDS, BackendSpec, DecodeLoader, backend_available, register_backend, resolve_device
-from .pool import build_background_pool
 
 __all__ = [
     "Batch",
@@ -38,7 +37,6 @@ __all__ = [
     "available_backends",
     "auto_backend",
     "create_loader",
-    "build_background_pool",
 ]
 
 _DALI_PIP = "pip install nvidia-dali-cuda130   (or the build matching your CUDA: nvidia-dali-cuda120, ...)"
@@ -90,6 +88,8 @@ def create_loader(
     num_threads: int | None = None,
     require_mask: bool = False,
     on_error: str = "reject",
+    tiling: str = "paper",
+    only_bg_t: bool = True,
 ) -> DecodeLoader:
     """Create a decode loader: a re-iterable of :class:`Batch` over (a shard of) an index.
 
@@ -113,6 +113,11 @@ def create_loader(
         require_mask: skip (or, with ``on_error="raise"``, fail on) images without a foreground mask.
         on_error: ``"reject"``: undecodable images are skipped, listed in ``loader.rejects`` and warned about;
             ``"raise"``: :class:`~engine.errors.DecodeError` naming the file.
+        tiling: how Only-BG-T is defined (:mod:`engine.variants`): ``"paper"`` (default; tiled on the stored
+            image at full resolution, then resized and cropped like the image: ``Batch.bgt``) or ``"crop"``
+            (tiled inside the crop by the variants; the faster approximation).
+        only_bg_t: with ``"paper"``, make the Only-BG-T crops (``Batch.bgt``); ``False`` when no consumer needs
+            them (``has_bgt`` is still computed).
 
     Returns:
         A :class:`DecodeLoader` (``len()`` = number of batches; attributes ``ids``, ``rejects``, ``fallbacks``).
@@ -149,4 +154,6 @@ def create_loader(
         num_threads=num_threads,
         require_mask=require_mask,
         on_error=on_error,
+        tiling=tiling,
+        only_bg_t=only_bg_t,
     )

@@ -10,7 +10,10 @@ import torch
 
 from ..errors import ConfigError, PoolTooLargeError
 
-__all__ = ["Batch", "BackgroundPool"]
+__all__ = ["Batch", "BackgroundPool", "TILINGS"]
+
+
+TILINGS = ("paper", "crop")
 
 
 @dataclasses.dataclass
@@ -22,9 +25,18 @@ class Batch:
         - masks: ``uint8 [B, 1, C, C]`` (0/1; all zeros where ``has_mask`` is False)
         - boxes: ``int32 [B, 4]`` inclusive union box ``(x0, y0, x1, y1)`` in crop coordinates;
           ``(0, 0, -1, -1)`` where the box falls outside the crop (an empty box)
-        - strips: ``int32 [B, 4]`` Only-BG-T tile ``(sx0, sy0, tw, th)`` (see :func:`engine.geometry.tile_strips`)
+        - strips: ``int32 [B, 4]`` the crop-space Only-BG-T tile ``(sx0, sy0, tw, th)`` of ``tiling="crop"``
+          (see :func:`engine.geometry.tile_strips`)
         - labels, image_ids: ``int64 [B]``
-        - has_mask, has_bgt: ``bool [B]``
+        - has_mask, has_bgt: ``bool [B]``; ``has_bgt``: the image has an Only-BG-T under ``tiling`` (paper: its
+          union box leaves a margin in the stored image; crop: the crop box leaves a margin in the crop)
+        - bgt: ``uint8 [B, 3, C, C]`` or ``None``: with ``tiling="paper"``, the paper's Only-BG-T of every image,
+          tiled at full resolution and then resized and cropped like ``images`` (rows without an Only-BG-T hold
+          the unchanged crop); ``None`` when the decoder was asked not to make it, and always with ``"crop"``
+          (the tiling is then done in the crop by :func:`kernels.tile_fill`).
+
+    Attributes:
+        tiling: ``"paper"`` or ``"crop"``: how this batch's Only-BG-T is defined (see :mod:`engine.variants`).
     """
 
     images: torch.Tensor
@@ -35,6 +47,8 @@ class Batch:
     image_ids: torch.Tensor
     has_mask: torch.Tensor
     has_bgt: torch.Tensor
+    bgt: torch.Tensor | None = None
+    tiling: str = "crop"
 
     def __post_init__(self):
         b = self.images.shape[0]
@@ -44,6 +58,16 @@ class Batch:
             t = getattr(self, name)
             if t.shape[0] != b:
                 raise ConfigError(f"Batch.{name}: expected batch size {b}, got {tuple(t.shape)}")
+        if self.tiling not in TILINGS:
+            raise ConfigError(f"Batch.tiling: expected one of {TILINGS}, got {self.tiling!r}")
+        if self.bgt is not None:
+            if self.tiling != "paper":
+                raise ConfigError("Batch.bgt: full-resolution Only-BG-T images come only with tiling='paper'")
+            if self.bgt.shape != self.images.shape or self.bgt.dtype != torch.uint8:
+                raise ConfigError(
+                    f"Batch.bgt: expected uint8 {tuple(self.images.shape)} (as images), got {self.bgt.dtype} "
+                    f"{tuple(self.bgt.shape)}"
+                )
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -57,21 +81,37 @@ class Batch:
         """Side of the square crop."""
         return int(self.images.shape[-1])
 
+    def _map(self, fn) -> "Batch":
+        """A batch whose tensors are ``fn(tensor)`` (``bgt`` only when present), same tiling."""
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for k, v in kw.items():
+            if isinstance(v, torch.Tensor):
+                kw[k] = fn(v)
+        return Batch(**kw)
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in dataclasses.fields(self)})
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def slice(self, index) -> "Batch":
         """Rows of the batch selected by a slice, an index tensor or a boolean mask."""
-        return Batch(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
+        return self._map(lambda t: t[index])
 
     @classmethod
     def cat(cls, batches: list["Batch"]) -> "Batch":
         if not batches:
             raise ConfigError("Batch.cat: expected at least one batch")
-        return cls(**{f.name: torch.cat([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(cls)})
+        tilings = {b.tiling for b in batches}
+        with_bgt = {b.bgt is not None for b in batches}
+        if len(tilings) > 1 or len(with_bgt) > 1:
+            raise ConfigError("Batch.cat: expected batches of one tiling, all with or all without bgt images")
+        kw = {}
+        for f in dataclasses.fields(cls):
+            vals = [getattr(b, f.name) for b in batches]
+            kw[f.name] = torch.cat(vals) if isinstance(vals[0], torch.Tensor) else vals[0]
+        return cls(**kw)
 
     def pin_memory(self) -> "Batch":
-        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)})
+        return self._map(lambda t: t.pin_memory())
 
 
 @dataclasses.dataclass

@@ -8,6 +8,10 @@ centre-cropped ``uint8`` pixels of an image. Everything else is done here, once:
 * the :class:`~engine.geometry.CropPlan` of each image (exact resize size and crop offset that each backend obeys);
 * masks (``plan.crop_mask`` of the decoded RLE), union boxes (``plan.box_to_crop``), Only-BG-T strips
   (:func:`engine.geometry.tile_strips`), labels and ids, so they are identical across backends by construction;
+* with ``tiling="paper"``, the paper's Only-BG-T: the strip rule on each image's full-resolution margins and the
+  tiling of its stored pixels (:func:`only_bg_t_full`, one implementation for every backend but DALI, which does
+  the same copies in its graph; equal to :func:`kernels.tile_fill` on the full image, as tested); each backend
+  then resizes and crops that image exactly like the Original;
 * the per-file PIL fallback for data a fast decoder does not handle (CMYK JPEG, PNG or other formats in a
   ``.JPEG`` file, files the fast decoder refuses), recorded in ``loader.fallbacks``;
 * rejects (``loader.rejects``, with a warning) or a :class:`~engine.errors.DecodeError` for undecodable files;
@@ -38,7 +42,7 @@ import torch
 from ..errors import BackendUnavailableError, ConfigError, DecodeError, IndexFormatError
 from ..geometry import CropGeometry, CropPlan, tile_strips
 from ..index import DatasetIndex, ImageRecord, Reject
-from .batch import Batch
+from .batch import TILINGS, Batch
 
 __all__ = [
     "ImageProbe",
@@ -47,6 +51,8 @@ __all__ = [
     "probe_image",
     "read_sample",
     "crop_targets",
+    "full_strips",
+    "only_bg_t_full",
     "check_decoded_size",
     "assemble_batch",
     "DecodeLoader",
@@ -206,7 +212,11 @@ def probe_image(data: bytes) -> ImageProbe:
 
 @dataclasses.dataclass
 class HostSample:
-    """One image ready for a decoder: its record, crop plan, encoded bytes and header probe."""
+    """One image ready for a decoder: its record, crop plan, encoded bytes and header probe.
+
+    ``strip`` is the full-resolution Only-BG-T tile ``(sx0, sy0, tw, th)`` of the paper's construction when the
+    decoder must make it (``tiling="paper"``, see :func:`full_strips`), else ``None``.
+    """
 
     record: ImageRecord
     plan: CropPlan
@@ -214,6 +224,7 @@ class HostSample:
     probe: ImageProbe
     mask: np.ndarray | None = None
     box: tuple[int, int, int, int] = (0, 0, -1, -1)
+    strip: tuple[int, int, int, int] | None = None
 
     @property
     def path(self) -> str:
@@ -265,6 +276,62 @@ def crop_targets(sample: HostSample) -> HostSample:
     return sample
 
 
+def full_strips(samples: Sequence[HostSample]) -> list[tuple[int, int, int, int] | None]:
+    """The paper's Only-BG-T tile of each sample at its stored resolution, or ``None`` without a margin.
+
+    The strip rule (:func:`engine.geometry.tile_strips`, batched over the samples' own sizes) applied to the
+    inclusive union box in stored pixels: PAPER.md's construction, before any resize.
+    """
+    if not samples:
+        return []
+    boxes = torch.tensor([s.record.union_box or (0, 0, -1, -1) for s in samples], dtype=torch.int64)
+    h = torch.tensor([s.record.height for s in samples], dtype=torch.int64)
+    w = torch.tensor([s.record.width for s in samples], dtype=torch.int64)
+    strips = tile_strips(boxes, h, w).tolist()
+    return [tuple(st) if st[2] > 0 else None for st in strips]
+
+
+def only_bg_t_full(image: torch.Tensor | np.ndarray, sample: HostSample) -> torch.Tensor | np.ndarray:
+    """The paper's Only-BG-T of one decoded image at its stored resolution.
+
+    Pixels inside the inclusive union box take the strip ``sample.strip`` tiled from the image origin, the others
+    keep their value: the same result as :func:`kernels.tile_fill` on the full-resolution pixels, computed for
+    one image by using the strip's shape. The strip rule always picks a full-height (left/right) or a full-width
+    (top/bottom) strip, so the tiling repeats along one axis only and the box region is one ``index_select``
+    along that axis (an order of magnitude cheaper on the CPU than the batched kernel's two-axis gather over the
+    whole image, which matters at full resolution).
+
+    Args:
+        image: ``uint8 [3, H, W]`` tensor (any device) or ``uint8 [H, W, 3]`` NumPy array (as PIL gives it).
+        sample: the sample; ``sample.strip`` must be set.
+
+    Returns:
+        The same layout and type as ``image``, new memory.
+    """
+    hwc = isinstance(image, np.ndarray)
+    # NumPy input: one writable copy is both the source and the output (index_select materialises the tiled box
+    # before it is written, so reading strip pixels that lie inside the box is safe)
+    x = torch.from_numpy(np.array(image, copy=True)) if hwc else image
+    ay, ax = (0, 1) if hwc else (1, 2)  # axes of y and x
+    H, W = x.shape[ay], x.shape[ax]
+    x0, y0, x1, y1 = sample.record.union_box
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, W - 1), min(y1, H - 1)
+    sx0, sy0, tw, th = sample.strip
+    out = x if hwc else x.clone()
+    if x1 < x0 or y1 < y0:  # no pixel of the box lies in the image: nothing to tile
+        return out.numpy() if hwc else out
+    rows = (slice(y0, y1 + 1), slice(x0, x1 + 1)) if hwc else (slice(None), slice(y0, y1 + 1), slice(x0, x1 + 1))
+    if th == H:  # a left/right strip: source column sx0 + x % tw, same row
+        cols = sx0 + torch.arange(x0, x1 + 1, device=x.device) % tw
+        band = x[y0 : y1 + 1] if hwc else x[:, y0 : y1 + 1]
+        out[rows] = band.index_select(ax, cols)
+    else:  # a top/bottom strip: source row sy0 + y % th, same column
+        src = sy0 + torch.arange(y0, y1 + 1, device=x.device) % th
+        band = x[:, x0 : x1 + 1] if hwc else x[:, :, x0 : x1 + 1]
+        out[rows] = band.index_select(ay, src)
+    return out.numpy() if hwc else out
+
+
 def check_decoded_size(sample: HostSample, height: int, width: int, decoder: str) -> None:
     """Raise :class:`SampleError` when a decoder returned another size than the stored one."""
     if (int(height), int(width)) != (sample.record.height, sample.record.width):
@@ -275,11 +342,16 @@ def check_decoded_size(sample: HostSample, height: int, width: int, decoder: str
 
 
 def assemble_batch(
-    samples: Sequence[HostSample], images: torch.Tensor, geometry: CropGeometry, device: torch.device
+    samples: Sequence[HostSample],
+    images: torch.Tensor,
+    geometry: CropGeometry,
+    device: torch.device,
+    tiling: str = "crop",
+    bgt: torch.Tensor | None = None,
 ) -> Batch:
     """Build a :class:`Batch` from decoded crops and the host samples they came from.
 
-    Masks, boxes, strips, labels and ids are computed here and only here, from the index and the
+    Masks, boxes, strips, labels, ids and ``has_bgt`` are computed here and only here, from the index and the
     :class:`~engine.geometry.CropPlan`; no backend touches them.
 
     Args:
@@ -287,6 +359,9 @@ def assemble_batch(
         images: ``uint8 [B, 3, C, C]`` crops (any device; moved to ``device``).
         geometry: the crop geometry (``C = geometry.crop``).
         device: target device of the batch.
+        tiling: ``"paper"``: ``has_bgt`` is the full-resolution margin rule (``sample.strip``); ``"crop"``: the
+            crop box's margin in the crop.
+        bgt: ``uint8 [B, 3, C, C]`` paper Only-BG-T crops (``tiling="paper"`` only), or ``None``.
 
     Each sample's ``mask``/``box`` must have been filled by :func:`crop_targets`.
     """
@@ -309,12 +384,20 @@ def assemble_batch(
         labels=torch.tensor([s.record.label for s in samples], dtype=torch.int64),
         image_ids=torch.tensor([s.record.id for s in samples], dtype=torch.int64),
         has_mask=torch.from_numpy(has_mask),
-        has_bgt=strips[:, 2] > 0,
+        has_bgt=(
+            torch.tensor([s.strip is not None for s in samples], dtype=torch.bool) if tiling == "paper"
+            else strips[:, 2] > 0
+        ),
     )
     if device.type == "cuda":
         host = {k: (v.pin_memory() if torch.cuda.is_available() else v) for k, v in host.items()}
     host = {k: v.to(device, non_blocking=True) for k, v in host.items()}
-    return Batch(images=images.to(device, non_blocking=True), **host)
+    return Batch(
+        images=images.to(device, non_blocking=True),
+        bgt=None if bgt is None else bgt.to(device, non_blocking=True),
+        tiling=tiling,
+        **host,
+    )
 
 
 def _to_device(t: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
@@ -445,6 +528,10 @@ class DecodeLoader:
         require_mask: images without a foreground mask are rejected (``missing_mask``) or raise.
         on_error: ``"reject"`` (skip undecodable images, record them in :attr:`rejects`, warn) or ``"raise"``
             (:class:`~engine.errors.DecodeError` naming the file).
+        tiling: ``"paper"`` (the paper's Only-BG-T, tiled at full resolution; ``has_bgt`` by the full-resolution
+            margin) or ``"crop"`` (tiled inside the crop later, by the variants; ``has_bgt`` by the crop margin).
+        only_bg_t: with ``tiling="paper"``, also make each image's Only-BG-T crop (``Batch.bgt``); ``False``
+            saves the second resize when no consumer needs it (e.g. the challenge's foregrounds).
 
     Attributes:
         ids: the image ids of this shard, in iteration order.
@@ -470,6 +557,8 @@ class DecodeLoader:
         num_threads: int | None = None,
         require_mask: bool = False,
         on_error: str = "reject",
+        tiling: str = "paper",
+        only_bg_t: bool = True,
     ):
         if not isinstance(index, DatasetIndex):
             raise ConfigError(f"create_loader: expected a DatasetIndex or an index path, got {type(index).__name__}")
@@ -484,6 +573,8 @@ class DecodeLoader:
             raise ConfigError(f"create_loader: expected num_threads to be a positive integer, got {num_threads!r}")
         if on_error not in ("reject", "raise"):
             raise ConfigError(f"create_loader: expected on_error 'reject' or 'raise', got {on_error!r}")
+        if tiling not in TILINGS:
+            raise ConfigError(f"create_loader: expected tiling in {TILINGS}, got {tiling!r}")
         self.index = index
         self.geometry = geometry
         self.batch_size = batch_size
@@ -494,6 +585,8 @@ class DecodeLoader:
         self.num_threads = num_threads or max(1, min(8, os.cpu_count() or 1))
         self.require_mask = bool(require_mask)
         self.on_error = on_error
+        self.tiling = tiling
+        self.make_bgt = tiling == "paper" and bool(only_bg_t)
         self.rejects: list[dict] = []
         self.fallbacks: list[dict] = []
         self._reject_keys: set[tuple[str, str]] = set()
@@ -545,7 +638,7 @@ class DecodeLoader:
         return (
             f"{type(self).__name__}(backend={self.name!r}, images={len(self.ids)}, batches={len(self)}, "
             f"batch_size={self.batch_size}, geometry={self.geometry}, device={self.device}, "
-            f"shard={self.shard_id}/{self.num_shards})"
+            f"shard={self.shard_id}/{self.num_shards}, tiling={self.tiling!r})"
         )
 
     def __iter__(self) -> Iterator[Batch]:
@@ -567,20 +660,25 @@ class DecodeLoader:
             pass
 
     # ------------------------------------------------------------------------------------------ subclass API
-    def decode_fast(self, samples: Sequence[HostSample]) -> list[torch.Tensor | np.ndarray | SampleError]:
+    def decode_fast(self, samples: Sequence[HostSample]) -> list[tuple | SampleError]:
         """Decode, resize and crop JPEG samples of the ``fast`` route (subclasses override).
 
         Args:
             samples: samples whose probe route is ``"fast"``.
 
         Returns:
-            Per sample: the ``uint8 [3, C, C]`` crop (a tensor on any device, or a NumPy array/view on the host)
-            resized to ``plan.resized`` and cropped at ``plan.offset``, or a :class:`SampleError` (the base class
-            then tries PIL for that file).
+            Per sample: ``(crop, bgt)`` where ``crop`` is the ``uint8 [3, C, C]`` crop (a tensor on any device, or
+            a NumPy array/view on the host) resized to ``plan.resized`` and cropped at ``plan.offset``, and
+            ``bgt`` the same for the paper's Only-BG-T (:func:`only_bg_t_full` of the decoded pixels) when
+            :meth:`wants_bgt`, else ``None``; or a :class:`SampleError` (the base class then tries PIL).
         """
         from .pil import pil_decode_crop
 
-        return [pil_decode_crop(s) for s in samples]
+        return [pil_decode_crop(s, self.wants_bgt(s)) for s in samples]
+
+    def wants_bgt(self, sample: HostSample) -> bool:
+        """Whether the decoder must also make this sample's paper Only-BG-T crop."""
+        return self.make_bgt and sample.strip is not None
 
     def uses_fast_route(self) -> bool:
         """Whether this backend has a decoder of its own for the ``fast`` route (PIL does everything itself)."""
@@ -624,10 +722,10 @@ class DecodeLoader:
         except SampleError as e:
             return rec.path, e
 
-    def _pil_fallback(self, sample: HostSample) -> np.ndarray | SampleError:
+    def _pil_fallback(self, sample: HostSample) -> tuple | SampleError:
         from .pil import pil_decode_crop
 
-        return pil_decode_crop(sample)
+        return pil_decode_crop(sample, self.wants_bgt(sample))
 
     def _produce(self, chunk: Sequence[int]) -> tuple[Batch | None, list[dict]]:
         """Decode one batch of ids -> (batch or ``None`` if every image was rejected, new rejects)."""
@@ -638,7 +736,10 @@ class DecodeLoader:
                 samples.append(r)
             else:
                 self._fail(r[0], r[1], new)
-        results: list[torch.Tensor | np.ndarray | SampleError | None] = [None] * len(samples)
+        if self.tiling == "paper":
+            for s, st in zip(samples, full_strips(samples)):
+                s.strip = st
+        results: list[tuple | SampleError | None] = [None] * len(samples)
         fast = [i for i, s in enumerate(samples) if s.probe.route == "fast"] if self.uses_fast_route() else []
         if fast:
             for i, out in zip(fast, self.decode_fast([samples[i] for i in fast])):
@@ -659,22 +760,29 @@ class DecodeLoader:
                 results[i] = out
         good: list[HostSample] = []
         crops: list[torch.Tensor | np.ndarray] = []
+        bgts: list[torch.Tensor | np.ndarray] = []
         for s, out in zip(samples, results):
             if isinstance(out, SampleError):
                 self._fail(s.path, out, new)
             else:
                 good.append(s)
-                crops.append(out)
+                crops.append(out[0])
+                # rows without an Only-BG-T hold the unchanged crop (invalid; never shown as Only-BG-T)
+                bgts.append(out[0] if out[1] is None else out[1])
         if not good:
             return None, new
+        images = self._stack(crops)
+        bgt = self._stack(bgts) if self.make_bgt else None
+        return assemble_batch(good, images, self.geometry, self.device, self.tiling, bgt), new
+
+    def _stack(self, crops: list[torch.Tensor | np.ndarray]) -> torch.Tensor:
         if all(isinstance(t, np.ndarray) or t.device.type == "cpu" for t in crops):
             # one NumPy copy: torch.stack of strided uint8 views is slow on a busy CPU (its parallel copy stalls)
             images = torch.from_numpy(np.stack([t if isinstance(t, np.ndarray) else t.numpy() for t in crops]))
             if self.device.type == "cuda":
                 images = images.pin_memory()
-        else:
-            images = torch.stack([_to_device(t, self.device) for t in crops])
-        return assemble_batch(good, images, self.geometry, self.device), new
+            return images
+        return torch.stack([_to_device(t, self.device) for t in crops])
 
     def _warn(self, new: list[dict]) -> None:
         if new:

@@ -16,7 +16,7 @@ import io
 import numpy as np
 
 from ..index import Reject
-from .common import DecodeLoader, HostSample, SampleError, check_decoded_size
+from .common import DecodeLoader, HostSample, SampleError, check_decoded_size, only_bg_t_full
 
 __all__ = ["PILLoader", "pil_decode_crop", "pil_resize_crop"]
 
@@ -38,12 +38,18 @@ def pil_resize_crop(image, plan) -> np.ndarray:
     return np.array(image.crop((left, top, left + c, top + c)))
 
 
-def pil_decode_crop(sample: HostSample) -> np.ndarray | SampleError:
+def pil_decode_crop(sample: HostSample, bgt: bool = False) -> tuple[np.ndarray, np.ndarray | None] | SampleError:
     """Decode one sample with PIL and bring it into its crop geometry.
 
+    Args:
+        sample: the host sample.
+        bgt: also make the paper's Only-BG-T crop: the decoded RGB pixels tiled at full resolution
+            (:func:`~engine.pipeline.common.only_bg_t_full`), then resized and cropped exactly like the image.
+
     Returns:
-        ``uint8 [3, C, C]`` NumPy view (channel-first view of the ``[C, C, 3]`` crop), or a :class:`SampleError` (truncated/undecodable data, or a decoded size
-        other than the index's).
+        ``(crop, bgt_crop)``: ``uint8 [3, C, C]`` NumPy views (channel-first views of ``[C, C, 3]`` crops),
+        ``bgt_crop`` ``None`` unless asked for; or a :class:`SampleError` (truncated/undecodable data, or a
+        decoded size other than the index's).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -53,13 +59,17 @@ def pil_decode_crop(sample: HostSample) -> np.ndarray | SampleError:
             check_decoded_size(sample, im.height, im.width, "PIL")
             rgb = im if im.mode == "RGB" else im.convert("RGB")
             arr = pil_resize_crop(rgb, sample.plan)
+            tiled = None
+            if bgt:
+                full = only_bg_t_full(np.asarray(rgb), sample)
+                tiled = pil_resize_crop(Image.fromarray(full), sample.plan).transpose(2, 0, 1)
     except SampleError as e:
         return e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
         msg = str(e)
         reason = Reject.TRUNCATED if "truncated" in msg.lower() else Reject.DECODE_FAILED
         return SampleError(reason, f"PIL: {msg}")
-    return arr.transpose(2, 0, 1)
+    return arr.transpose(2, 0, 1), tiled
 
 
 class PILLoader(DecodeLoader):

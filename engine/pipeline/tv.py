@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .common import DecodeLoader, HostSample, SampleError, check_decoded_size
+from .common import DecodeLoader, HostSample, SampleError, check_decoded_size, only_bg_t_full
 
 __all__ = ["TorchvisionLoader", "tv_resize_crop"]
 
@@ -48,19 +48,26 @@ class TorchvisionLoader(DecodeLoader):
 
     name = "torchvision"
 
-    def _decode_one_cpu(self, sample: HostSample) -> torch.Tensor | SampleError:
+    def _crops(self, img: torch.Tensor, sample: HostSample) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(crop, paper Only-BG-T crop or None)`` of a decoded full-resolution ``uint8 [3, H, W]`` image."""
+        crop = tv_resize_crop(img, sample.plan)
+        if not self.wants_bgt(sample):
+            return crop, None
+        return crop, tv_resize_crop(only_bg_t_full(img, sample), sample.plan)
+
+    def _decode_one_cpu(self, sample: HostSample) -> tuple | SampleError:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         try:
             img = decode_jpeg(_as_tensor(sample.data), mode=ImageReadMode.RGB, apply_exif_orientation=False)
             check_decoded_size(sample, img.shape[-2], img.shape[-1], "torchvision.io.decode_jpeg")
-            return tv_resize_crop(img, sample.plan)
+            return self._crops(img, sample)
         except SampleError as e:
             return e
         except RuntimeError as e:
             return SampleError("decoder_refused", f"torchvision.io.decode_jpeg: {str(e).splitlines()[-1]}")
 
-    def _decode_cuda(self, samples: Sequence[HostSample]) -> list[torch.Tensor | SampleError]:
+    def _decode_cuda(self, samples: Sequence[HostSample]) -> list[tuple | SampleError]:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         datas = [_as_tensor(s.data) for s in samples]
@@ -74,21 +81,22 @@ class TorchvisionLoader(DecodeLoader):
                     decoded.append(decode_jpeg(d, **kw))
                 except RuntimeError:
                     decoded.append(None)
-        out: list[torch.Tensor | SampleError] = []
+        out: list[tuple | SampleError] = []
         for s, img in zip(samples, decoded):
             if img is None:  # nvJPEG refused this file: libjpeg-turbo on the CPU, then PIL (in the base class)
                 cpu = self._decode_one_cpu(s)
-                out.append(cpu if isinstance(cpu, SampleError) else cpu.to(self.device, non_blocking=True))
+                out.append(cpu if isinstance(cpu, SampleError) else tuple(
+                    None if t is None else t.to(self.device, non_blocking=True) for t in cpu))
                 continue
             try:
                 check_decoded_size(s, img.shape[-2], img.shape[-1], "torchvision.io.decode_jpeg (cuda)")
             except SampleError as e:
                 out.append(e)
                 continue
-            out.append(tv_resize_crop(img, s.plan))
+            out.append(self._crops(img, s))
         return out
 
-    def decode_fast(self, samples: Sequence[HostSample]) -> list[torch.Tensor | SampleError]:
+    def decode_fast(self, samples: Sequence[HostSample]) -> list[tuple | SampleError]:
         if self.device.type == "cuda":
             return self._decode_cuda(samples)
         return self._map(self._decode_one_cpu, samples)

@@ -211,6 +211,7 @@ def show_index(
     decoded: bool = False,
     backend: str = "auto",
     device: str = "cpu",
+    tiling: str = "paper",
 ) -> tuple[pathlib.Path, int]:
     """Decode a few images of an index and draw their variants (or, ``decoded=True``, the decoded crops).
 
@@ -221,13 +222,15 @@ def show_index(
         variants: ``'all'`` or a selection; Mixed-* draw their backgrounds from the Only-BG-T images of ``split``.
         split: split to draw from (``None``: every image).
         seed, resize, crop, tile, backend, device: as in :func:`engine.export.export`.
+        tiling: Only-BG-T construction, ``"paper"`` or ``"crop"`` (see :mod:`engine.variants`).
 
     Returns:
         ``(path written, number of images drawn)``.
     """
     from ..geometry import CropGeometry
     from ..index import DatasetIndex
-    from ..pipeline import build_background_pool, create_loader
+    from ..pipeline import create_loader
+    from ..pool import build_background_pool
     from ..pipeline.batch import Batch
     from ..variants import MIXED_VARIANTS, resolve_variants, synthesize
 
@@ -245,7 +248,7 @@ def show_index(
     if not ids:
         raise ConfigError(f"show: no images in split {split!r} of {index.path or 'the index'}")
     loader = create_loader(index, backend=backend, geometry=geometry, batch_size=len(ids), device=device, ids=ids,
-                           prefetch=0)
+                           prefetch=0, tiling=tiling)
     try:
         batches = list(loader)
     finally:
@@ -258,6 +261,6 @@ def show_index(
     names = resolve_variants(variants)
     pool = None
     if any(v in MIXED_VARIANTS for v in names):
-        pool = build_background_pool(pool_index, geometry=geometry, backend=backend, device=device)
+        pool = build_background_pool(pool_index, geometry=geometry, backend=backend, device=device, tiling=tiling)
     outs = synthesize(batch, names, pool=pool, seed=seed)
     return variant_sheet(batch, outs, out_path, tile=tile), len(batch)

@@ -14,7 +14,29 @@ A source category is its ``name`` or its numeric ``id`` (names are matched first
 (``0``..``8``), its name (``"dog"``, ``"wheeled vehicle"``) or its release folder (``"02_wheeled vehicle"``).
 
 Each image's IN-9 label is the class with the largest mapped mask area; its annotations of that class become
-the index annotations (box = extent of the decoded mask, ``mask_source='external'`` unless told otherwise).
+the index annotations (``mask_source='external'`` unless told otherwise).
+
+**Boxes** (``box_from``, CLI ``--box-from``). The box is what the selection filters and Only-BG-B use, so it
+matters which one is recorded:
+
+* ``box_from="bbox"`` (default): each annotation's COCO ``bbox`` ``[x, y, w, h]`` **is** the box, as in COCO. It
+  is kept as given (a fractional one is rounded to whole pixels as everywhere in the index:
+  :func:`~engine.index.bbox_to_inclusive`); a bbox that sticks out of the image is clipped to it (as
+  :func:`engine.masks.prepare` clips boxes), and one with no pixel inside the image is a reject
+  (:attr:`Reject.BOX_OUTSIDE_IMAGE`). The tight box of the decoded mask is used instead only when the
+  annotation has no usable ``bbox``: missing, not four finite numbers, or ``w <= 0`` / ``h <= 0`` (counted in
+  ``info.source.boxes.mask_fallback``).
+* ``box_from="mask"``: every box is the tight box (extent) of the annotation's decoded mask, whatever its ``bbox``.
+
+Each index annotation records where its box came from in ``box_source`` (``"bbox"``, ``"mask"`` or
+``"mask_fallback"``), and ``info.source.boxes`` counts them (plus ``clipped`` bboxes).
+
+**Box/mask agreement** (with ``box_from="bbox"``). A bbox that disagrees grossly with its own mask is a recorded
+reject: when less than ``min_mask_inside`` (default :data:`MIN_MASK_INSIDE_BOX` = 0.5, i.e. 50%) of the
+annotation's mask pixels lie inside its (clipped) bbox, the image is not indexed and ``rejects[]`` gets
+``{"path": file_name, "reason": "box_mask_mismatch", "detail": "annotation <id>: <fraction> of its mask ...
+lies inside its bbox ..., the mask fills <fraction> of the bbox"}``. Exactly 50% inside passes. Only the
+annotations that become index annotations (those of the image's label) are checked.
 """
 
 from __future__ import annotations
@@ -30,14 +52,27 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..classes import IN9_CLASSES, IN9_FOLDERS, NUM_IN9
-from ..index import MASK_SOURCES, DatasetIndex, Reject, inclusive_to_bbox, mask_extent, rle_encode
+from ..index import (
+    MASK_SOURCES,
+    DatasetIndex,
+    Reject,
+    bbox_to_inclusive,
+    inclusive_to_bbox,
+    mask_extent,
+    rle_encode,
+)
 from ._probe import VERIFY_MODES, IngestError, probe_image, run_pool, summarize_rejects
 
-__all__ = ["ingest_coco", "read_category_map", "decode_segmentation"]
+__all__ = ["ingest_coco", "read_category_map", "decode_segmentation", "BOX_SOURCES", "MIN_MASK_INSIDE_BOX"]
 
 UNMAPPED_CATEGORY = "unmapped_category_annotations"
 NO_MAPPED_CATEGORY = "images_without_mapped_category"
 EMPTY_MASK = "empty_mask_annotations"
+
+#: Where the index boxes come from: the annotations' COCO ``bbox`` (default) or the tight box of their masks.
+BOX_SOURCES = ("bbox", "mask")
+#: A bbox with less than this fraction of its annotation's mask pixels inside is a ``box_mask_mismatch`` reject.
+MIN_MASK_INSIDE_BOX = 0.5
 
 
 def _in9_id(value: Any, where: str) -> int:
@@ -126,8 +161,44 @@ def decode_segmentation(seg: Any, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(m, np.uint8)
 
 
+def _parse_bbox(bbox: Any) -> tuple[int, int, int, int] | None:
+    """A COCO ``[x, y, w, h]`` -> inclusive integer box, or ``None`` when missing, malformed or empty."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return None
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) for v in bbox):
+        return None
+    if bbox[2] <= 0 or bbox[3] <= 0:
+        return None
+    return bbox_to_inclusive(bbox)
+
+
+def _choose_box(ann_id: Any, bbox: Any, m: np.ndarray, box_from: str, min_inside: float) -> dict:
+    """The index box of one annotation: ``{"box", "source", "clipped"}`` or ``{"reason", "detail"}``."""
+    height, width = m.shape
+    parsed = None if box_from == "mask" else _parse_bbox(bbox)
+    if parsed is None:
+        return {"box": mask_extent(m), "source": "mask" if box_from == "mask" else "mask_fallback",
+                "clipped": False}
+    x0, y0, x1, y1 = parsed
+    cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, width - 1), min(y1, height - 1)
+    if cx1 < cx0 or cy1 < cy0:
+        return {"reason": Reject.BOX_OUTSIDE_IMAGE,
+                "detail": f"annotation {ann_id}: bbox {list(bbox)} has no pixel inside the {width}x{height} image"}
+    total = int(np.count_nonzero(m))
+    inside = int(np.count_nonzero(m[cy0 : cy1 + 1, cx0 : cx1 + 1]))
+    frac = inside / total
+    if frac < min_inside:
+        box_area = (cx1 - cx0 + 1) * (cy1 - cy0 + 1)
+        return {"reason": Reject.BOX_MASK_MISMATCH,
+                "detail": f"annotation {ann_id}: {frac:.1%} of its mask ({inside} of {total} pixels) lies inside its "
+                          f"bbox {list(bbox)} (at least {min_inside:.0%} required); the mask fills "
+                          f"{inside / box_area:.1%} of the bbox; its tight mask box is "
+                          f"{inclusive_to_bbox(mask_extent(m))} (use --box-from mask to take it)"}
+    return {"box": (cx0, cy0, cx1, cy1), "source": "bbox", "clipped": (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1)}
+
+
 def _coco_task(task: tuple) -> dict:
-    img_path, rel, width, height, anns, verify = task
+    img_path, rel, width, height, anns, verify, box_from, min_inside = task
     pr = probe_image(img_path, verify)
     if not pr.ok:
         return {"rel": rel, "reason": pr.reason, "detail": pr.detail}
@@ -136,7 +207,7 @@ def _coco_task(task: tuple) -> dict:
                 "detail": f"the COCO JSON says {width}x{height}, the image is {pr.width}x{pr.height}"}
     decoded = []
     empty = 0
-    for ann_id, label, seg in anns:
+    for ann_id, label, seg, bbox in anns:
         try:
             m = decode_segmentation(seg, height, width)
         except (ValueError, TypeError, KeyError) as e:
@@ -144,20 +215,23 @@ def _coco_task(task: tuple) -> dict:
         if not m.any():
             empty += 1
             continue
-        decoded.append((label, m))
+        decoded.append((label, m, ann_id, bbox))
     if not decoded:
         return {"rel": rel, "reason": Reject.NO_OBJECT, "detail": "every mapped annotation has an empty mask",
                 "empty": empty}
     area = collections.Counter()
-    for label, m in decoded:
+    for label, m, _id, _bbox in decoded:
         area[label] += int(m.sum())
     label = max(sorted(area), key=lambda k: area[k])  # ties: the smaller IN-9 id
     out_anns = []
-    for lab, m in decoded:
+    for lab, m, ann_id, bbox in decoded:
         if lab != label:
             continue
-        out_anns.append({"bbox": inclusive_to_bbox(mask_extent(m)), "segmentation": rle_encode(m),
-                         "area": float(m.sum())})
+        chosen = _choose_box(ann_id, bbox, m, box_from, min_inside)
+        if "reason" in chosen:
+            return {"rel": rel, "reason": chosen["reason"], "detail": chosen["detail"], "empty": empty}
+        out_anns.append({"bbox": inclusive_to_bbox(chosen["box"]), "segmentation": rle_encode(m),
+                         "area": float(m.sum()), "box_source": chosen["source"], "_clipped": chosen["clipped"]})
     return {"rel": rel, "reason": None, "probe": pr.entry_fields(), "label": label, "anns": out_anns,
             "empty": empty}
 
@@ -172,6 +246,8 @@ def ingest_coco(
     workers: int | None = None,
     verify: str = "full",
     progress: bool = True,
+    box_from: str = "bbox",
+    min_mask_inside: float = MIN_MASK_INSIDE_BOX,
 ) -> DatasetIndex:
     """Index a COCO-format instance-mask dataset with a user-given category -> IN-9 map.
 
@@ -185,13 +261,23 @@ def ingest_coco(
         workers: probing processes (default: CPU count).
         verify: ``'full'`` or ``'header'`` image verification.
         progress: show a progress bar.
+        box_from: ``"bbox"`` (default): the annotations' COCO ``bbox`` is the box (clipped to the image; the mask's
+            tight box only where ``bbox`` is missing, malformed or empty); ``"mask"``: the tight box of each mask.
+            See the module docstring.
+        min_mask_inside: with ``box_from="bbox"``, an annotation with less than this fraction of its mask pixels
+            inside its bbox makes its image a ``box_mask_mismatch`` reject (default 0.5; 0 switches it off).
 
     Returns:
         The :class:`~engine.index.DatasetIndex` (image ids follow the source image ids' order).
 
     Raises:
-        IngestError: unreadable JSON, bad category map, or nothing valid remaining.
+        IngestError: unreadable JSON, bad category map, bad option, or nothing valid remaining.
     """
+    if box_from not in BOX_SOURCES:
+        raise IngestError(f"COCO ingest: expected box_from in {BOX_SOURCES}, got {box_from!r}")
+    if isinstance(min_mask_inside, bool) or not isinstance(min_mask_inside, (int, float)) \
+            or not 0.0 <= float(min_mask_inside) <= 1.0:
+        raise IngestError(f"COCO ingest: expected min_mask_inside in [0, 1], got {min_mask_inside!r}")
     if verify not in VERIFY_MODES:
         raise IngestError(f"COCO ingest: expected verify in {VERIFY_MODES}, got {verify!r}")
     if mask_source not in MASK_SOURCES:
@@ -239,11 +325,12 @@ def ingest_coco(
     index = DatasetIndex.empty(image_root=str(root.resolve()), description=f"COCO masks from {where}")
     index.data["info"]["source"] = {"kind": "coco", "annotations": where, "images_root": str(root),
                                     "category_map": {str(k): v for k, v in cmap.items()},
-                                    "unknown_map_keys": missing}
+                                    "unknown_map_keys": missing, "box_from": box_from,
+                                    "min_mask_inside": float(min_mask_inside)}
     tasks, src_ids = [], []
     for im in sorted(coco.dataset["images"], key=lambda d: d.get("id", 0)):
         anns = coco.imgToAnns.get(im.get("id"), [])
-        mapped = [(a.get("id"), cat_label[a["category_id"]], a.get("segmentation")) for a in anns
+        mapped = [(a.get("id"), cat_label[a["category_id"]], a.get("segmentation"), a.get("bbox")) for a in anns
                   if a.get("category_id") in cat_label]
         unmapped = len(anns) - len(mapped)
         if unmapped:
@@ -260,11 +347,12 @@ def ingest_coco(
         if not fn or os.path.isabs(fn) or ".." in pathlib.PurePath(fn).parts:
             index.add_reject(fn, Reject.BAD_ANNOTATION, f"image entry {im.get('id')}: unusable file_name {fn!r}")
             continue
-        tasks.append((str(root / fn), fn, w, h, mapped, verify))
+        tasks.append((str(root / fn), fn, w, h, mapped, verify, box_from, float(min_mask_inside)))
         src_ids.append(im.get("id"))
 
     results = run_pool(_coco_task, tasks, workers, desc="ingest coco", progress=progress)
     empty = 0
+    boxes = collections.Counter({"bbox": 0, "mask": 0, "mask_fallback": 0, "clipped": 0})
     for src_id, res in zip(src_ids, results):
         empty += int(res.get("empty", 0))
         if res["reason"] is not None:
@@ -273,8 +361,14 @@ def ingest_coco(
         entry = {"file_name": res["rel"], "label": res["label"], "split": split, "wnid": None,
                  "in1k_class": None, "source_id": src_id}
         entry.update(res["probe"])
-        anns = [dict(a, category_id=res["label"], mask_source=mask_source) for a in res["anns"]]
+        anns = []
+        for a in res["anns"]:
+            a = dict(a, category_id=res["label"], mask_source=mask_source)
+            boxes[a["box_source"]] += 1
+            boxes["clipped"] += int(a.pop("_clipped"))
+            anns.append(a)
         index.add_image(entry, anns)
+    index.data["info"]["source"]["boxes"] = dict(boxes)
     if empty:
         index.count_skipped(EMPTY_MASK, empty)
     if len(index) == 0:

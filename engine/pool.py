@@ -1,29 +1,25 @@
-"""Build the :class:`~engine.pipeline.batch.BackgroundPool` of a split: every image's Only-BG-T, decoded once."""
+"""Build the :class:`~engine.pipeline.batch.BackgroundPool` of a split: every image's Only-BG-T, decoded once.
+
+The pool is what every Mixed-* composite, the Backgrounds Challenge and the background-swap augmentation draw
+their backgrounds from. It is made here and only here: the decode loader turns the index into batches, the
+variants layer makes each batch's Only-BG-T (:func:`engine.variants.background_pool_from_batch`, under the
+batch's tiling), and the rows are kept resident on the device, sorted by image id.
+"""
 
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from ..errors import ConfigError
-from ..geometry import CropGeometry
-from ..index import DatasetIndex
-from .batch import BackgroundPool
+from .geometry import CropGeometry
+from .index import DatasetIndex
+from .pipeline import create_loader
+from .pipeline.batch import BackgroundPool
+from .variants import background_pool_from_batch
 
 __all__ = ["build_background_pool"]
-
-
-def _default_tile_fn() -> Callable:
-    try:
-        from kernels import tile_fill
-    except ImportError as e:
-        raise ConfigError(
-            "build_background_pool: kernels.tile_fill is not available; pass tile_fn=... or install the kernels "
-            f"package ({e})"
-        ) from e
-    return tile_fill
 
 
 def build_background_pool(
@@ -35,15 +31,18 @@ def build_background_pool(
     per_class: int | None = None,
     seed: int = 0,
     batch_size: int = 64,
-    tile_fn: Callable | None = None,
     num_threads: int | None = None,
     progress: bool = False,
+    tiling: str = "paper",
+    kernel_backend: str = "auto",
 ) -> BackgroundPool:
     """Decode a split once and keep the Only-BG-T image of every image that has one, resident on ``device``.
 
-    Only-BG-T (PAPER.md): the pixels inside the union box are replaced by a tiling of the widest margin strip
-    (``batch.strips``), computed in the crop geometry by ``tile_fn`` (default :func:`kernels.tile_fill`). Images
-    whose box leaves no margin in the crop (``has_bgt`` False) and undecodable images are left out.
+    Only-BG-T (PAPER.md): the pixels inside the union box are replaced by a tiling of the margin strip the paper's
+    rule picks. With ``tiling="paper"`` (default) the rule runs on the stored image at full resolution and the
+    tiled image is resized and cropped like the Original (the authors' construction); with ``"crop"`` it runs
+    inside the crop (the faster approximation). Images without an Only-BG-T (``has_bgt`` False: the box leaves
+    no margin) and undecodable images are left out.
 
     Args:
         index: the dataset index (or its path).
@@ -54,9 +53,10 @@ def build_background_pool(
         per_class: at most this many images per class, chosen with ``seed`` (:meth:`DatasetIndex.select`).
         seed: seed of the per-class choice.
         batch_size: decode batch size.
-        tile_fn: ``tile_fn(images, boxes, strips) -> uint8 images`` (Only-BG-T of a batch).
         num_threads: decoder threads.
         progress: show a tqdm bar.
+        tiling: ``"paper"`` or ``"crop"`` (see above).
+        kernel_backend: backend of the crop-space tiling kernel (:func:`kernels.tile_fill`).
 
     Returns:
         A :class:`BackgroundPool` sorted by image id.
@@ -67,8 +67,6 @@ def build_background_pool(
     Shape:
         - pool.images: ``uint8 [N, 3, C, C]``; pool.labels, pool.image_ids: ``int64 [N]``
     """
-    from . import create_loader  # the package's factory (avoids a circular import at module load)
-
     if isinstance(index, (str, bytes)) or hasattr(index, "__fspath__"):
         index = DatasetIndex.load(index)
     geometry = CropGeometry() if geometry is None else geometry
@@ -77,10 +75,10 @@ def build_background_pool(
     n = len(sub)
     c = geometry.crop
     BackgroundPool.check_fits(n, c, dev)
-    tile = _default_tile_fn() if tile_fn is None else tile_fn
 
     loader = create_loader(sub, backend=backend, geometry=geometry, batch_size=batch_size, device=dev,
-                           num_threads=num_threads)
+                           num_threads=num_threads, tiling=tiling)
+    # one preallocated buffer (a list of parts + torch.cat would hold the pool twice at its peak)
     images = torch.empty((n, 3, c, c), dtype=torch.uint8, device=loader.device)
     labels = torch.empty(n, dtype=torch.int64, device=loader.device)
     ids = torch.empty(n, dtype=torch.int64, device=loader.device)
@@ -92,20 +90,11 @@ def build_background_pool(
         batches = tqdm(loader, desc="background pool", unit="batch")
     try:
         for batch in batches:
-            keep = batch.has_bgt.nonzero().squeeze(1)
-            k = int(keep.numel())
-            if k == 0:
-                continue
-            sel = batch.slice(keep)
-            out = tile(sel.images, sel.boxes, sel.strips)
-            if out.dtype != torch.uint8 or tuple(out.shape) != tuple(sel.images.shape):
-                raise ConfigError(
-                    f"build_background_pool: tile_fn must return uint8 {tuple(sel.images.shape)}, "
-                    f"got {out.dtype} {tuple(out.shape)}"
-                )
-            images[count : count + k] = out
-            labels[count : count + k] = sel.labels
-            ids[count : count + k] = sel.image_ids
+            part = background_pool_from_batch(batch, backend=kernel_backend)
+            k = len(part)
+            images[count : count + k] = part.images
+            labels[count : count + k] = part.labels
+            ids[count : count + k] = part.image_ids
             count += k
     finally:
         loader.close()
@@ -118,4 +107,5 @@ def build_background_pool(
         images, labels, ids = images[:count], labels[:count], ids[:count]
         if count < 0.9 * n:
             images, labels, ids = images.clone(), labels.clone(), ids.clone()
+    # the loader yields batches in sorted id order and each part is sorted, so the pool is sorted by id
     return BackgroundPool(images=images, labels=labels, image_ids=ids)
