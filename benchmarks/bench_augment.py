@@ -1,8 +1,8 @@
 """Augmented training samples/s: the batched on-device background swap vs a per-sample CPU reference.
 
-* **ours**: :class:`engine.augment.BackgroundSwap` on device-resident uint8 batches: per-sample variant draw,
+* **ours**: :class:`bgsynth.augment.BackgroundSwap` on device-resident uint8 batches: per-sample variant draw,
   random resized crop + flip of image, mask and background (one batched gather each), Mixed-Rand background from a
-  resident pool, composite + normalise + cast in one :func:`kernels.composite` pass -> float32 ``[B, 3, S, S]``.
+  resident pool, composite + normalise + cast in one :func:`bgsynth.kernels.composite` pass -> float32 ``[B, 3, S, S]``.
 * **reference**: the usual way, per sample in a :class:`torch.utils.data.DataLoader` with ``--workers`` worker
   processes: PIL random resized crop (torchvision's ``get_params``) + flip of image and mask, the same for a random
   background from the in-memory Only-BG-T pool, paste with NumPy, ``ToTensor`` + ``Normalize``, default collate.
@@ -39,18 +39,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from engine.augment import BackgroundSwap  # noqa: E402
-from engine.classes import IN9_MEAN, IN9_STD  # noqa: E402
-from engine.geometry import tile_strips  # noqa: E402
-from engine.pipeline.batch import BackgroundPool  # noqa: E402
+from bgsynth.augment import BackgroundSwap  # noqa: E402
+from bgsynth.classes import IN9_MEAN, IN9_STD  # noqa: E402
+from bgsynth.geometry import tile_strips  # noqa: E402
+from bgsynth.pipeline.batch import BackgroundPool  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- data
 def make_data(n: int, size: int, seed: int = 0):
     """Random crops with an elliptical foreground mask, its box, labels, ids, and an Only-BG-T pool of them."""
-    import kernels
+    from bgsynth import kernels
 
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)

@@ -1,7 +1,7 @@
 """The Backgrounds Challenge: bgsynth's search vs the official loop's method, same model, same data, one run.
 
-* **ours**: :func:`engine.challenge.run_challenge`: backgrounds decoded once and resident, foreground x
-  background pairs composited in batches by :func:`kernels.composite`, a foreground leaves the search when it is
+* **ours**: :func:`bgsynth.challenge.run_challenge`: backgrounds decoded once and resident, foreground x
+  background pairs composited in batches by :func:`bgsynth.kernels.composite`, a foreground leaves the search when it is
   fooled, adaptive order (most fooling backgrounds for the foreground's class first). Timed from the index to the
   result (background pool and foreground decode included). Also run with ``order='reference'`` (fixed order,
   same batching and early stop) as an ablation of the adaptive order.
@@ -35,13 +35,12 @@ import tempfile
 import numpy as np
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from _common import Timer, paper_decode, paper_only_bg_t  # noqa: E402  (benchmarks/_common.py: shared timing and paper reference)
 
-from engine.challenge import challenge_foregrounds, run_challenge  # noqa: E402
-from engine.geometry import CropGeometry  # noqa: E402
-from engine.index import DatasetIndex  # noqa: E402
-from engine.models import Predictor, load_model  # noqa: E402
+from bgsynth.challenge import challenge_foregrounds, run_challenge  # noqa: E402
+from bgsynth.geometry import CropGeometry  # noqa: E402
+from bgsynth.index import DatasetIndex  # noqa: E402
+from bgsynth.models import Predictor, load_model  # noqa: E402
 
 REF_BATCH = 32
 
@@ -107,7 +106,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     geometry = CropGeometry(args.resize, args.crop)
     if args.index is None:
-        from engine.sources.synthetic import build_builtin_dataset
+        from bgsynth.sources.synthetic import build_builtin_dataset
 
         path = build_builtin_dataset(train_per_class=args.train_per_class, val_per_class=args.val_per_class,
                                      seed=args.seed, progress=False)
@@ -118,7 +117,7 @@ def main(argv=None) -> int:
     tmp = tempfile.TemporaryDirectory()
     ckpt = args.model
     if ckpt is None:
-        from engine.train import train
+        from bgsynth.train import train
 
         with Timer() as t_train:
             tr = train(index, epochs=args.train_epochs, geometry=geometry, device=device, seed=args.seed,

@@ -1,6 +1,6 @@
 """Images/s of each decode backend vs a "PIL + torch DataLoader" reference, side by side in one run.
 
-* **ours**: :func:`engine.pipeline.create_loader` with each available backend (``pil``, ``torchvision``,
+* **ours**: :func:`bgsynth.pipeline.create_loader` with each available backend (``pil``, ``torchvision``,
   ``dali`` in DALI's CPU-only mode; on CUDA also ``torchvision``/``dali``/``pil`` with ``device="cuda"``). Each
   batch is complete: images in the crop geometry *plus* masks (RLE decode + nearest resize), union boxes, Only-BG-T
   strips, labels and ids, decoded one batch ahead by the loader's prefetch thread.
@@ -8,7 +8,7 @@
   with PIL, ``convert("RGB")``, ``Resize(resize)`` + ``CenterCrop(crop)`` + ``PILToTensor``, in a
   ``DataLoader`` with ``--workers`` worker processes (images only: no masks or boxes).
 
-Dataset: the built-in dataset (:func:`engine.sources.synthetic.build_builtin_dataset`, cached; image sides 200-500
+Dataset: the built-in dataset (:func:`bgsynth.sources.synthetic.build_builtin_dataset`, cached; image sides 200-500
 px) or, if that module is missing, ``--fallback-images`` random-texture 500x375 JPEGs written to a temporary folder.
 Each configuration runs one warm-up epoch, then ``--repeats`` timed epochs; the median is reported.
 
@@ -31,11 +31,10 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from engine.geometry import CropGeometry  # noqa: E402
-from engine.index import DatasetIndex, inclusive_to_bbox, rle_encode  # noqa: E402
-from engine.pipeline import available_backends, auto_backend, create_loader  # noqa: E402
+from bgsynth.geometry import CropGeometry  # noqa: E402
+from bgsynth.index import DatasetIndex, inclusive_to_bbox, rle_encode  # noqa: E402
+from bgsynth.pipeline import available_backends, auto_backend, create_loader  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- the reference
@@ -118,7 +117,7 @@ def fallback_dataset(folder: pathlib.Path, n: int, seed: int = 0) -> DatasetInde
 
 def load_data(args, tmp: pathlib.Path) -> tuple[DatasetIndex, str]:
     try:
-        from engine.sources.synthetic import build_builtin_dataset
+        from bgsynth.sources.synthetic import build_builtin_dataset
     except ImportError:
         return fallback_dataset(tmp, args.fallback_images), f"{args.fallback_images} random 500x375 JPEGs"
     path = build_builtin_dataset(root=args.root, seed=0, train_per_class=1, val_per_class=args.val_per_class,

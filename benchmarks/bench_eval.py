@@ -1,6 +1,6 @@
 """End-to-end evaluation of all eight variants: bgsynth's one pass vs the reference way, side by side in one run.
 
-* **ours**: :func:`engine.evaluate.evaluate`: each JPEG decoded once, all eight variants synthesized in-batch,
+* **ours**: :func:`bgsynth.evaluate.evaluate`: each JPEG decoded once, all eight variants synthesized in-batch,
   composites fed straight to the model; nothing written to disk. Timed from the index to the finished result
   (background pool included).
 * **reference** (PAPER.md, "How the reference tools work"), written here as the reference:
@@ -37,14 +37,13 @@ import tempfile
 import numpy as np
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from _common import Timer, paper_decode, paper_only_bg_t  # noqa: E402  (benchmarks/_common.py: shared timing and paper reference)
 
-from engine.classes import IN9_FOLDERS, IN9_MEAN, IN9_STD  # noqa: E402
-from engine.evaluate import VARIANT_ORDER, evaluate  # noqa: E402
-from engine.geometry import CropGeometry  # noqa: E402
-from engine.index import DatasetIndex  # noqa: E402
-from engine.models import LoadedModel, Predictor, create_model  # noqa: E402
+from bgsynth.classes import IN9_FOLDERS, IN9_MEAN, IN9_STD  # noqa: E402
+from bgsynth.evaluate import VARIANT_ORDER, evaluate  # noqa: E402
+from bgsynth.geometry import CropGeometry  # noqa: E402
+from bgsynth.index import DatasetIndex  # noqa: E402
+from bgsynth.models import LoadedModel, Predictor, create_model  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -153,7 +152,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.index is None:
-        from engine.sources.synthetic import build_builtin_dataset
+        from bgsynth.sources.synthetic import build_builtin_dataset
 
         args.index = build_builtin_dataset(train_per_class=1, val_per_class=args.val_per_class, progress=False)
     index = DatasetIndex.load(args.index).select(split=args.split)

@@ -1,4 +1,4 @@
-"""GrabCut masks per second: ``engine.masks.prepare`` vs a reference loop written from PAPER.md.
+"""GrabCut masks per second: ``bgsynth.masks.prepare`` vs a reference loop written from PAPER.md.
 
 * **reference**: the authors' generation script as PAPER.md describes it, one image at a time in this process:
   decode (PIL), parse the ILSVRC VOC XML and check its width/height against the image, exactly one box, paint the
@@ -11,7 +11,7 @@
 * **ours, all processes**: the same with ``workers=None`` (every core, forkserver pool).
 
 Images are ImageNet-sized (``--size``, default 500x375): scenes of the built-in generator
-(:func:`engine.sources.synthetic.render_sample`) resized to that size, written as JPEG with VOC XML boxes and the
+(:func:`bgsynth.sources.synthetic.render_sample`) resized to that size, written as JPEG with VOC XML boxes and the
 true masks in the index. Warm-up first (one small run of each, which also starts the forkserver), then
 ``--repeat`` timed rounds alternating the three so they see the same machine load; medians. Single-process rows also
 report CPU seconds per image (this process's CPU time), which is robust to other load on a shared machine.
@@ -41,17 +41,16 @@ import xml.etree.ElementTree as ET
 import cv2
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from engine.geometry import CropGeometry  # noqa: E402
-from engine.index import DatasetIndex, inclusive_to_bbox, mask_extent, rle_encode  # noqa: E402
-from engine.masks import image_seed, mask_iou, prepare  # noqa: E402
+from bgsynth.geometry import CropGeometry  # noqa: E402
+from bgsynth.index import DatasetIndex, inclusive_to_bbox, mask_extent, rle_encode  # noqa: E402
+from bgsynth.masks import image_seed, mask_iou, prepare  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- data
 def make_data(root: pathlib.Path, n: int, width: int, height: int, seed: int = 0) -> pathlib.Path:
     """Write ``n`` JPEGs of ``width`` x ``height`` with VOC XML and an index with the true masks; return its path."""
-    from engine.sources.synthetic import render_sample, voc_xml
+    from bgsynth.sources.synthetic import render_sample, voc_xml
 
     idx = DatasetIndex.empty(image_root=".")
     (root / "img").mkdir(parents=True, exist_ok=True)

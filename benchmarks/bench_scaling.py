@@ -2,8 +2,8 @@
 
 Each configuration runs the real CLI in a fresh process group, exactly as a user would launch it:
 
-* **1 process**: ``python -m engine.cli <command> ...`` (``OMP_NUM_THREADS=--threads``);
-* **N ranks**: ``python -m torch.distributed.run --standalone --nproc_per_node=N -m engine.cli <command> ...``
+* **1 process**: ``python -m bgsynth.cli <command> ...`` (``OMP_NUM_THREADS=--threads``);
+* **N ranks**: ``python -m torch.distributed.run --standalone --nproc_per_node=N -m bgsynth.cli <command> ...``
   (gloo on CPU, ``OMP_NUM_THREADS=--threads`` per rank).
 
 Measured: ``eval`` (all eight variants), ``challenge`` (the default adaptive search: each foreground stops at its
@@ -17,7 +17,7 @@ of robust foregrounds). Reported, medians over ``--repeats`` runs after one warm
 * challenge only: the forwards of the N shards together against the single run's (each rank learns its own
   adaptive background order from its shard, so the search spends a little more in total), and, from the single
   run's per-foreground costs, the imbalance that other ways of cutting the shards would have had (the sorted ids
-  strided by rank, which is :func:`engine.distributed.shard_ids`; contiguous blocks; a hashed permutation) for
+  strided by rank, which is :func:`bgsynth.distributed.shard_ids`; contiguous blocks; a hashed permutation) for
   2, 4, 8 and 16 ranks.
 
 The results are checked: the N-rank eval records and challenge answer (and full matrix) must equal the single
@@ -33,8 +33,8 @@ Usage::
 
 On N GPUs (one rank per GPU; NCCL)::
 
-    torchrun --standalone --nproc_per_node=N -m engine.cli eval INDEX --model CKPT --device cuda --out eval-run
-    torchrun --standalone --nproc_per_node=N -m engine.cli challenge INDEX --model CKPT --device cuda --out ch-run
+    torchrun --standalone --nproc_per_node=N -m bgsynth.cli eval INDEX --model CKPT --device cuda --out eval-run
+    torchrun --standalone --nproc_per_node=N -m bgsynth.cli challenge INDEX --model CKPT --device cuda --out ch-run
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ import time
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 
 def _env(threads: int) -> dict:
@@ -66,8 +65,8 @@ def _env(threads: int) -> dict:
 
 def _launch(ranks: int, args: list[str], threads: int) -> float:
     """Run the CLI on ``ranks`` processes; returns the launch's wall seconds."""
-    cmd = [sys.executable, "-m", "engine.cli"] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m", "engine.cli"]
+    cmd = [sys.executable, "-m", "bgsynth.cli"] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m", "bgsynth.cli"]
     t0 = time.perf_counter()
     done = subprocess.run([*cmd, *args], cwd=REPO, env=_env(threads), capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -84,9 +83,9 @@ def _imbalance(values) -> float:
 def _model(args, index_path: str) -> str:
     if args.model:
         return args.model
-    from engine.geometry import CropGeometry
-    from engine.sources.synthetic import default_cache_dir
-    from engine.train import train
+    from bgsynth.geometry import CropGeometry
+    from bgsynth.sources.synthetic import default_cache_dir
+    from bgsynth.train import train
 
     key = hashlib.sha256(f"{pathlib.Path(index_path).resolve()}|{args.train_epochs}|{args.resize}|{args.crop}".encode())
     out = default_cache_dir() / f"bench_scaling-{key.hexdigest()[:12]}.pt"
@@ -100,7 +99,7 @@ def _model(args, index_path: str) -> str:
 
 def _cut_costs(fg_ids: np.ndarray, cost: np.ndarray, ranks: int) -> dict[str, float]:
     """Imbalance (max / mean of the per-rank sums of ``cost``) of three ways to cut the foregrounds into shards."""
-    from engine.distributed import shard_ids
+    from bgsynth.distributed import shard_ids
 
     order = np.argsort(fg_ids)
     ids, c = fg_ids[order], cost[order]
@@ -132,7 +131,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.index is None:
-        from engine.sources.synthetic import build_builtin_dataset
+        from bgsynth.sources.synthetic import build_builtin_dataset
 
         index_path = str(build_builtin_dataset(train_per_class=args.train_per_class, val_per_class=args.val_per_class,
                                                progress=False))
@@ -235,8 +234,8 @@ def _measure(args, ap, index_path: str, model: str, work: pathlib.Path) -> int:
         if not same:
             print(f"{command}: the {args.ranks}-rank result differs from the single process!", file=sys.stderr)
             return 1
-    print(f"\nOn N GPUs: torchrun --standalone --nproc_per_node=N -m engine.cli eval {index_path} --model {model} "
-          f"--device cuda --out eval-run\n           torchrun --standalone --nproc_per_node=N -m engine.cli challenge "
+    print(f"\nOn N GPUs: torchrun --standalone --nproc_per_node=N -m bgsynth.cli eval {index_path} --model {model} "
+          f"--device cuda --out eval-run\n           torchrun --standalone --nproc_per_node=N -m bgsynth.cli challenge "
           f"{index_path} --model {model} --device cuda --out challenge-run\n(Slurm: see docs/cluster.md.)")
     return 0
 

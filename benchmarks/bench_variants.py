@@ -1,6 +1,6 @@
 """Variants/s of the batched engine vs a per-image reference, side by side in one run.
 
-* **ours**: :func:`engine.variants.synthesize` on decoded :class:`~engine.pipeline.batch.Batch` es (torch kernels
+* **ours**: :func:`bgsynth.variants.synthesize` on decoded :class:`~bgsynth.pipeline.batch.Batch` es (torch kernels
   on the CPU; the Triton kernels on CUDA).
 * **reference**: the paper's procedure one image at a time with NumPy, as the authors' generation script does it
   (PAPER.md: "one image at a time on the CPU"): strip rule in Python, slicing/``np.tile`` for the variants, Mixed-*
@@ -41,12 +41,11 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from _common import paper_only_bg_t  # noqa: E402  (benchmarks/_common.py: shared timing and paper reference)
 
-from engine.geometry import CropGeometry, tile_strips  # noqa: E402
-from engine.pipeline.batch import Batch  # noqa: E402
-from engine.variants import VARIANT_NAMES, background_pool_from_batch, synthesize  # noqa: E402
+from bgsynth.geometry import CropGeometry, tile_strips  # noqa: E402
+from bgsynth.pipeline.batch import Batch  # noqa: E402
+from bgsynth.variants import VARIANT_NAMES, background_pool_from_batch, synthesize  # noqa: E402
 
 MEAN = np.array((0.485, 0.456, 0.406), np.float32)
 STD = np.array((0.229, 0.224, 0.225), np.float32)
@@ -98,8 +97,8 @@ def reference_run(names, samples, pool, normalize: bool):
 def load_batches(args) -> list[Batch]:
     geometry = CropGeometry(args.resize, args.crop)
     if args.data == "builtin":
-        from engine.pipeline import create_loader
-        from engine.sources.synthetic import load_builtin_index
+        from bgsynth.pipeline import create_loader
+        from bgsynth.sources.synthetic import load_builtin_index
 
         index = load_builtin_index(small=True, progress=False).select(split="val")
         if args.images:
@@ -151,7 +150,7 @@ def bench_cuda(args) -> None:
     rows = torch.randint(0, n, (b,), device=dev, generator=g)
     boxes = torch.tensor([[c // 4, c // 4, 3 * c // 4, 3 * c // 4]], device=dev, dtype=torch.int32).repeat(b, 1)
     strips = tile_strips(boxes, c, c)
-    import kernels
+    from bgsynth import kernels
 
     def timed(fn, iters=20):
         fn()
@@ -193,9 +192,9 @@ def bench_tiling(args) -> None:
 
     from _common import Timer
 
-    from engine.pipeline import available_backends, create_loader
-    from engine.pool import build_background_pool
-    from engine.sources.synthetic import load_builtin_index
+    from bgsynth.pipeline import available_backends, create_loader
+    from bgsynth.pool import build_background_pool
+    from bgsynth.sources.synthetic import load_builtin_index
 
     geometry = CropGeometry(args.resize, args.crop)
     index = load_builtin_index(small=True, progress=False).select(split="val")

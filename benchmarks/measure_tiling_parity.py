@@ -35,12 +35,11 @@ import numpy as np
 import torch
 
 HERE = pathlib.Path(__file__).resolve()
-sys.path.insert(0, str(HERE.parents[1]))  # run from a checkout without installing
 
-from engine.geometry import CropGeometry, tile_strips  # noqa: E402
-from engine.pipeline import create_loader  # noqa: E402
-from engine.pipeline.batch import Batch  # noqa: E402
-from engine.variants import synthesize  # noqa: E402
+from bgsynth.geometry import CropGeometry, tile_strips  # noqa: E402
+from bgsynth.pipeline import create_loader  # noqa: E402
+from bgsynth.pipeline.batch import Batch  # noqa: E402
+from bgsynth.variants import synthesize  # noqa: E402
 
 
 def strip_side(box, height: int, width: int) -> str | None:
@@ -120,7 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="pil", help="decode backend of both modes")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    from engine.index import DatasetIndex
+    from bgsynth.index import DatasetIndex
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.data == "photos":
@@ -130,7 +129,7 @@ def main(argv=None) -> int:
             index = DatasetIndex.load(build_photo_index(pathlib.Path(tmp)))
             what = "real photographs (tests/photos.py)"
         else:
-            from engine.sources.synthetic import load_builtin_index
+            from bgsynth.sources.synthetic import load_builtin_index
 
             index = load_builtin_index(small=not args.full, progress=False).select(split=args.split)
             what = f"built-in dataset ({'full' if args.full else 'small'}), split {args.split}"

@@ -20,9 +20,9 @@ Two layers:
 
 * :class:`BackgroundSwap`: a transform for any loader. Given uint8 images, 0/1 masks, boxes (or tile strips),
   labels and image ids on the device, it returns the augmented, normalised batch (one fused
-  :func:`kernels.composite` pass does the select, normalise, cast and memory format).
+  :func:`bgsynth.kernels.composite` pass does the select, normalise, cast and memory format).
 * :class:`TrainIterator`: ``(images, labels)`` batches of one split of an index, decoded by
-  :func:`engine.pipeline.create_loader` (DALI where available), cached on the device, reshuffled per epoch and
+  :func:`bgsynth.pipeline.create_loader` (DALI where available), cached on the device, reshuffled per epoch and
   sharded by the one sharding rule, then augmented by :class:`BackgroundSwap`.
 
 Randomness, as in kornia's augmentation generators, is sampled apart from its application and kept
@@ -36,7 +36,7 @@ log-uniform aspect ratio in ``ratio``, 10 attempts, then the central crop), run 
 geometry produced. The crop is resampled bilinearly with half-pixel centres (``align_corners=False``): on the CPU
 with ``kornia.geometry.transform.crop_by_indices`` and ``hflip`` (slice + resize per sample, uint8 kept), on a GPU
 for the whole batch in one ``grid_sample`` call (no per-sample work, no host synchronisation); the mask with the
-exact integer nearest-neighbour map of :mod:`engine.geometry` (one flat gather).
+exact integer nearest-neighbour map of :mod:`bgsynth.geometry` (one flat gather).
 
 >>> import torch
 >>> swap = BackgroundSwap({"only_fg": 1.0}, bg_source="batch", seed=0, random_resized_crop=False, flip=False,
@@ -98,7 +98,7 @@ _ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 random boxes before t
 
 
 def _fold(*words: int) -> int:
-    """Fold integers into one 64-bit key with :func:`engine.variants.splitmix64` (host arithmetic)."""
+    """Fold integers into one 64-bit key with :func:`bgsynth.variants.splitmix64` (host arithmetic)."""
     key = 0
     for w in words:
         key = splitmix64(key ^ (int(w) & _M64))
@@ -118,7 +118,7 @@ def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
 def hash_bits(ids: torch.Tensor, *words: int | torch.Tensor) -> torch.Tensor:
     """64 pseudo-random bits per id, a pure function of ``(ids, *words)``.
 
-    The scheme of :func:`engine.variants.choose_backgrounds` (one RNG scheme for the engine): the integer words
+    The scheme of :func:`bgsynth.variants.choose_backgrounds` (one RNG scheme for the engine): the integer words
     are folded on the host, ``key = splitmix64(... splitmix64(0 ^ w1) ^ w2 ...)``, then
     ``h = splitmix64(id ^ key)`` on the device; tensor words (e.g. a per-draw counter) are mixed in after,
     ``h = splitmix64(h ^ w)``.
@@ -410,7 +410,7 @@ def _bilinear_coords(start: torch.Tensor, length: torch.Tensor, out: int, flip: 
 
 
 def _nearest_taps(start: torch.Tensor, length: torch.Tensor, out: int, flip: torch.Tensor) -> torch.Tensor:
-    """Source index of each of ``out`` samples of ``[start, start + length)``: :func:`engine.geometry.nearest_map`."""
+    """Source index of each of ``out`` samples of ``[start, start + length)``: :func:`bgsynth.geometry.nearest_map`."""
     i = torch.arange(out, device=start.device, dtype=torch.int64)
     idx = torch.minimum(((2 * i[None] + 1) * length[:, None]) // (2 * out), (length - 1)[:, None]) + start[:, None]
     return torch.where(flip[:, None], idx.flip(-1), idx)
@@ -435,7 +435,7 @@ def resized_crop_flip(
         mode: ``'bilinear'`` (images: half-pixel centres, ``F.interpolate(..., align_corners=False)`` on the cropped
             slice without antialiasing, computed by one :func:`torch.nn.functional.grid_sample` call; agrees with it to
             float32 rounding of the sample coordinates; uint8 results are rounded) or ``'nearest'`` (masks: the exact
-            integer map of :func:`engine.geometry.nearest_map`, one flat gather).
+            integer map of :func:`bgsynth.geometry.nearest_map`, one flat gather).
         index: ``int64 [B]`` row of ``images`` for each output (default: row ``b`` for output ``b``).
         backend: bilinear implementation: ``'grid'`` (one batched :func:`torch.nn.functional.grid_sample` with
             the crop's sample coordinates: no per-sample work, no host synchronisation; the CUDA path),
@@ -569,8 +569,8 @@ class BackgroundSwap(nn.Module):
 
     Args:
         probs: variant probabilities (see :func:`parse_probs`); e.g. ``{'mixed_rand': 1.0}``.
-        bg_source: ``'pool'`` (backgrounds from a device-resident :class:`~engine.pipeline.batch.BackgroundPool`,
-            chosen by :func:`engine.variants.choose_backgrounds` with a per-epoch seed) or ``'batch'``
+        bg_source: ``'pool'`` (backgrounds from a device-resident :class:`~bgsynth.pipeline.batch.BackgroundPool`,
+            chosen by :func:`bgsynth.variants.choose_backgrounds` with a per-epoch seed) or ``'batch'``
             (foreground ``i`` onto the Only-BG-T of a sample ``j`` of the same batch, ``j`` drawn from the
             eligible samples by the seeded generator; Mixed-Same falls back to Original when no other sample of the
             class is in the batch).
@@ -585,7 +585,7 @@ class BackgroundSwap(nn.Module):
         dtype: output dtype (``None``: float32 with ``mean``/``std``, uint8 without).
         channels_last: output memory format.
         return_masks: also return the augmented foreground masks.
-        kernel_backend: backend of :func:`kernels.composite` / :func:`kernels.tile_fill`.
+        kernel_backend: backend of :func:`bgsynth.kernels.composite` / :func:`bgsynth.kernels.tile_fill`.
         resample_backend: bilinear crop implementation of :func:`resized_crop_flip` (``'auto'``: kornia's
             per-sample slice + resize on the CPU, one batched ``grid_sample`` on GPUs).
 
@@ -593,7 +593,7 @@ class BackgroundSwap(nn.Module):
         images: ``uint8 [B, 3, C, C]``; masks: ``[B, 1, C, C]`` 0/1 (bool or uint8); labels, image_ids: ``[B]``;
         boxes: inclusive union boxes ``[B, 4]`` in the images' coordinates (needed for ``bg_source='batch'``
         unless ``strips`` and Only-BG-T are given otherwise); strips: ``[B, 4]`` Only-BG-T tiles (computed from
-        ``boxes`` with :func:`engine.geometry.tile_strips` when ``None``); has_mask / has_bgt: ``bool [B]``
+        ``boxes`` with :func:`bgsynth.geometry.tile_strips` when ``None``); has_mask / has_bgt: ``bool [B]``
         (derived when ``None``); epoch: the epoch the draws depend on; params: replay these instead of drawing;
         bgt: ``uint8 [B, 3, C, C]`` the samples' own Only-BG-T images for ``bg_source='batch'`` (the paper's
         full-resolution tiling, ``Batch.bgt``); ``None``: tiled in the crop from ``boxes``/``strips``.
@@ -746,7 +746,7 @@ class BackgroundSwap(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
     def apply_batch(self, batch: Batch, epoch: int = 0, params: AugmentParams | None = None) -> AugmentedBatch:
-        """:meth:`forward` on a decoded :class:`~engine.pipeline.batch.Batch`."""
+        """:meth:`forward` on a decoded :class:`~bgsynth.pipeline.batch.Batch`."""
         if self.bg_source == "batch" and self.needs_background and batch.tiling == "paper" and batch.bgt is None:
             raise ConfigError(
                 "BackgroundSwap: bg_source='batch' with a tiling='paper' batch needs its Only-BG-T images "
@@ -771,7 +771,7 @@ class BackgroundSwap(nn.Module):
         params: AugmentParams | None = None,
         bgt: torch.Tensor | None = None,
     ) -> AugmentedBatch:
-        import kernels
+        from . import kernels
 
         if (not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3
                 or images.dtype != torch.uint8):
@@ -900,12 +900,12 @@ def _resolve_device(device) -> torch.device:
 class TrainIterator:
     """``(images, labels)`` training batches of one split, background-swapped on the device.
 
-    Decodes the split through :func:`engine.pipeline.create_loader` (DALI where available), keeps the decoded
+    Decodes the split through :func:`bgsynth.pipeline.create_loader` (DALI where available), keeps the decoded
     uint8 crops, masks and boxes resident on ``device`` when they fit (``cache``), and per epoch yields them in an
     order that is a pure function of ``(seed, epoch, image id)``, augmented by :class:`BackgroundSwap`.
 
     Args:
-        index: a :class:`~engine.index.DatasetIndex` or the path of one.
+        index: a :class:`~bgsynth.index.DatasetIndex` or the path of one.
         split: split to train on (``None``: every image of the index).
         geometry: decode geometry (default ``CropGeometry()``); the random resized crop works inside its crop.
         batch_size: samples per batch.
@@ -914,12 +914,12 @@ class TrainIterator:
         epoch: first epoch (each full pass advances it; :meth:`set_epoch` replays one).
         probs: variant probabilities (:func:`parse_probs`), e.g. ``{'mixed_rand': 1.0}``.
         bg_source: ``'pool'`` or ``'batch'`` (see :class:`BackgroundSwap`).
-        pool: a :class:`~engine.pipeline.batch.BackgroundPool` (built from the split's Only-BG-T when needed
+        pool: a :class:`~bgsynth.pipeline.batch.BackgroundPool` (built from the split's Only-BG-T when needed
             and not given: from the cache itself when unsharded, else with
-            :func:`engine.pipeline.build_background_pool`, so every shard draws from the same pool).
+            :func:`bgsynth.pipeline.build_background_pool`, so every shard draws from the same pool).
         random_resized_crop, flip, scale, ratio, bg_transform: the geometric augmentation.
         shard_id, num_shards: this process trains on ``shard_ids(ids, shard_id, num_shards)``
-            (:func:`engine.distributed.shard_ids`).
+            (:func:`bgsynth.distributed.shard_ids`).
         backend: decode backend.
         mean, std, dtype, channels_last: output of the batches (``channels_last=None``: on for CUDA).
         drop_last: drop the last, partial batch of an epoch (BatchNorm dislikes tiny batches).

@@ -11,8 +11,8 @@ backgrounds: the official script tries the whole ``only_bg_t`` folder, which hol
 Whether a foreground is vulnerable does not depend on the order in which backgrounds are tried, so the search
 here does far less work than the official loop for the identical answer:
 
-* the backgrounds are decoded once (:func:`engine.pipeline.build_background_pool`) and stay resident on the
-  device; composites are made there by :func:`kernels.composite` (gather + select + normalise + cast into the
+* the backgrounds are decoded once (:func:`bgsynth.pipeline.build_background_pool`) and stay resident on the
+  device; composites are made there by :func:`bgsynth.kernels.composite` (gather + select + normalise + cast into the
   model's dtype and memory format in one pass) and fed straight to the model;
 * **active set**: a foreground leaves the search the moment one background fools it;
 * **tiling**: every forward batch holds many (foreground, background) pairs; each active foreground contributes
@@ -28,7 +28,7 @@ here does far less work than the official loop for the identical answer:
 
 Everything the schedule depends on is the search state (which pairs were tried and what the model said), so a
 run is deterministic for a given (model, data, settings), can be checkpointed between forward batches
-(atomically, :func:`engine.index.atomic_write_bytes`) and resumed after a kill to the byte-identical result.
+(atomically, :func:`bgsynth.index.atomic_write_bytes`) and resumed after a kill to the byte-identical result.
 
 Work is counted in images forwarded ("forwards"), reported next to: brute force (``F x N``), the oracle lower
 bound of any exact method (every robust foreground needs all ``N``, every vulnerable one at least 1), and the
@@ -37,7 +37,7 @@ batch with a fooling background). The latter is exact only when the first foolin
 known, i.e. with ``full_matrix=True``; otherwise lower and upper bounds derived from what was observed are
 reported (see :meth:`ChallengeResult.reference_forwards_bounds`).
 
->>> from engine.challenge import run_challenge                                     # doctest: +SKIP
+>>> from bgsynth.challenge import run_challenge                                     # doctest: +SKIP
 >>> res = run_challenge("index.json", predictor, split="val")                       # doctest: +SKIP
 >>> print(f"{res.accuracy:.1%}  ({res.num_vulnerable}/{res.num_foregrounds} vulnerable)")  # doctest: +SKIP
 """
@@ -164,7 +164,7 @@ class ChallengeResult:
         timing: wall time, forwards per second and similar figures of the process(es) that ran it; the only
             part of a result that differs between an uninterrupted and a resumed run.
         gallery_images: for ``full_matrix`` runs, ``{bg_id: uint8 [C, C, 3]}`` of the most adversarial
-            backgrounds per class (for :mod:`engine.report.challenge_plots`); not saved.
+            backgrounds per class (for :mod:`bgsynth.report.challenge_plots`); not saved.
     """
 
     fg_ids: np.ndarray
@@ -807,11 +807,11 @@ def run_challenge(
 
     Args:
         index: dataset index (or its path).
-        predictor: a :class:`engine.models.Predictor` (or any object with ``mean``, ``std``, ``input_dtype``,
+        predictor: a :class:`bgsynth.models.Predictor` (or any object with ``mean``, ``std``, ``input_dtype``,
             ``channels_last`` and ``predict(x) -> int64 [B]`` IN-9 ids, ``-1`` = unmapped).
         split: the split whose foregrounds and backgrounds are used (``None``: the whole index).
         geometry: crop geometry; default: the one stored with the model's checkpoint, else 256 -> 224.
-        backend: decode backend (:func:`engine.pipeline.create_loader`).
+        backend: decode backend (:func:`bgsynth.pipeline.create_loader`).
         device: where composites are made and the pool lives (default: the predictor's device).
         seed: tie-break permutation of the adaptive order and the choice of ``bg_per_class`` subsets.
         fg_ids: restrict the foregrounds to these ids (default: every image of the split with a mask).
@@ -828,14 +828,14 @@ def run_challenge(
             foregrounds, backgrounds, geometry, order, batch size, tile, seed, dtype and device type (the schedule
             depends on all of them); otherwise :class:`CheckpointError` names what differs.
         shard_id, num_shards: search only the foregrounds ``sorted_ids[shard_id::num_shards]``
-            (:func:`engine.distributed.shard_ids`); every shard uses every background. Merge with
+            (:func:`bgsynth.distributed.shard_ids`); every shard uses every background. Merge with
             :func:`merge_results`.
         progress: show a tqdm bar (foregrounds decided, forwards/s, estimated time left).
-        kernel_backend: :func:`kernels.composite` backend (``'auto'``, ``'torch'``, ``'triton'``).
+        kernel_backend: :func:`bgsynth.kernels.composite` backend (``'auto'``, ``'torch'``, ``'triton'``).
         gallery_k: backgrounds per class kept for the gallery of a ``full_matrix`` run.
-        dist: a :class:`~engine.distributed.DistContext` with several ranks, every one of which calls
+        dist: a :class:`~bgsynth.distributed.DistContext` with several ranks, every one of which calls
             :func:`run_challenge` (with its own ``shard_id``): the background pool is then decoded across the
-            ranks and gathered (:func:`engine.distributed.build_background_pool_sharded`; a collective). ``None``:
+            ranks and gathered (:func:`bgsynth.distributed.build_background_pool_sharded`; a collective). ``None``:
             each call decodes the whole pool itself.
         share_every: with several ranks and ``order='adaptive'``: every this many search steps the ranks sum their
             pair statistics, so each rank orders its backgrounds by what all ranks have learnt (0: never). The
@@ -1017,7 +1017,7 @@ def run_challenge(
     # statistics as device tensors once, not re-made by every composite call
     mean = torch.tensor([float(v) for v in predictor.mean], dtype=torch.float32, device=device)
     std = torch.tensor([float(v) for v in predictor.std], dtype=torch.float32, device=device)
-    import kernels
+    from . import kernels
 
     last_bar = 0.0
     # pair statistics of the other ranks at the last exchange (order sharing); a resumed rank relearns them at its
@@ -1253,7 +1253,7 @@ def challenge_to_dir(
 ) -> tuple[ChallengeResult, dict[str, pathlib.Path]]:
     """Run :func:`run_challenge` with its checkpoint in ``out_dir`` and write the result (and plots) there.
 
-    Under ``torchrun`` (:func:`engine.distributed.current` with several ranks) each rank searches its shard of
+    Under ``torchrun`` (:func:`bgsynth.distributed.current` with several ranks) each rank searches its shard of
     the foregrounds (with its own checkpoint, ``challenge.ckpt.rank<R>.npz``), the results are gathered and
     merged with :func:`merge_results`, and rank 0 writes the files; every rank returns the merged result.
 
@@ -1265,7 +1265,7 @@ def challenge_to_dir(
             ``challenge_vulnerability.png``.
         resume: continue from the checkpoint in ``out_dir``.
         checkpoint_every: seconds between checkpoints.
-        plots: write the plots (:func:`engine.report.challenge_plots.challenge_plots`).
+        plots: write the plots (:func:`bgsynth.report.challenge_plots.challenge_plots`).
         **kwargs: the other arguments of :func:`run_challenge` (not ``checkpoint``, ``shard_id``, ``num_shards``
             under torchrun).
 

@@ -3,7 +3,7 @@
 The IN-9 definition ships inside the package (``engine/data/in9_classes.json``); ImageNet-1k class metadata
 (the 1000 WordNet ids in the standard sorted order) comes from timm rather than a hand-written list.
 
->>> from engine.classes import IN9_CLASSES, in1k_to_in9
+>>> from bgsynth.classes import IN9_CLASSES, in1k_to_in9
 >>> IN9_CLASSES[1]
 'bird'
 >>> int((in1k_to_in9() >= 0).sum())
@@ -41,7 +41,7 @@ __all__ = [
 @functools.lru_cache(maxsize=None)
 def in9_definition() -> dict:
     """The parsed ``in9_classes.json`` shipped with the package."""
-    with resources.files("engine.data").joinpath("in9_classes.json").open("r", encoding="utf-8") as f:
+    with resources.files("bgsynth.data").joinpath("in9_classes.json").open("r", encoding="utf-8") as f:
         return json.load(f)
 
 

@@ -2,15 +2,15 @@
 
 Steps (each cached, so a re-run only redoes what changed):
 
-1. build the built-in IN-9-like dataset (:func:`engine.sources.synthetic.build_builtin_dataset`);
-2. the paper's selection filters (:func:`engine.masks.prepare` with its defaults: every filter on, applied to
+1. build the built-in IN-9-like dataset (:func:`bgsynth.sources.synthetic.build_builtin_dataset`);
+2. the paper's selection filters (:func:`bgsynth.masks.prepare` with its defaults: every filter on, applied to
    every image; the built-in masks are the true ones and are kept, so no GrabCut runs; e.g. the images with two
    objects are dropped);
-3. train the demo CNN on the Original train split (:func:`engine.train.train`);
-4. evaluate all eight variants on val in one pass (:func:`engine.evaluate.evaluate_to_dir`);
-5. the Backgrounds Challenge on val (:func:`engine.challenge.run_challenge`);
+3. train the demo CNN on the Original train split (:func:`bgsynth.train.train`);
+4. evaluate all eight variants on val in one pass (:func:`bgsynth.evaluate.evaluate_to_dir`);
+5. the Backgrounds Challenge on val (:func:`bgsynth.challenge.run_challenge`);
 6. optionally (``compare_training=True``) the paper's remedy: the same model trained on Mixed-Rand, evaluated the
-   same way (:func:`engine.train.compare_training`);
+   same way (:func:`bgsynth.train.compare_training`);
 7. ``report.md`` with the paper's table, the challenge and an honest check of each finding.
 """
 
@@ -110,13 +110,13 @@ def run_demo(
         seed: seed of the dataset, training, background choice and challenge order.
         device: ``'auto'`` (CUDA when present), ``'cpu'`` or ``'cuda'``.
         cache_dir: cache of the dataset, prepared index and demo model (default: the built-in dataset's cache).
-        geometry: model input geometry (default :data:`engine.train.DEMO_GEOMETRY`).
-        epochs: training epochs of the demo model (default: :func:`engine.train.train`'s).
+        geometry: model input geometry (default :data:`bgsynth.train.DEMO_GEOMETRY`).
+        epochs: training epochs of the demo model (default: :func:`bgsynth.train.train`'s).
         challenge: run the Backgrounds Challenge.
         challenge_fg_per_class, challenge_bg_per_class: balanced val subsets for the challenge (``None``: all).
         compare_training: also train on Mixed-Rand and compare BG-Gap and challenge accuracy.
         force: ignore the caches of the prepared index and the model.
-        dataset: extra arguments of :func:`~engine.sources.synthetic.build_builtin_dataset` (e.g. a smaller
+        dataset: extra arguments of :func:`~bgsynth.sources.synthetic.build_builtin_dataset` (e.g. a smaller
             ``train_per_class`` / ``val_per_class``).
         tiling: Only-BG-T construction everywhere (filters, evaluation, challenge, training backgrounds):
             ``"paper"`` (the authors' full-resolution tiling) or ``"crop"`` (the crop-space approximation).

@@ -19,7 +19,7 @@ How the commands use it (each through its public API, see ``docs/cluster.md``):
 * ``train``: DistributedDataParallel over the ranks' shards; rank 0 saves the checkpoint.
 
 Failures: torchrun tears the whole group down when a rank exits (``--max-restarts 0``, its default), and every
-collective here raises :class:`DistributedError` (a :class:`~engine.errors.BgsynthError`, so the CLI exits
+collective here raises :class:`DistributedError` (a :class:`~bgsynth.errors.BgsynthError`, so the CLI exits
 non-zero with a one-line message) when a peer died or did not answer within ``BGSYNTH_DIST_TIMEOUT`` seconds.
 
 >>> ctx = DistContext.single()
@@ -316,7 +316,7 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
         if missing:
             raise ConfigError(
                 f"init_distributed: WORLD_SIZE={world} but {' and '.join(missing)} not set; launch with torchrun "
-                f"(e.g. torchrun --nproc_per_node=N -m engine.cli ...)"
+                f"(e.g. torchrun --nproc_per_node=N -m bgsynth.cli ...)"
             )
     if backend is None:
         backend = os.environ.get("BGSYNTH_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
@@ -369,7 +369,7 @@ def shard_ids(ids, shard_id: int, num_shards: int) -> list[int]:
 
 
 def gather_background_pool(pool, ctx: DistContext | None = None):
-    """The union of every rank's :class:`~engine.pipeline.batch.BackgroundPool`, sorted by image id, on every
+    """The union of every rank's :class:`~bgsynth.pipeline.batch.BackgroundPool`, sorted by image id, on every
     rank (on the device of this rank's part).
 
     Each JPEG is then decoded by one rank only, and every rank holds the pool a single process would have built
@@ -405,14 +405,14 @@ def build_background_pool_sharded(
     seed: int = 0,
     **kwargs: Any,
 ):
-    """:func:`engine.pipeline.build_background_pool` with the decoding split over the ranks.
+    """:func:`bgsynth.pipeline.build_background_pool` with the decoding split over the ranks.
 
     Each rank decodes ``shard_ids`` of the selected images and the parts are gathered
     (:func:`gather_background_pool`): the result equals a single-process ``build_background_pool`` with the
     same arguments, on every rank. Without a process group it *is* that call.
 
     Args:
-        index: a :class:`~engine.index.DatasetIndex` or its path.
+        index: a :class:`~bgsynth.index.DatasetIndex` or its path.
         ctx: the distributed context (default :func:`current`).
         split, per_class, seed: the selection, as for ``build_background_pool``.
         **kwargs: ``geometry``, ``backend``, ``device``, ``batch_size``, ``tile_fn``, ``num_threads``,

@@ -1,13 +1,19 @@
 """Typed exceptions of bgsynth.
 
-Every error raised for bad user input derives from :class:`BgsynthError` and says what was expected, what was
-found, and which file or tensor is at fault.
+Every error raised for bad user input derives from :class:`BgsynthError` (or, from the device kernels, which
+import nothing of the rest of bgsynth, from :class:`~bgsynth.kernels.errors.KernelError`, re-exported here) and
+says what was expected, what was found, and which file or tensor is at fault.
 """
 
 from __future__ import annotations
 
+from .kernels.errors import KernelArgumentError, KernelBackendError, KernelError
+
 __all__ = [
     "BgsynthError",
+    "KernelError",
+    "KernelArgumentError",
+    "KernelBackendError",
     "IndexFormatError",
     "DecodeError",
     "BackendUnavailableError",

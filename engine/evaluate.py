@@ -1,7 +1,7 @@
 """Evaluation: every requested variant in one pass over the data, composites fed straight to the model.
 
 :func:`evaluate` decodes each image of a split once, synthesizes all requested variants in-batch on the device
-(normalised, in the model's dtype and memory format, see :func:`engine.variants.synthesize`) and forwards them.
+(normalised, in the model's dtype and memory format, see :func:`bgsynth.variants.synthesize`) and forwards them.
 Every composite leaves one row in :class:`EvalRecords` (image id, variant, label, prediction, background id and
 class, validity), and every metric is a pure function of those rows (:func:`metrics_from_records`), so records of
 several shards or ranks can simply be concatenated and scored again (:func:`merge_results`).
@@ -14,14 +14,14 @@ Data flow of a single-process run with Mixed-* variants and no pool given (``two
 2. The pool is complete; the Mixed-* variants are synthesized from the kept batches and forwarded.
 
 So each JPEG is decoded exactly once. When the kept batches would not fit ``cache_bytes``, or for a manual
-shard, or when given a pool, the pool comes from :func:`engine.pipeline.build_background_pool` (or the argument)
+shard, or when given a pool, the pool comes from :func:`bgsynth.pipeline.build_background_pool` (or the argument)
 and all variants run in one loop.
 
-Under ``torchrun`` (:mod:`engine.distributed`) each rank runs the same two phases on its shard of the image ids;
+Under ``torchrun`` (:mod:`bgsynth.distributed`) each rank runs the same two phases on its shard of the image ids;
 between them the ranks' Only-BG-T parts are gathered into the whole split's pool (still one decode per JPEG in
 the whole job), and at the end the records are gathered, so the metrics equal a single-process run's.
 
->>> from engine.models import load_model
+>>> from bgsynth.models import load_model
 >>> result = evaluate("index.json", load_model("ckpt.pt"), variants="all", device="cuda")  # doctest: +SKIP
 >>> result.accuracy("mixed_rand"), result.bg_gap                                           # doctest: +SKIP
 """
@@ -83,7 +83,7 @@ def _registry_names() -> tuple[str, ...]:
 
 def resolve_variants(variants: str | Sequence[str]) -> tuple[str, ...]:
     """``'all'``, a comma-separated string or a list of names (registry or paper names) -> tuple in the paper's
-    order (:data:`VARIANT_ORDER`), validated against :data:`engine.variants.VARIANTS`."""
+    order (:data:`VARIANT_ORDER`), validated against :data:`bgsynth.variants.VARIANTS`."""
     from .variants import resolve_variants as _resolve
 
     names = set(_resolve(variants))
@@ -299,9 +299,9 @@ def metrics_from_records(records: EvalRecords) -> dict:
 
 
 def _versions() -> dict:
-    import engine
+    import bgsynth
 
-    v = {"bgsynth": engine.__version__, "python": platform.python_version(), "torch": torch.__version__,
+    v = {"bgsynth": bgsynth.__version__, "python": platform.python_version(), "torch": torch.__version__,
          "numpy": np.__version__}
     # only what this process already uses (importing timm just to name its version costs seconds)
     for key, mod in (("torchvision", "torchvision"), ("timm", "timm"), ("dali", "nvidia.dali"), ("triton", "triton")):
@@ -563,9 +563,9 @@ def evaluate(
     """Evaluate a model on all requested variants of a split in one pass over the data.
 
     Args:
-        index: a :class:`~engine.index.DatasetIndex` or the path of one.
-        model: a :class:`~engine.models.LoadedModel` (wrapped in a :class:`~engine.models.Predictor` on
-            ``device`` with ``label_protocol``) or a ready :class:`~engine.models.Predictor`.
+        index: a :class:`~bgsynth.index.DatasetIndex` or the path of one.
+        model: a :class:`~bgsynth.models.LoadedModel` (wrapped in a :class:`~bgsynth.models.Predictor` on
+            ``device`` with ``label_protocol``) or a ready :class:`~bgsynth.models.Predictor`.
         variants: ``'all'``, a comma-separated string or a list of variant names.
         split: split(s) to evaluate (``None``: every image of the index).
         seed: seed of the Mixed-* background choice (a pure function of seed, variant and image id).
@@ -573,7 +573,7 @@ def evaluate(
         backend: decode backend (``'auto'``, ``'dali'``, ``'torchvision'``, ``'pil'``).
         device: where decode output, composites and the model live.
         batch_size: images per decoded batch (each batch yields one forward per variant).
-        pool: a :class:`~engine.pipeline.BackgroundPool` for Mixed-*; default: the Only-BG-T images of the same
+        pool: a :class:`~bgsynth.pipeline.BackgroundPool` for Mixed-*; default: the Only-BG-T images of the same
             split (all shards share it).
         shard_id, num_shards: evaluate ``ids[shard_id::num_shards]`` of the sorted image ids (a manual shard,
             merged later with :func:`merge_results`; no collectives).
@@ -586,7 +586,7 @@ def evaluate(
         cache_bytes: memory budget for keeping decoded batches so that Mixed-* needs no second decode
             (default: 40% of free GPU memory, or min(8 GiB, 25% of RAM)); 0 forces the pool-first path.
         prefetch: batches the loader decodes ahead.
-        dist: a :class:`~engine.distributed.DistContext` (default :func:`engine.distributed.current`). Under
+        dist: a :class:`~bgsynth.distributed.DistContext` (default :func:`bgsynth.distributed.current`). Under
             ``torchrun`` with several ranks (and ``num_shards=1``) every rank must call :func:`evaluate` with the
             same arguments: each evaluates its shard of the image ids, the Mixed-* background pool is gathered
             from all shards (each JPEG is decoded by one rank), the per-composite records are gathered, and every

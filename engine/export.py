@@ -11,7 +11,7 @@ Layout (PAPER.md), under ``out_dir``::
 
 ``<split>`` is the index's split name (the release has ``val``); ``<NN_name>`` the IN-9 class folder
 (``00_dog`` .. ``08_fish``; two contain a space, as released). Images are the crops the model sees
-(:class:`~engine.geometry.CropGeometry`), so, as in the release, a reader applies only ``ToTensor``.
+(:class:`~bgsynth.geometry.CropGeometry`), so, as in the release, a reader applies only ``ToTensor``.
 
 * **Format**: JPEG (default, as released; quality in the manifest) or PNG (``image_format="png"``): lossless, so a
   tool that reads the export (e.g. the official evaluation code) sees exactly the pixels ``bgsynth eval`` feeds
@@ -170,11 +170,11 @@ def export(
     Args:
         index: the dataset index (or the path of its JSON); images need an IN-9 label.
         out_dir: the release root to write.
-        variants: ``'all'`` or a selection (see :func:`engine.variants.resolve_variants`).
+        variants: ``'all'`` or a selection (see :func:`bgsynth.variants.resolve_variants`).
         seed: seed of the Mixed-* background choice.
         jpeg_quality: JPEG quality (1..100).
         geometry: crop geometry (default 256 -> 224).
-        backend: decode backend (see :func:`engine.pipeline.create_loader`).
+        backend: decode backend (see :func:`bgsynth.pipeline.create_loader`).
         kernel_backend: variant kernels backend (``'auto'``, ``'torch'``, ``'triton'``).
         device: where decoding and synthesis run.
         split: export only this split (default: every image of the index).

@@ -12,7 +12,7 @@ An index is one COCO-format JSON file that :class:`pycocotools.coco.COCO` loads 
 * ``rejects``: ``{"path", "reason", "detail"}`` for every input that was not indexed, and ``info`` with the
   image root, counts of skipped (e.g. unmapped-class) inputs and free-form provenance.
 
->>> from engine.index import DatasetIndex
+>>> from bgsynth.index import DatasetIndex
 >>> idx = DatasetIndex.empty(image_root="/data")
 >>> len(idx)
 0

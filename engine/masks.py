@@ -10,7 +10,7 @@ Three layers, each usable on its own:
 
 * :func:`grabcut_mask`: one image, one box -> mask (or ``None``), with the paper's acceptance rule and retries.
 * :class:`SelectionFilters` and :func:`check_selection` / :func:`check_selection_many`: the paper's selection
-  filters, evaluated in the model's crop geometry (:class:`~engine.geometry.CropGeometry`), cheap and batched.
+  filters, evaluated in the model's crop geometry (:class:`~bgsynth.geometry.CropGeometry`), cheap and batched.
 * :func:`prepare`: the whole step over an index, in a process pool, journaled so that a killed run resumes and
   ends with exactly the index an uninterrupted run writes.
 
@@ -225,14 +225,14 @@ def check_selection_many(
         geometry: the model's crop geometry the rules are evaluated in.
         filters: which filters are on and their thresholds.
         tiling: which Only-BG-T the margin rule checks (:data:`TILINGS`). ``"paper"`` (default): the strip rule
-            (:func:`engine.geometry.tile_strips`) on the clipped union box in the stored image at full
+            (:func:`bgsynth.geometry.tile_strips`) on the clipped union box in the stored image at full
             resolution, i.e. the image is dropped only when the inclusive union box covers the whole image.
             ``"crop"``: the strip rule on the crop-space box in the crop (a box with no pixel in the crop leaves
             the whole crop as margin).
 
     Returns:
         One entry per image: ``None`` if it passes, else ``(reason, detail)`` with ``reason`` from
-        :class:`~engine.index.Reject`.
+        :class:`~bgsynth.index.Reject`.
     """
     _check_tiling(tiling, "check_selection_many")
     out: list[tuple[str, str] | None] = []
@@ -346,7 +346,7 @@ def grabcut_mask(
         min_fraction: acceptance threshold on mask area / box area (the paper: 0.10).
         max_side: when set and the image's longer side exceeds it, GrabCut runs on a copy downscaled (area
             interpolation) so that the longer side is ``max_side``, with the box scaled to the pixels it overlaps;
-            the mask is brought back with nearest neighbour (:func:`engine.geometry.nearest_map`) and limited to the
+            the mask is brought back with nearest neighbour (:func:`bgsynth.geometry.nearest_map`) and limited to the
             box, and the acceptance rule is applied at full size.
         seed: attempt ``k`` calls ``cv2.setRNGSeed(seed + k)``.
 
@@ -441,7 +441,7 @@ class _ImageReject(Exception):
 def _read_rgb(path: str, width: int, height: int) -> np.ndarray:
     """Decode an image file to ``uint8 [H, W, 3]`` RGB at its stored size, or raise :class:`_ImageReject`.
 
-    The file is classified by the decode pipeline's header probe (:func:`engine.pipeline.common.probe_image`:
+    The file is classified by the decode pipeline's header probe (:func:`bgsynth.pipeline.common.probe_image`:
     zero-byte, truncated, unreadable), so prepare and decode reject the same files for the same reasons.
     """
     import io
@@ -746,7 +746,7 @@ def _prepare_ranks(
 ) -> tuple[dict[int, dict], set[int]]:
     """The GrabCut results a distributed :func:`prepare` needs, computed by the ranks together.
 
-    Each rank runs GrabCut on its share (:func:`engine.distributed.shard_ids`) of the images whose result is
+    Each rank runs GrabCut on its share (:func:`bgsynth.distributed.shard_ids`) of the images whose result is
     needed, journaling to its own file (:func:`_rank_journal_path`); the results are gathered on every rank.
     Without ``per_class`` that is every GrabCut item. With ``per_class`` (a cap per class) the work goes in waves:
     per class, the items of its queue that a single process would reach if every unknown result were a success
@@ -928,7 +928,7 @@ def prepare(
             (switch filters off with ``filters`` instead).
         checkpoint_every: journal chunk size in images.
         show_count: rows of worst and of best masks on the contact sheet.
-        dist: a :class:`~engine.distributed.DistContext` (default :func:`engine.distributed.current`). Under
+        dist: a :class:`~bgsynth.distributed.DistContext` (default :func:`bgsynth.distributed.current`). Under
             ``torchrun`` every rank calls :func:`prepare` with the same arguments: each runs GrabCut on its share
             of the images (``workers`` defaults to its share of the node's cores) with its own journal
             (``<out>.journal.rank<R>.jsonl``; ``resume`` works when every rank restarts), the results are
@@ -936,7 +936,7 @@ def prepare(
             writes ``out`` and ``show``.
 
     Returns:
-        The resulting :class:`~engine.index.DatasetIndex` (saved to ``out`` when given).
+        The resulting :class:`~bgsynth.index.DatasetIndex` (saved to ``out`` when given).
 
     Raises:
         ConfigError: an argument is out of range (e.g. ``resume`` without ``out``).
@@ -1350,7 +1350,7 @@ def write_mask_sheet(
         path: PNG file to write.
         index: the prepared index (its image root locates the files).
         results: worker results by image id (``status``, ``rle``, ``iou``, ``fraction``).
-        records: :class:`~engine.index.ImageRecord` by id from before the run (for the true masks and boxes);
+        records: :class:`~bgsynth.index.ImageRecord` by id from before the run (for the true masks and boxes);
             defaults to ``index``'s own records.
         count: rows per group.
         cell: height of a cell in pixels.

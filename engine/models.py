@@ -190,7 +190,7 @@ class LoadedModel:
         module: the network (eval mode, CPU, float32).
         num_outputs: width of its output layer.
         output_space: ``'in9'`` (outputs are IN-9 classes; an index >= 9 counts as unmapped) or ``'in1k'``
-            (outputs are ImageNet-1k classes, mapped through :func:`engine.classes.in1k_to_in9`).
+            (outputs are ImageNet-1k classes, mapped through :func:`bgsynth.classes.in1k_to_in9`).
         mean, std: per-channel input normalisation (of images scaled to [0, 1]).
         arch: architecture name when known, else ``None``.
         geometry: crop geometry stored with the checkpoint (``{'resize', 'crop'}``) or ``None``.
@@ -751,7 +751,7 @@ class Predictor:
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, 3, H, W]`` images -> normalised model input (device, dtype, memory format).
 
-        The composites of :func:`engine.variants.synthesize` are made this way in one fused pass; this is for
+        The composites of :func:`bgsynth.variants.synthesize` are made this way in one fused pass; this is for
         callers that hold plain uint8 images.
         """
         if images.ndim != 4 or images.shape[1] != 3:

@@ -1,8 +1,8 @@
-"""Build the :class:`~engine.pipeline.batch.BackgroundPool` of a split: every image's Only-BG-T, decoded once.
+"""Build the :class:`~bgsynth.pipeline.batch.BackgroundPool` of a split: every image's Only-BG-T, decoded once.
 
 The pool is what every Mixed-* composite, the Backgrounds Challenge and the background-swap augmentation draw
 their backgrounds from. It is made here and only here: the decode loader turns the index into batches, the
-variants layer makes each batch's Only-BG-T (:func:`engine.variants.background_pool_from_batch`, under the
+variants layer makes each batch's Only-BG-T (:func:`bgsynth.variants.background_pool_from_batch`, under the
 batch's tiling), and the rows are kept resident on the device, sorted by image id.
 """
 
@@ -47,7 +47,7 @@ def build_background_pool(
     Args:
         index: the dataset index (or its path).
         geometry: crop geometry (default ``CropGeometry()``: 256 -> 224).
-        backend: decode backend (see :func:`engine.pipeline.create_loader`).
+        backend: decode backend (see :func:`bgsynth.pipeline.create_loader`).
         device: where the pool lives.
         split: keep only these splits (e.g. ``"val"``).
         per_class: at most this many images per class, chosen with ``seed`` (:meth:`DatasetIndex.select`).
@@ -56,7 +56,7 @@ def build_background_pool(
         num_threads: decoder threads.
         progress: show a tqdm bar.
         tiling: ``"paper"`` or ``"crop"`` (see above).
-        kernel_backend: backend of the crop-space tiling kernel (:func:`kernels.tile_fill`).
+        kernel_backend: backend of the crop-space tiling kernel (:func:`bgsynth.kernels.tile_fill`).
 
     Returns:
         A :class:`BackgroundPool` sorted by image id.

@@ -1,16 +1,16 @@
 """Training through the engine's own pipeline, and the paper's remedy shown end to end.
 
 :func:`train` fits a model (the small demo CNN, or any torchvision / timm architecture) on one split of an index:
-the split is decoded once (:class:`~engine.augment.TrainIterator` keeps it on the device), every step draws
+the split is decoded once (:class:`~bgsynth.augment.TrainIterator` keeps it on the device), every step draws
 Original / Mixed-Rand / Mixed-Same / Only-FG / No-FG samples with the requested probabilities plus random
-resized crop and flip (:class:`~engine.augment.BackgroundSwap`), and the result is saved with
-:func:`engine.models.save_checkpoint` (geometry and normalisation recorded) so ``bgsynth eval --model ckpt.pt``
+resized crop and flip (:class:`~bgsynth.augment.BackgroundSwap`), and the result is saved with
+:func:`bgsynth.models.save_checkpoint` (geometry and normalisation recorded) so ``bgsynth eval --model ckpt.pt``
 loads it. Deterministic with a seed on the CPU.
 
 :func:`compare_training` is the paper's remedy: the demo model trained with and without Mixed-Rand (same budget,
-same seed), both evaluated by :func:`engine.evaluate.evaluate` and the Backgrounds Challenge.
+same seed), both evaluated by :func:`bgsynth.evaluate.evaluate` and the Backgrounds Challenge.
 
->>> # from engine.sources.synthetic import build_builtin_dataset
+>>> # from bgsynth.sources.synthetic import build_builtin_dataset
 >>> # res = train(build_builtin_dataset(), out="demo.pt")           # about a minute on 2 CPU cores
 >>> # res.val_accuracy
 """
@@ -226,7 +226,7 @@ def train(
     """Train a classifier on a split of an index with online background-swap augmentation.
 
     Args:
-        index: a :class:`~engine.index.DatasetIndex` or its path.
+        index: a :class:`~bgsynth.index.DatasetIndex` or its path.
         arch: ``'bgsynth_cnn'`` or a torchvision / timm architecture name (random init, 9 outputs).
         split, val_split: training split and the split whose Original accuracy is measured at the end
             (``None``: no validation).
@@ -237,9 +237,9 @@ def train(
         seed: seed of the initialisation, the order and every augmentation draw.
         geometry: decode geometry (default :data:`DEMO_GEOMETRY`, 72 -> 64).
         device: ``'cpu'``, ``'cuda'`` or ``'auto'``.
-        augment: variant probabilities (see :func:`engine.augment.parse_probs`), e.g. ``{'mixed_rand': 1.0}``
+        augment: variant probabilities (see :func:`bgsynth.augment.parse_probs`), e.g. ``{'mixed_rand': 1.0}``
             for the paper's Mixed-Rand training set; default Original only.
-        bg_source: ``'pool'`` or ``'batch'`` (see :class:`~engine.augment.BackgroundSwap`).
+        bg_source: ``'pool'`` or ``'batch'`` (see :class:`~bgsynth.augment.BackgroundSwap`).
         random_resized_crop, flip, scale: geometric augmentation (``scale`` is the crop's area fraction range).
             Random resized crop is off by default: on the demo's 64 px crops of the built-in dataset, 14 epochs reach
             87.8% Original val accuracy with flips alone and 85.3% with random resized crop (scale 0.35-1), which
@@ -247,7 +247,7 @@ def train(
         optimizer: ``'sgd'`` (momentum 0.9, Nesterov) or ``'adamw'``.
         schedule: ``'onecycle'`` (25% warm-up, cosine down), ``'cosine'`` or ``'constant'``.
         label_smoothing: cross-entropy label smoothing.
-        out: checkpoint path (written with :func:`engine.models.save_checkpoint`); ``None``: not saved.
+        out: checkpoint path (written with :func:`bgsynth.models.save_checkpoint`); ``None``: not saved.
         progress: tqdm bar with loss and images/s.
         amp: ``'auto'`` (bf16 autocast on CUDA), ``'bf16'``, ``'fp16'`` or ``None``.
         channels_last: ``None``: on for CUDA.
@@ -256,7 +256,7 @@ def train(
         deterministic: deterministic cuDNN algorithms on CUDA (CPU runs replay exactly anyway).
         max_steps: stop after this many steps (a smoke test; the schedule still spans ``epochs``).
         pretrained_model: start from this module instead of a fresh ``arch``.
-        dist: a :class:`~engine.distributed.DistContext` (default :func:`engine.distributed.current`). Under
+        dist: a :class:`~bgsynth.distributed.DistContext` (default :func:`bgsynth.distributed.current`). Under
             ``torchrun`` every rank calls :func:`train` with the same arguments and the model trains as
             DistributedDataParallel: ``batch_size`` stays the global batch (each rank draws ``batch_size / world``
             samples of its shard of the split per step, so the learning rate and schedule mean the same), every
@@ -495,7 +495,7 @@ class CompareResult:
 
     Attributes:
         rows: per model name (``'original'``, ``'mixed_rand'``, ...): ``checkpoint``, ``augment``,
-            ``val_original`` (training-time check), ``accuracy`` (per variant, from :func:`engine.evaluate.evaluate`),
+            ``val_original`` (training-time check), ``accuracy`` (per variant, from :func:`bgsynth.evaluate.evaluate`),
             ``bg_gap``, ``challenge_accuracy`` (``None`` when the challenge was not run), ``challenge_vulnerable``,
             ``challenge_total``, ``train_seconds``.
     """
@@ -547,13 +547,13 @@ def compare_training(
     probabilities differ (``baseline`` vs ``augment``; the paper's remedy is ``mixed_rand=1.0``).
 
     Args:
-        index: a :class:`~engine.index.DatasetIndex` or its path (with ``train`` and ``eval_split`` splits).
+        index: a :class:`~bgsynth.index.DatasetIndex` or its path (with ``train`` and ``eval_split`` splits).
         out_dir: where the checkpoints (``<name>.pt``), evaluation results and ``compare.json``/``compare.md`` go.
         augment, baseline: variant probabilities of the two runs.
         epochs, seed, geometry, device: shared training settings (``**train_kwargs`` for the rest of
             :func:`train`'s).
-        variants: variants to evaluate (:func:`engine.evaluate.evaluate`).
-        challenge: also run the Backgrounds Challenge (:func:`engine.challenge.run_challenge`).
+        variants: variants to evaluate (:func:`bgsynth.evaluate.evaluate`).
+        challenge: also run the Backgrounds Challenge (:func:`bgsynth.challenge.run_challenge`).
         challenge_kwargs: extra arguments of ``run_challenge``.
         tiling: Only-BG-T construction (``"paper"`` or ``"crop"``) of training backgrounds, evaluation and
             challenge alike.
@@ -638,7 +638,7 @@ def compare_training(
 
 
 def _challenge(index, ckpt, split, geometry, device, seed, progress, kwargs) -> dict:
-    """Challenge accuracy of a checkpoint through :func:`engine.challenge.run_challenge`."""
+    """Challenge accuracy of a checkpoint through :func:`bgsynth.challenge.run_challenge`."""
     from .challenge import run_challenge
     from .models import Predictor, load_model
 

@@ -1,8 +1,8 @@
 """The eight variants of the paper, synthesised in-batch on the batch's device.
 
-:func:`synthesize` turns a decoded :class:`~engine.pipeline.batch.Batch` (and, for Mixed-*, a
-:class:`~engine.pipeline.batch.BackgroundPool`) into any subset of the variants of PAPER.md, each one a single
-pass of a device kernel (:mod:`kernels`) that can also normalise, cast and lay out the result for a model:
+:func:`synthesize` turns a decoded :class:`~bgsynth.pipeline.batch.Batch` (and, for Mixed-*, a
+:class:`~bgsynth.pipeline.batch.BackgroundPool`) into any subset of the variants of PAPER.md, each one a single
+pass of a device kernel (:mod:`bgsynth.kernels`) that can also normalise, cast and lay out the result for a model:
 
 ============  =============  ==============================================================  ==================
 name          display        definition (per image: crop ``x``, union box ``B``, mask ``M``)  valid when
@@ -22,11 +22,11 @@ margin, black background for a Mixed-* without a candidate); consumers must use 
 
 Geometry (**ours**, PAPER.md): every variant is computed in the crop the model sees. The decode stage carries the
 mask (nearest neighbour) and the union box (exact integer maps) through the same resize + centre crop as the
-image (:mod:`engine.geometry`). Only-BG-T has two constructions, chosen when the batch is decoded (``tiling``,
+image (:mod:`bgsynth.geometry`). Only-BG-T has two constructions, chosen when the batch is decoded (``tiling``,
 recorded in every results and manifest file):
 
 * ``tiling="paper"`` (the default): **the paper's construction**. The strip rule runs on the stored image's
-  full-resolution margins (inclusive union box, :func:`engine.geometry.tile_strips` with each image's own size),
+  full-resolution margins (inclusive union box, :func:`bgsynth.geometry.tile_strips` with each image's own size),
   the strip is tiled from the image origin over the box at full resolution, and the tiled image is then resized
   and cropped with the same resampling as Original. The decoders do this while they still hold the full-resolution
   pixels (PIL and torchvision: one ``index_select`` along the strip's axis; DALI: ``fn.multi_paste`` of
@@ -35,7 +35,7 @@ recorded in every results and manifest file):
   whose box leaves no full-resolution margin has no Only-BG-T (``valid`` False), even when its crop box leaves a
   margin in the crop, and vice versa.
 * ``tiling="crop"``: the faster approximation. The strip rule runs on the crop box inside the crop and the crop is
-  tiled from its own origin (:func:`kernels.tile_fill`). It is not the paper's background: on 14 real
+  tiled from its own origin (:func:`bgsynth.kernels.tile_fill`). It is not the paper's background: on 14 real
   photographs (``benchmarks/measure_tiling_parity.py``, the test fixture ``tests/photos.py``, 256 -> 224) it
   picked a different strip side for 3 of the 12 images that have an Only-BG-T in both modes, one more image has
   one in paper mode only, and inside the box it differs from the paper's by 33.4 grey levels on average with 64%
@@ -44,7 +44,7 @@ recorded in every results and manifest file):
   smaller (450 val images: 410 same side, 13.7 levels, 42% of pixels > 8), because their backgrounds are flat.
 
 Only-BG-T is also the background of every Mixed-* composite, of the Backgrounds Challenge and of the augmentation
-pool, so the setting follows everywhere: a :class:`~engine.pipeline.batch.BackgroundPool` is the Only-BG-T output
+pool, so the setting follows everywhere: a :class:`~bgsynth.pipeline.batch.BackgroundPool` is the Only-BG-T output
 of decoded batches (:func:`background_pool_from_batch`), and a Mixed-* composite is ``where(M, x, pool[row])``
 in crop space, as the paper composites "in the model's input geometry". Cost of paper tiling (a second resize per
 image, in the decoder; ``benchmarks/bench_variants.py``, 108 built-in JPEGs, 256 -> 224, 2 threads): decode +
@@ -71,7 +71,7 @@ with ``splitmix64(x) = mix(x + 0x9E3779B97F4A7C15)`` (Steele, Lea & Flood 2014) 
 without a candidate gets row -1 (black background) and is invalid.
 
 >>> import torch
->>> from engine.pipeline.batch import Batch
+>>> from bgsynth.pipeline.batch import Batch
 >>> b = Batch(images=torch.full((1, 3, 4, 4), 9, dtype=torch.uint8), masks=torch.zeros(1, 1, 4, 4, dtype=torch.uint8),
 ...           boxes=torch.tensor([[1, 1, 2, 2]], dtype=torch.int32), strips=torch.tensor([[0, 0, 4, 1]], dtype=torch.int32),
 ...           labels=torch.tensor([0]), image_ids=torch.tensor([7]), has_mask=torch.tensor([True]),
@@ -88,7 +88,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-import kernels
+from . import kernels
 
 from .classes import NUM_IN9
 from .errors import ConfigError
@@ -317,7 +317,7 @@ def synthesize(
         dtype: output dtype: ``uint8``, ``float32``, ``float16``, ``bfloat16``; ``None``: uint8, or float32 with
             statistics. A floating dtype without statistics gives ``v / 255``.
         channels_last: outputs in the channels_last memory format.
-        backend: kernel backend, ``'auto'`` | ``'torch'`` | ``'triton'`` (see :mod:`kernels`).
+        backend: kernel backend, ``'auto'`` | ``'torch'`` | ``'triton'`` (see :mod:`bgsynth.kernels`).
         normalize: alternatively ``(mean, std)`` as one pair.
 
     Returns:
@@ -331,7 +331,7 @@ def synthesize(
         No host synchronisation: backgrounds are chosen on the device, validity stays a tensor.
     """
     if not isinstance(batch, Batch):
-        raise ConfigError(f"synthesize: expected an engine.pipeline.batch.Batch, got {type(batch).__name__}")
+        raise ConfigError(f"synthesize: expected an bgsynth.pipeline.batch.Batch, got {type(batch).__name__}")
     if normalize is not None:
         if mean is not None or std is not None:
             raise ConfigError("synthesize: give either normalize=(mean, std) or mean=/std=, not both")
@@ -350,7 +350,7 @@ def synthesize(
 def _check_pool(pool, batch: Batch) -> None:
     if pool is None:
         raise ConfigError(
-            "synthesize: Mixed-* variants need a BackgroundPool (engine.pipeline.build_background_pool); "
+            "synthesize: Mixed-* variants need a BackgroundPool (bgsynth.pipeline.build_background_pool); "
             "got pool=None"
         )
     if not isinstance(pool, BackgroundPool):
@@ -488,7 +488,7 @@ def choose_backgrounds(
 def background_pool_from_batch(batch: Batch, backend: str = "auto") -> BackgroundPool:
     """The Only-BG-T rows of a batch (``has_bgt``) as a :class:`BackgroundPool`, sorted by image id.
 
-    ``engine.pipeline.build_background_pool`` concatenates these over a split. Selecting the rows needs one host
+    ``bgsynth.pipeline.build_background_pool`` concatenates these over a split. Selecting the rows needs one host
     synchronisation (the number of rows); this is a one-time step, not part of the hot loop.
 
     Shape:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.errors import ConfigError
+from .errors import KernelArgumentError
 
 __all__ = [
     "OutputSpec",
@@ -69,11 +69,11 @@ def _stat(value, name: str, op: str, device: torch.device) -> torch.Tensor:
         try:
             t = torch.tensor([float(v) for v in value])
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"{op}: expected {name} to be 3 numbers, got {value!r}") from e
+            raise KernelArgumentError(f"{op}: expected {name} to be 3 numbers, got {value!r}") from e
     else:
-        raise ConfigError(f"{op}: expected {name} to be a sequence of 3 floats or a tensor, got {type(value).__name__}")
+        raise KernelArgumentError(f"{op}: expected {name} to be a sequence of 3 floats or a tensor, got {type(value).__name__}")
     if t.numel() != 3 or t.dtype.is_complex or t.dtype == torch.bool:
-        raise ConfigError(f"{op}: expected {name} to hold 3 values (one per RGB channel), got shape {tuple(t.shape)}")
+        raise KernelArgumentError(f"{op}: expected {name} to hold 3 values (one per RGB channel), got shape {tuple(t.shape)}")
     return t.reshape(3).to(device=device, dtype=torch.float32)
 
 
@@ -89,41 +89,41 @@ def resolve_output(dtype, mean, std, channels_last: bool, device: torch.device, 
         op: op name for messages.
     """
     if (mean is None) != (std is None):
-        raise ConfigError(f"{op}: expected both mean and std or neither, got mean={mean!r}, std={std!r}")
+        raise KernelArgumentError(f"{op}: expected both mean and std or neither, got mean={mean!r}, std={std!r}")
     if dtype is None:
         dtype = torch.float32 if mean is not None else torch.uint8
     if dtype != torch.uint8 and dtype not in _FLOATS:
-        raise ConfigError(f"{op}: expected dtype uint8, float32, float16 or bfloat16, got {dtype}")
+        raise KernelArgumentError(f"{op}: expected dtype uint8, float32, float16 or bfloat16, got {dtype}")
     if dtype == torch.uint8 and mean is not None:
-        raise ConfigError(f"{op}: normalisation (mean/std) needs a floating dtype, got dtype=torch.uint8")
+        raise KernelArgumentError(f"{op}: normalisation (mean/std) needs a floating dtype, got dtype=torch.uint8")
     m = s = None
     if mean is not None:
         m = _stat(mean, "mean", op, device)
         s = _stat(std, "std", op, device)
         if device.type == "cpu" and bool((s == 0).any()):
-            raise ConfigError(f"{op}: expected a non-zero std, got {s.tolist()}")
+            raise KernelArgumentError(f"{op}: expected a non-zero std, got {s.tolist()}")
     return OutputSpec(dtype, m, s, bool(channels_last))
 
 
 def check_images(t, name: str, op: str, leading: str = "B") -> None:
-    """Raise :class:`ConfigError` unless ``t`` is a ``uint8 [*, 3, H, W]`` tensor."""
+    """Raise :class:`KernelArgumentError` unless ``t`` is a ``uint8 [*, 3, H, W]`` tensor."""
     if not isinstance(t, torch.Tensor):
-        raise ConfigError(f"{op}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
+        raise KernelArgumentError(f"{op}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
     if t.ndim != 4 or t.shape[1] != 3 or t.dtype != torch.uint8:
-        raise ConfigError(f"{op}: expected {name} uint8 [{leading},3,H,W], got {t.dtype} {tuple(t.shape)}")
+        raise KernelArgumentError(f"{op}: expected {name} uint8 [{leading},3,H,W], got {t.dtype} {tuple(t.shape)}")
     if 3 * t.shape[2] * t.shape[3] > MAX_INT32:
-        raise ConfigError(f"{op}: {name} images of {t.shape[2]}x{t.shape[3]} are too large for 32-bit pixel offsets")
+        raise KernelArgumentError(f"{op}: {name} images of {t.shape[2]}x{t.shape[3]} are too large for 32-bit pixel offsets")
 
 
 def check_rows(t, name: str, op: str, batch: int, device: torch.device, width: int | None = 4) -> None:
-    """Raise :class:`ConfigError` unless ``t`` is an integer ``[batch, width]`` (or ``[batch]``) tensor on ``device``."""
+    """Raise :class:`KernelArgumentError` unless ``t`` is an integer ``[batch, width]`` (or ``[batch]``) tensor on ``device``."""
     if not isinstance(t, torch.Tensor):
-        raise ConfigError(f"{op}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
+        raise KernelArgumentError(f"{op}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
     shape = (batch, width) if width is not None else (batch,)
     if tuple(t.shape) != shape or t.dtype.is_floating_point or t.dtype == torch.bool:
-        raise ConfigError(f"{op}: expected {name} integer {list(shape)}, got {t.dtype} {tuple(t.shape)}")
+        raise KernelArgumentError(f"{op}: expected {name} integer {list(shape)}, got {t.dtype} {tuple(t.shape)}")
     if t.device != device:
-        raise ConfigError(f"{op}: expected {name} on {device}, got {t.device}")
+        raise KernelArgumentError(f"{op}: expected {name} on {device}, got {t.device}")
 
 
 def alloc_output(shape: tuple[int, int, int, int], spec: OutputSpec, device: torch.device) -> torch.Tensor:

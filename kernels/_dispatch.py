@@ -1,8 +1,8 @@
-"""The one dispatch point of :mod:`kernels`: which implementation (torch reference or Triton) runs an op.
+"""The one dispatch point of :mod:`bgsynth.kernels`: which implementation (torch reference or Triton) runs an op.
 
 ``backend='auto'`` picks Triton when every tensor of the call is on a CUDA device and Triton imports, and the
 plain torch reference otherwise. ``backend='torch'`` always runs the reference. ``backend='triton'`` runs the
-Triton kernel and raises :class:`~engine.errors.BackendUnavailableError` when it cannot: Triton is not installed,
+Triton kernel and raises :class:`~bgsynth.kernels.errors.KernelBackendError` when it cannot: Triton is not installed,
 or the tensors are on the CPU while Triton's interpreter is off (``TRITON_INTERPRET=1`` runs Triton kernels on CPU
 tensors, which is how the tests compare them with the reference without a GPU).
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from engine.errors import BackendUnavailableError, ConfigError
+from .errors import KernelArgumentError, KernelBackendError
 
 __all__ = ["BACKENDS", "resolve_backend", "triton_available", "triton_interpreting", "load_triton_module"]
 
@@ -62,17 +62,17 @@ def resolve_backend(backend: str, tensors: tuple[torch.Tensor | None, ...], op: 
         ``'torch'`` or ``'triton'``.
 
     Raises:
-        ConfigError: ``backend`` (or ``BGSYNTH_KERNEL_BACKEND``) is not one of :data:`BACKENDS`.
-        BackendUnavailableError: ``'triton'`` was asked for and cannot run these tensors.
+        KernelArgumentError: ``backend`` (or ``BGSYNTH_KERNEL_BACKEND``) is not one of :data:`BACKENDS`.
+        KernelBackendError: ``'triton'`` was asked for and cannot run these tensors.
     """
     if backend not in BACKENDS:
-        raise ConfigError(f"{op}: expected backend in {BACKENDS}, got {backend!r}")
+        raise KernelArgumentError(f"{op}: expected backend in {BACKENDS}, got {backend!r}")
     devices = {t.device.type for t in tensors if t is not None}
     on_cuda = devices == {"cuda"}
     if backend == "auto":
         preferred = os.environ.get(_ENV, "").strip().lower()
         if preferred not in ("", "auto", "torch", "triton"):
-            raise ConfigError(f"{op}: expected {_ENV} to be 'torch', 'triton' or unset, got {preferred!r}")
+            raise KernelArgumentError(f"{op}: expected {_ENV} to be 'torch', 'triton' or unset, got {preferred!r}")
         if preferred == "torch":
             return "torch"
         if preferred == "triton":
@@ -84,12 +84,12 @@ def resolve_backend(backend: str, tensors: tuple[torch.Tensor | None, ...], op: 
     # backend == 'triton'
     err = _triton_import_error()
     if err is not None:
-        raise BackendUnavailableError(
+        raise KernelBackendError(
             f"{op}: backend='triton' was requested but Triton cannot be imported ({err}); "
             "install triton or use backend='torch'"
         )
     if not on_cuda and not triton_interpreting():
-        raise BackendUnavailableError(
+        raise KernelBackendError(
             f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before the first Triton call "
             f"to run on the CPU), got tensors on {sorted(devices) or ['no device']}; use backend='torch'"
         )

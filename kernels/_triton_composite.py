@@ -1,4 +1,4 @@
-"""Triton kernel of :func:`kernels.composite.composite` (imported lazily by its launcher)."""
+"""Triton kernel of :func:`bgsynth.kernels.composite.composite` (imported lazily by its launcher)."""
 
 from __future__ import annotations
 

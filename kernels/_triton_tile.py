@@ -1,4 +1,4 @@
-"""Triton kernel of :func:`kernels.tile.tile_fill` (imported lazily by its launcher)."""
+"""Triton kernel of :func:`bgsynth.kernels.tile.tile_fill` (imported lazily by its launcher)."""
 
 from __future__ import annotations
 

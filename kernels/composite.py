@@ -6,7 +6,7 @@ otherwise the background row ``bg[bg_index[b]]`` (black when ``bg`` is ``None`` 
     take = (keep != 0) XOR invert          (all True when keep is None)
            AND NOT inside(boxes[b])        (only when boxes is given)
 
-then the shared epilogue (:mod:`kernels._common`): uint8 copy, ``v / 255``, or ``(v / 255 - mean) / std``, cast
+then the shared epilogue (:mod:`bgsynth.kernels._common`): uint8 copy, ``v / 255``, or ``(v / 255 - mean) / std``, cast
 to ``dtype`` and written contiguous or channels_last. This one op builds every variant but Only-BG-T:
 
 ============  ======================================================
@@ -21,15 +21,15 @@ The Triton kernel reads each input pixel once (the background only where it is u
 element once: no full-size intermediate, whatever the output dtype and layout.
 
 One file, three layers: :func:`composite_torch` (plain torch reference, normalisation by
-:func:`kornia.enhance.normalize`), :func:`_launch_triton` (launcher of :mod:`kernels._triton_composite`), and
-:func:`composite`, the torch-facing op that checks its arguments and dispatches (:mod:`kernels._dispatch`).
+:func:`kornia.enhance.normalize`), :func:`_launch_triton` (launcher of :mod:`bgsynth.kernels._triton_composite`), and
+:func:`composite`, the torch-facing op that checks its arguments and dispatches (:mod:`bgsynth.kernels._dispatch`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from engine.errors import ConfigError
+from .errors import KernelArgumentError
 
 from ._common import (
     MAX_INT32,
@@ -66,7 +66,7 @@ def composite(
     Args:
         fg: uint8 images whose pixels are kept.
         keep: per-pixel selector (bool or uint8; non-zero = take the ``fg`` pixel); ``None`` keeps every pixel.
-        bg: uint8 background images (e.g. a :class:`~engine.pipeline.batch.BackgroundPool`'s ``images``), or
+        bg: uint8 background images (e.g. a :class:`~bgsynth.pipeline.batch.BackgroundPool`'s ``images``), or
             ``None`` for black.
         bg_index: row of ``bg`` for each image; a negative index means black. Indices ``>= N`` are a caller
             bug: rejected on CPU tensors, rendered black on CUDA (checking there would cost a host sync).
@@ -100,28 +100,28 @@ def composite(
     if keep is not None:
         if not isinstance(keep, torch.Tensor) or tuple(keep.shape) != (B, 1, H, W):
             got = tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__
-            raise ConfigError(f"{op}: expected keep of shape {(B, 1, H, W)}, got {got}")
+            raise KernelArgumentError(f"{op}: expected keep of shape {(B, 1, H, W)}, got {got}")
         if keep.dtype not in (torch.bool, torch.uint8):
-            raise ConfigError(f"{op}: expected keep bool or uint8, got {keep.dtype}")
+            raise KernelArgumentError(f"{op}: expected keep bool or uint8, got {keep.dtype}")
         if keep.device != dev:
-            raise ConfigError(f"{op}: expected keep on {dev}, got {keep.device}")
+            raise KernelArgumentError(f"{op}: expected keep on {dev}, got {keep.device}")
     elif invert:
-        raise ConfigError(f"{op}: invert=True needs a keep mask")
+        raise KernelArgumentError(f"{op}: invert=True needs a keep mask")
     if bg is not None:
         check_images(bg, "bg", op, leading="N")
         if tuple(bg.shape[2:]) != (H, W):
-            raise ConfigError(f"{op}: expected bg images of size {H}x{W} (as fg), got {tuple(bg.shape[2:])}")
+            raise KernelArgumentError(f"{op}: expected bg images of size {H}x{W} (as fg), got {tuple(bg.shape[2:])}")
         if bg.device != dev:
-            raise ConfigError(f"{op}: expected bg on {dev}, got {bg.device}")
+            raise KernelArgumentError(f"{op}: expected bg on {dev}, got {bg.device}")
         if bg_index is None:
-            raise ConfigError(f"{op}: bg was given without bg_index (the row of bg for each image)")
+            raise KernelArgumentError(f"{op}: bg was given without bg_index (the row of bg for each image)")
         check_rows(bg_index, "bg_index", op, B, dev, width=None)
         if dev.type == "cpu" and B > 0 and int(bg_index.max()) >= bg.shape[0]:
-            raise ConfigError(
+            raise KernelArgumentError(
                 f"{op}: expected bg_index < {bg.shape[0]} (rows of bg) or negative (black), got {int(bg_index.max())}"
             )
     elif bg_index is not None:
-        raise ConfigError(f"{op}: bg_index was given without bg")
+        raise KernelArgumentError(f"{op}: bg_index was given without bg")
     if boxes is not None:
         check_rows(boxes, "boxes", op, B, dev)
     spec = resolve_output(dtype, mean, std, channels_last, dev, op)

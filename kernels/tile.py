@@ -1,18 +1,18 @@
 """The tiling gather of Only-BG-T: fill each image's box with a tiling of a background strip.
 
 Per image ``b`` with inclusive box ``(x0, y0, x1, y1)`` and tile ``(sx0, sy0, tw, th)`` (see
-:func:`engine.geometry.tile_strips`), the output pixel at ``(y, x)`` is
+:func:`bgsynth.geometry.tile_strips`), the output pixel at ``(y, x)`` is
 
 * ``images[b, :, sy0 + y % th, sx0 + x % tw]`` inside the box (the tiling starts at the image origin),
 * ``images[b, :, y, x]`` outside it,
 
-then normalised/cast by the shared epilogue (:mod:`kernels._common`). A row whose tile is empty (``tw == 0`` or
+then normalised/cast by the shared epilogue (:mod:`bgsynth.kernels._common`). A row whose tile is empty (``tw == 0`` or
 ``th == 0``: no Only-BG-T) or does not lie inside the image is returned unchanged (callers mark it invalid), and an
 empty box (``x1 < x0`` or ``y1 < y0``) changes nothing.
 
 One file, three layers: :func:`tile_fill_torch` (the plain torch reference), :func:`_launch_triton` (the launcher
-of the Triton kernel in :mod:`kernels._triton_tile`), and :func:`tile_fill`, the torch-facing op that checks its
-arguments and dispatches (:mod:`kernels._dispatch`).
+of the Triton kernel in :mod:`bgsynth.kernels._triton_tile`), and :func:`tile_fill`, the torch-facing op that checks its
+arguments and dispatches (:mod:`bgsynth.kernels._dispatch`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from ._common import (
     run_torch_chunked,
 )
 from ._dispatch import load_triton_module, resolve_backend
+from .errors import KernelArgumentError
 
 __all__ = ["tile_fill", "tile_fill_torch", "select_u8"]
 
@@ -164,6 +165,4 @@ def _int32_addressable(t: torch.Tensor) -> torch.Tensor:
 
 
 def raise_too_many(b: int, n_blocks: int) -> None:
-    from engine.errors import ConfigError
-
-    raise ConfigError(f"a batch of {b} images x {n_blocks} pixel blocks exceeds Triton's 2**31-1 programs; split it")
+    raise KernelArgumentError(f"a batch of {b} images x {n_blocks} pixel blocks exceeds Triton's 2**31-1 programs; split it")

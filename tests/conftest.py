@@ -25,7 +25,7 @@ TINY = dict(seed=0, train_per_class=8, val_per_class=6)
 @pytest.fixture(scope="session")
 def builtin_root(tmp_path_factory):
     """Folder of a tiny built-in dataset built once per test session (path of its index JSON)."""
-    from engine.sources.synthetic import build_builtin_dataset
+    from bgsynth.sources.synthetic import build_builtin_dataset
 
     root = tmp_path_factory.mktemp("builtin")
     return build_builtin_dataset(root=root, progress=False, **TINY)
@@ -33,8 +33,8 @@ def builtin_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_index(builtin_root):
-    """The tiny built-in dataset's :class:`~engine.index.DatasetIndex` (train and val splits, true masks)."""
-    from engine.index import DatasetIndex
+    """The tiny built-in dataset's :class:`~bgsynth.index.DatasetIndex` (train and val splits, true masks)."""
+    from bgsynth.index import DatasetIndex
 
     return DatasetIndex.load(builtin_root)
 
@@ -42,7 +42,7 @@ def tiny_index(builtin_root):
 @pytest.fixture(scope="session")
 def tiny_geometry():
     """A small crop geometry that keeps CPU tests fast."""
-    from engine.geometry import CropGeometry
+    from bgsynth.geometry import CropGeometry
 
     return CropGeometry(resize=72, crop=64)
 

@@ -1,7 +1,7 @@
 """A small index of real photographs (``skimage.data``, offline) for parity tests of the variants.
 
 :func:`build_photo_index` writes 14 JPEG files cut or resized from the photographs that ship with scikit-image and
-a COCO-format index (:class:`engine.index.DatasetIndex`) of them, all in split ``"val"``. Every image is there for
+a COCO-format index (:class:`bgsynth.index.DatasetIndex`) of them, all in split ``"val"``. Every image is there for
 a reason (see :data:`PHOTOS`): ImageNet-like non-square sizes (portrait and landscape, 239..741 px sides, one
 whose shorter side is below 256 so the paper's geometry upscales it), a greyscale JPEG (1 component), a CMYK JPEG,
 a JPEG with EXIF Orientation=6 (boxes and masks stay in stored-pixel coordinates: nobody applies EXIF orientation),
@@ -246,7 +246,7 @@ def build_photo_index(root: pathlib.Path) -> pathlib.Path:
     index). Image ids are the positions in :data:`PHOTOS`; every image is in split ``"val"`` and carries one
     annotation per box with its mask as compressed RLE (``mask_source="synthetic"``).
     """
-    from engine.index import DatasetIndex, inclusive_to_bbox, rle_encode
+    from bgsynth.index import DatasetIndex, inclusive_to_bbox, rle_encode
 
     root = pathlib.Path(root)
     idx = DatasetIndex.empty(image_root="images",

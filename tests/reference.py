@@ -1,13 +1,13 @@
 """A slow, obviously-correct reference of the paper's per-image variant procedure (PAPER.md), for tests.
 
 One image at a time, NumPy only, written from PAPER.md's text and independent of the engine's code (it does not
-import ``engine.geometry`` or ``kernels``). Other test modules import it:
+import ``bgsynth.geometry`` or ``kernels``). Other test modules import it:
 
 * :func:`reference_strip`: the Only-BG-T strip rule -> the tile rectangle, or ``None`` when the box leaves no
   margin.
 * :func:`reference_variant`: any of the eight variants of one image.
 * :func:`reference_background`: the Mixed-* background choice (splitmix64 with Python integers), the documented
-  contract of :func:`engine.variants.choose_backgrounds`.
+  contract of :func:`bgsynth.variants.choose_backgrounds`.
 * Decode and geometry, from the conventions of PAPER.md "Ours" and torchvision's ``Resize(int)`` +
   ``CenterCrop``: :func:`reference_decode` (PIL, ``convert("RGB")``, no EXIF transpose), :func:`reference_plan`,
   :func:`reference_resize_crop` (float64 antialiased bilinear with PIL's filter), :func:`reference_nearest_map`,
@@ -60,7 +60,7 @@ VARIANT_NAMES = (
     "mixed_rand",
     "mixed_next",
 )
-# the stable variant codes that enter the background hash (engine.variants documents the same table)
+# the stable variant codes that enter the background hash (bgsynth.variants documents the same table)
 VARIANT_CODES = {name: i for i, name in enumerate(VARIANT_NAMES)}
 NUM_CLASSES = 9
 _M64 = (1 << 64) - 1
@@ -217,7 +217,7 @@ def reference_background(image_id: int, label: int, variant: str, pool_ids, pool
 
 # ----------------------------------------------------------------------------------------------- decode + geometry
 # Written from PAPER.md "Ours" and the conventions of torchvision's Resize(int) + CenterCrop on a PIL image (which is
-# PIL's Image.resize(..., BILINEAR) + crop), independent of engine.geometry.
+# PIL's Image.resize(..., BILINEAR) + crop), independent of bgsynth.geometry.
 
 
 def reference_decode(path) -> np.ndarray:

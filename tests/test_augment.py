@@ -1,10 +1,10 @@
-"""Tests of engine.augment: the background-swap transform and the training iterator.
+"""Tests of bgsynth.augment: the background-swap transform and the training iterator.
 
 Independent references used here:
 
 * random resized crop + flip of images: kornia's slice-and-resize (``crop_by_indices`` with
   ``align_corners=False``) and ``hflip``, one sample at a time;
-* of masks: plain integer indexing with :func:`engine.geometry.nearest_map` and ``torch.flip``;
+* of masks: plain integer indexing with :func:`bgsynth.geometry.nearest_map` and ``torch.flip``;
 * Only-BG-T of an in-batch partner: :func:`kernels.tile_fill_torch`;
 * the crop-box rule: a per-sample Python transcription of torchvision's ``RandomResizedCrop.get_params``;
 * probabilities: Hoeffding's bound ``P(|k/n - p| >= t) <= 2 exp(-2 n t^2)`` at a failure probability of 1e-6.
@@ -18,7 +18,7 @@ import kornia
 import pytest
 import torch
 
-from engine.augment import (
+from bgsynth.augment import (
     AUGMENT_VARIANTS,
     BackgroundSwap,
     TrainIterator,
@@ -29,10 +29,10 @@ from engine.augment import (
     sample_params,
     sample_resized_crops,
 )
-from engine.errors import ConfigError
-from engine.geometry import nearest_map, tile_strips
-from engine.pipeline.batch import BackgroundPool
-from kernels import tile_fill_torch
+from bgsynth.errors import ConfigError
+from bgsynth.geometry import nearest_map, tile_strips
+from bgsynth.pipeline.batch import BackgroundPool
+from bgsynth.kernels import tile_fill_torch
 
 from conftest import cpu_and_cuda
 
@@ -383,7 +383,7 @@ def test_output_dtype_and_memory_format():
     assert out.images.is_contiguous(memory_format=torch.channels_last)
     ref = BackgroundSwap(ALL5, bg_source="batch", mean=None, std=None, dtype=torch.uint8)(
         images, masks, labels, ids, boxes=boxes)
-    from engine.classes import IN9_MEAN, IN9_STD
+    from bgsynth.classes import IN9_MEAN, IN9_STD
 
     m = torch.tensor(IN9_MEAN).view(1, 3, 1, 1)
     s = torch.tensor(IN9_STD).view(1, 3, 1, 1)
@@ -472,7 +472,7 @@ def test_train_iterator_streaming_equals_cached(tiny_index, tiny_geometry):
 
 def test_triton_kernels_give_the_same_batch():
     """The fused composite/tile kernels through Triton (interpreter on CPU, GPU on CUDA) == the torch reference."""
-    from kernels import triton_available, triton_interpreting
+    from bgsynth.kernels import triton_available, triton_interpreting
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if not triton_available() or (dev == "cpu" and not triton_interpreting()):

@@ -1,4 +1,4 @@
-"""Tests of the Backgrounds Challenge (engine.challenge, engine.cli.challenge, engine.report.challenge_plots).
+"""Tests of the Backgrounds Challenge (bgsynth.challenge, bgsynth.cli.challenge, bgsynth.report.challenge_plots).
 
 The central check is exactness: the vulnerable set of the search equals a brute-force evaluation of every
 (foreground, background) pair written plainly here (torch.where composite, one forward per foreground).
@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.challenge import (
+from bgsynth.challenge import (
     NOT_FOOLED,
     REFERENCE_BATCH,
     UNMAPPED_U8,
@@ -40,7 +40,7 @@ from engine.challenge import (
     reference_cost,
     run_challenge,
 )
-from engine.errors import CheckpointError, ConfigError
+from bgsynth.errors import CheckpointError, ConfigError
 
 from conftest import cpu_and_cuda
 
@@ -63,8 +63,8 @@ def case(tiny_index, tiny_geometry):
     """Foregrounds (3 val images with a mask per class) and the whole Only-BG-T pool of val (54), decoded with the
     PIL backend, independently of the search. Runs use a seeded subset of the pool (``bg_per_class``); tables
     cover the whole pool, so any subset can be checked."""
-    from engine.pipeline import create_loader
-    from engine.pool import build_background_pool
+    from bgsynth.pipeline import create_loader
+    from bgsynth.pool import build_background_pool
 
     fg_ids = challenge_foregrounds(tiny_index, "val", fg_per_class=FG_PER_CLASS, seed=0)
     batches = list(create_loader(tiny_index, backend="pil", geometry=tiny_geometry, batch_size=256, ids=fg_ids))
@@ -342,7 +342,7 @@ def test_adaptive_order_near_the_oracle_bound(case, tiny_index, tiny_geometry):
 
 def test_exact_vs_brute_force_cnn_float64(case, tiny_index, tiny_geometry):
     """A real (random-init) network, evaluated in float64 (see the module docstring)."""
-    from engine.models import LoadedModel, Predictor, create_model
+    from bgsynth.models import LoadedModel, Predictor, create_model
 
     fg, pool = case
     torch.manual_seed(0)
@@ -431,7 +431,7 @@ def test_full_matrix_equals_brute_force(case, lookup, tiny_index, tiny_geometry,
     d = json.loads(paths["json"].read_text())
     assert d["vulnerable"] == res.num_vulnerable and d["total"] == len(labels)
     assert d["vulnerability_histogram"] == np.bincount(bf_fool.sum(1), minlength=n + 1).tolist()
-    from engine.report.challenge_plots import challenge_plots
+    from bgsynth.report.challenge_plots import challenge_plots
 
     plots = challenge_plots(res, tmp_path)
     for key in ("gallery", "vulnerability", "class_accuracy"):
@@ -541,13 +541,13 @@ def test_resume_refuses_another_run(case, lookup, tiny_index, tiny_geometry, tmp
 
 
 def _cli(args, env):
-    return subprocess.Popen([sys.executable, "-m", "engine.cli", "challenge", *map(str, args)], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "bgsynth.cli", "challenge", *map(str, args)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_cli_sigkill_then_resume_matches_uninterrupted(builtin_root, tiny_geometry, tmp_path):
     """``bgsynth challenge`` killed with SIGKILL after its first checkpoint, then ``--resume``: same files."""
-    from engine.models import create_model, save_checkpoint
+    from bgsynth.models import create_model, save_checkpoint
 
     torch.manual_seed(0)
     model = tmp_path / "cnn.pt"
@@ -607,8 +607,8 @@ def test_bad_arguments(case, lookup, tiny_index, tiny_geometry):
 
 
 def test_cli_in_process_prints_the_summary(builtin_root, tiny_geometry, tmp_path, capsys):
-    from engine.cli import main
-    from engine.models import create_model, save_checkpoint
+    from bgsynth.cli import main
+    from bgsynth.models import create_model, save_checkpoint
 
     torch.manual_seed(1)
     model = tmp_path / "cnn.pt"
@@ -626,7 +626,7 @@ def test_cli_in_process_prints_the_summary(builtin_root, tiny_geometry, tmp_path
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
 def test_device_matches_lookup(case, lookup, tiny_index, tiny_geometry, device):
-    """The search on each device (composites made there by kernels.composite) gives the brute-force answer."""
+    """The search on each device (composites made there by bgsynth.kernels.composite) gives the brute-force answer."""
     fg, pool = case
     fool, pred = lookup
     p = LookupPredictor(fg, pool, pred)

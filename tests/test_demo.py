@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from engine.demo import CHANCE, run_demo
-from engine.index import DatasetIndex, Reject
-from engine.masks import SelectionFilters
+from bgsynth.demo import CHANCE, run_demo
+from bgsynth.index import DatasetIndex, Reject
+from bgsynth.masks import SelectionFilters
 
 
 def test_demo_end_to_end_and_cached(tmp_path, capsys):

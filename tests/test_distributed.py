@@ -1,4 +1,4 @@
-"""engine.distributed: 2-process runs (gloo on CPU) of eval, challenge, prepare and train give the single-process
+"""bgsynth.distributed: 2-process runs (gloo on CPU) of eval, challenge, prepare and train give the single-process
 results; a killed rank fails the job, ``--resume`` completes it; a stalled rank times out.
 
 The 2-process runs are real process groups: ``torch.multiprocessing`` spawn with the launcher's environment
@@ -26,10 +26,10 @@ import pytest
 import torch
 from torch import nn
 
-import engine.distributed as D
-from engine.classes import IN9_MEAN, IN9_STD, NUM_IN9
-from engine.distributed import DistContext, DistributedError, init_distributed, shard_ids
-from engine.errors import ConfigError
+import bgsynth.distributed as D
+from bgsynth.classes import IN9_MEAN, IN9_STD, NUM_IN9
+from bgsynth.distributed import DistContext, DistributedError, init_distributed, shard_ids
+from bgsynth.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GROUP_TIMEOUT = 120  # BGSYNTH_DIST_TIMEOUT of the healthy groups (a hang fails instead of blocking CI)
@@ -64,8 +64,8 @@ def _env(**extra) -> dict:
 def ckpt(tiny_index, tiny_geometry, tmp_path_factory):
     """bgsynth_cnn, seeded random init, BatchNorm statistics calibrated on a few train images so that its
     predictions spread over the classes (a raw random net predicts one class nearly everywhere)."""
-    from engine.models import create_model, save_checkpoint
-    from engine.pipeline import create_loader
+    from bgsynth.models import create_model, save_checkpoint
+    from bgsynth.pipeline import create_loader
 
     torch.manual_seed(0)
     net = create_model("bgsynth_cnn", NUM_IN9)
@@ -84,7 +84,7 @@ def ckpt(tiny_index, tiny_geometry, tmp_path_factory):
 def ckpt_biased(ckpt, tiny_geometry):
     """The same net leaning towards one class (carnivore): its foregrounds partly survive every background, so
     the challenge has robust as well as vulnerable foregrounds (the raw net is fooled everywhere)."""
-    from engine.models import load_model, save_checkpoint
+    from bgsynth.models import load_model, save_checkpoint
 
     net = load_model(str(ckpt)).module
     with torch.no_grad():
@@ -118,13 +118,13 @@ def _rank_main(rank: int, world: int, port: int, job: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), BGSYNTH_DIST_TIMEOUT=str(GROUP_TIMEOUT))
     torch.set_num_threads(1)
-    import engine.cli
-    from engine.evaluate import evaluate
-    from engine.geometry import CropGeometry
-    from engine.index import DatasetIndex
-    from engine.masks import prepare
-    from engine.models import Predictor, load_model
-    from engine.train import train
+    import bgsynth.cli
+    from bgsynth.evaluate import evaluate
+    from bgsynth.geometry import CropGeometry
+    from bgsynth.index import DatasetIndex
+    from bgsynth.masks import prepare
+    from bgsynth.models import Predictor, load_model
+    from bgsynth.train import train
 
     ctx = init_distributed()
     assert (ctx.rank, ctx.world_size, ctx.backend) == (rank, world, "gloo")
@@ -154,15 +154,15 @@ def _rank_main(rank: int, world: int, port: int, job: dict) -> None:
     res = evaluate(one, pred(), **_eval_kwargs(geom))
     out["eval_one"] = {"records": res.records.to_columns(), "metrics": res.metrics}
     # eval through the CLI: rank 0 alone writes
-    rc = engine.cli.main(["eval", str(job["root"]), "--model", str(job["ckpt"]), "--backend", "pil", "--device", "cpu",
+    rc = bgsynth.cli.main(["eval", str(job["root"]), "--model", str(job["ckpt"]), "--backend", "pil", "--device", "cpu",
                           "--split", "val", "--seed", str(SEED), "--batch-size", "8", "--provenance", "--no-report",
                           "--no-progress", "--examples-per-class", "0", "--out", str(d / "eval_cli")])
     out["eval_cli_rc"] = rc
 
     # challenge through the CLI (challenge_to_dir): adaptive, and the full matrix
     out["challenge_rc"] = [
-        engine.cli.main(_challenge_args(job["root"], job["ckpt_biased"], d / "ch_adaptive", "--batch-size", 16)),
-        engine.cli.main(_challenge_args(job["root"], job["ckpt_biased"], d / "ch_matrix", "--full-matrix", "--fg-per-class",
+        bgsynth.cli.main(_challenge_args(job["root"], job["ckpt_biased"], d / "ch_adaptive", "--batch-size", 16)),
+        bgsynth.cli.main(_challenge_args(job["root"], job["ckpt_biased"], d / "ch_matrix", "--full-matrix", "--fg-per-class",
                                         3, "--bg-per-class", 3, "--batch-size", 16)),
     ]
 
@@ -171,9 +171,9 @@ def _rank_main(rank: int, world: int, port: int, job: dict) -> None:
     out["prepare"] = idx.data
     # prepare killed on both ranks after 4 GrabCut images each, then resumed from the ranks' journals (plus the
     # journal of a rank beyond this world, as an earlier run with more ranks would leave)
-    import engine.masks
+    import bgsynth.masks
 
-    real, calls = engine.masks._grabcut_task, [0]
+    real, calls = bgsynth.masks._grabcut_task, [0]
 
     def crashing(task):
         if calls[0] >= 4:
@@ -181,13 +181,13 @@ def _rank_main(rank: int, world: int, port: int, job: dict) -> None:
         calls[0] += 1
         return real(task)
 
-    engine.masks._grabcut_task = crashing
+    bgsynth.masks._grabcut_task = crashing
     try:
         prepare(index, out=d / "resumed.json", checkpoint_every=1, **_prepare_kwargs(geom))
     except RuntimeError as e:
         out["prepare_crash"] = str(e)
     finally:
-        engine.masks._grabcut_task = real
+        bgsynth.masks._grabcut_task = real
     ctx.barrier()
     out["journals"] = sorted(p.name for p in d.glob("resumed.json.journal*"))
     if ctx.is_main:
@@ -245,7 +245,7 @@ def test_single_process_context():
     assert ctx.cpu_share() >= 1
     with pytest.raises(ConfigError, match="op"):
         ctx.all_reduce(t, "prod")
-    from engine.errors import BgsynthError
+    from bgsynth.errors import BgsynthError
 
     assert issubclass(DistributedError, BgsynthError)  # the CLI prints it as one line and exits with code 2
 
@@ -295,7 +295,7 @@ def test_init_distributed_checks_the_environment(monkeypatch):
 
 
 def test_gather_background_pool_single_sorts_and_refuses_duplicates():
-    from engine.pipeline.batch import BackgroundPool
+    from bgsynth.pipeline.batch import BackgroundPool
 
     imgs = torch.arange(3 * 3 * 2 * 2, dtype=torch.uint8).view(3, 3, 2, 2)
     pool = BackgroundPool(imgs, torch.tensor([4, 5, 6]), torch.tensor([30, 10, 20]))
@@ -322,8 +322,8 @@ def test_collectives_on_two_ranks(group):
 
 
 def test_eval_two_ranks_equal_one_process(group, builtin_root, tiny_index, tiny_geometry, ckpt):
-    from engine.evaluate import EvalRecords, evaluate, load_result
-    from engine.models import Predictor, load_model
+    from bgsynth.evaluate import EvalRecords, evaluate, load_result
+    from bgsynth.models import Predictor, load_model
 
     d, outs = group
     single = evaluate(tiny_index, Predictor(load_model(str(ckpt)), device="cpu"), **_eval_kwargs(tiny_geometry))
@@ -368,9 +368,9 @@ def _challenge_json(path: pathlib.Path) -> dict:
 
 
 def test_challenge_two_ranks_equal_one_process(group, builtin_root, tiny_index, tiny_geometry, ckpt_biased, tmp_path):
-    import engine.cli
-    from engine.challenge import ChallengeResult, merge_results, run_challenge
-    from engine.models import Predictor, load_model
+    import bgsynth.cli
+    from bgsynth.challenge import ChallengeResult, merge_results, run_challenge
+    from bgsynth.models import Predictor, load_model
 
     d, outs = group
     assert all(o["challenge_rc"] == [0, 0] for o in outs)
@@ -379,7 +379,7 @@ def test_challenge_two_ranks_equal_one_process(group, builtin_root, tiny_index, 
         "challenge.ckpt.rank0.npz", "challenge.ckpt.rank1.npz"]
     # full matrix: everything but the timing equals one process, to the bit
     ref = tmp_path / "ref_matrix"
-    assert engine.cli.main(_challenge_args(builtin_root, ckpt_biased, ref, "--full-matrix", "--fg-per-class", 3,
+    assert bgsynth.cli.main(_challenge_args(builtin_root, ckpt_biased, ref, "--full-matrix", "--fg-per-class", 3,
                                            "--bg-per-class", 3, "--batch-size", 64)) == 0
     assert _challenge_json(d / "ch_matrix") == _challenge_json(ref)
     a, b = ChallengeResult.load(d / "ch_matrix"), ChallengeResult.load(ref)
@@ -410,8 +410,8 @@ def test_challenge_two_ranks_equal_one_process(group, builtin_root, tiny_index, 
 
 
 def test_prepare_two_ranks_same_index(group, tiny_index, tiny_geometry, tmp_path):
-    from engine.index import DatasetIndex
-    from engine.masks import prepare
+    from bgsynth.index import DatasetIndex
+    from bgsynth.masks import prepare
 
     d, outs = group
     single = prepare(tiny_index, out=tmp_path / "single.json", **_prepare_kwargs(tiny_geometry))
@@ -446,7 +446,7 @@ def test_prepare_two_ranks_same_index(group, tiny_index, tiny_geometry, tmp_path
 
 
 def test_train_ddp_two_ranks(group):
-    from engine.models import load_model
+    from bgsynth.models import load_model
 
     d, outs = group
     a, b = (o["train"] for o in outs)
@@ -487,14 +487,14 @@ def _worker_pid(tag: str, rank: int) -> int | None:
 def test_killed_rank_fails_the_job_then_resume_completes_it(builtin_root, ckpt_biased, tmp_path):
     """torchrun with 2 ranks: SIGKILL rank 1 after its first checkpoint -> the job exits non-zero; rerun with
     ``--resume`` -> the same result as one process (full matrix: to the bit)."""
-    import engine.cli
+    import bgsynth.cli
 
     tag = uuid.uuid4().hex
     env = _env(BGSYNTH_TEST_TAG=tag)
     out = tmp_path / "run"
     args = _challenge_args(builtin_root, ckpt_biased, out, "--full-matrix", "--fg-per-class", 3, "--bg-per-class", 3,
                            "--batch-size", 1, "--checkpoint-every", 0)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "engine.cli"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bgsynth.cli"]
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen([*cmd, *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     ck1 = out / "challenge.ckpt.rank1.npz"
@@ -521,7 +521,7 @@ def test_killed_rank_fails_the_job_then_resume_completes_it(builtin_root, ckpt_b
     res = json.loads((out / "challenge.json").read_text())
     assert res["timing"]["shards"][1]["resumed"]  # rank 1 went on from its checkpoint (rank 0 may have had none yet)
     ref = tmp_path / "ref"
-    assert engine.cli.main(_challenge_args(builtin_root, ckpt_biased, ref, "--full-matrix", "--fg-per-class", 3,
+    assert bgsynth.cli.main(_challenge_args(builtin_root, ckpt_biased, ref, "--full-matrix", "--fg-per-class", 3,
                                            "--bg-per-class", 3, "--batch-size", 64)) == 0
     assert _challenge_json(out) == _challenge_json(ref)
     with np.load(out / "challenge_matrix.npz") as a, np.load(ref / "challenge_matrix.npz") as b:
@@ -530,7 +530,7 @@ def test_killed_rank_fails_the_job_then_resume_completes_it(builtin_root, ckpt_b
 
 _STALL = """
 import sys, time
-from engine.distributed import DistributedError, init_distributed
+from bgsynth.distributed import DistributedError, init_distributed
 ctx = init_distributed()
 if ctx.rank == 1:
     time.sleep(600)  # stalled: never reaches the gather

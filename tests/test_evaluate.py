@@ -1,4 +1,4 @@
-"""engine.evaluate: identical predictions to a slow independent per-image path, records/metrics, shards, schema."""
+"""bgsynth.evaluate: identical predictions to a slow independent per-image path, records/metrics, shards, schema."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from engine.classes import IN9_MEAN, IN9_STD, NUM_IN9
-from engine.errors import ConfigError
-from engine.evaluate import (
+from bgsynth.classes import IN9_MEAN, IN9_STD, NUM_IN9
+from bgsynth.errors import ConfigError
+from bgsynth.evaluate import (
     RECORD_COLUMNS,
     SCHEMA,
     VARIANT_ORDER,
@@ -24,7 +24,7 @@ from engine.evaluate import (
     merge_results,
     metrics_from_records,
 )
-from engine.models import LoadedModel, Predictor, create_model
+from bgsynth.models import LoadedModel, Predictor, create_model
 from fixtures import calibrate_batchnorm
 from reference import reference_background, reference_tiled, reference_variant
 
@@ -348,7 +348,7 @@ def test_result_json_schema_and_csv(full_run, tmp_path):
 def test_bad_image_is_recorded_not_fatal(setup, builtin_root, tmp_path):
     import shutil
 
-    from engine.index import DatasetIndex
+    from bgsynth.index import DatasetIndex
 
     index, geometry, net = setup
     root = tmp_path / "copy"

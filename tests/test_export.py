@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-import engine.export as export_mod
-from engine.classes import IN9_FOLDERS
-from engine.errors import ConfigError
-from engine.export import export, release_paths, safe_stem
-from engine.pipeline import create_loader
-from engine.pool import build_background_pool
-from engine.pipeline.batch import Batch
-from engine.variants import MIXED_VARIANTS, VARIANT_NAMES, choose_backgrounds, synthesize
+import bgsynth.export as export_mod
+from bgsynth.classes import IN9_FOLDERS
+from bgsynth.errors import ConfigError
+from bgsynth.export import export, release_paths, safe_stem
+from bgsynth.pipeline import create_loader
+from bgsynth.pool import build_background_pool
+from bgsynth.pipeline.batch import Batch
+from bgsynth.variants import MIXED_VARIANTS, VARIANT_NAMES, choose_backgrounds, synthesize
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_killed_export_finishes_identically(exported, val_index, tiny_geometry, 
 
 
 def test_readable_by_release_ingest(exported):
-    from engine.sources.in9_release import ingest_in9_release
+    from bgsynth.sources.in9_release import ingest_in9_release
 
     out, res = exported
     for variant in ("original", "mixed_rand"):
@@ -208,7 +208,7 @@ def test_safe_names():
 
 
 def test_cli_export(builtin_root, tmp_path, capsys):
-    from engine.cli import main
+    from bgsynth.cli import main
 
     rc = main(["export", str(builtin_root), "--out", str(tmp_path / "rel"), "--variants", "original,mixed_next",
                "--resize", "72", "--crop", "64", "--backend", "pil", "--quiet"])

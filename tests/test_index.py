@@ -10,17 +10,17 @@ import stat
 import numpy as np
 import pytest
 
-import engine.classes
-import engine.distributed
-import engine.geometry
-import engine.index
-from engine.classes import IN9_FOLDERS, in1k_to_in9, in1k_wnids, wnid_to_in9
-from engine.errors import IndexFormatError
-from engine.geometry import CropGeometry
-from engine.index import DatasetIndex, rle_decode, rle_encode, rle_union
+import bgsynth.classes
+import bgsynth.distributed
+import bgsynth.geometry
+import bgsynth.index
+from bgsynth.classes import IN9_FOLDERS, in1k_to_in9, in1k_wnids, wnid_to_in9
+from bgsynth.errors import IndexFormatError
+from bgsynth.geometry import CropGeometry
+from bgsynth.index import DatasetIndex, rle_decode, rle_encode, rle_union
 
 
-@pytest.mark.parametrize("mod", [engine.classes, engine.index, engine.geometry, engine.distributed])
+@pytest.mark.parametrize("mod", [bgsynth.classes, bgsynth.index, bgsynth.geometry, bgsynth.distributed])
 def test_docstring_examples(mod):
     res = doctest.testmod(mod)
     assert res.attempted > 0 and res.failed == 0

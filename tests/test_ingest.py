@@ -23,9 +23,9 @@ from fixtures import (
 )
 from PIL import Image
 
-from engine.classes import IN9_FOLDERS, in1k_to_in9, in1k_wnids, wnid_to_in1k
-from engine.index import DatasetIndex, Reject, bbox_to_inclusive, rle_decode
-from engine.sources import (
+from bgsynth.classes import IN9_FOLDERS, in1k_to_in9, in1k_wnids, wnid_to_in1k
+from bgsynth.index import DatasetIndex, Reject, bbox_to_inclusive, rle_decode
+from bgsynth.sources import (
     IngestError,
     ingest_coco,
     ingest_imagenet,
@@ -512,7 +512,7 @@ def test_coco_box_from_mask_and_threshold(tmp_path):
 
 
 def test_cli_ingest_coco_box_from(tmp_path, capsys):
-    from engine.cli import main
+    from bgsynth.cli import main
 
     path, imgs, _cmap, truth = _coco_box_fixture(tmp_path)
     cmap = write_text(tmp_path / "map.txt", "dog = 0\n")
@@ -548,7 +548,7 @@ def test_coco_errors(tmp_path):
 
 
 def test_cli_ingest_prints_reject_summary(tmp_path, capsys):
-    from engine.cli import main
+    from bgsynth.cli import main
 
     tree = make_imagenet_tree(tmp_path, [{"wnid": FISH, "name": "a.JPEG"}, {"wnid": FISH, "name": "b.JPEG"}])
     write_zero_byte(tree["images"] / FISH / "b.JPEG")

@@ -16,9 +16,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import kernels
-from engine.errors import BackendUnavailableError, ConfigError
-from engine.geometry import tile_strips
+from bgsynth import kernels
+from bgsynth.kernels import KernelArgumentError, KernelBackendError
+from bgsynth.geometry import tile_strips
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -351,7 +351,7 @@ def test_env_override_of_auto(monkeypatch):
     monkeypatch.setenv("BGSYNTH_KERNEL_BACKEND", "triton")
     assert kernels.resolve_backend("auto", (t,), "op") == "triton"
     monkeypatch.setenv("BGSYNTH_KERNEL_BACKEND", "bogus")
-    with pytest.raises(ConfigError, match="BGSYNTH_KERNEL_BACKEND"):
+    with pytest.raises(KernelArgumentError, match="BGSYNTH_KERNEL_BACKEND"):
         kernels.resolve_backend("auto", (t,), "op")
 
 
@@ -360,16 +360,16 @@ def test_triton_requested_without_interpreter_or_cuda(monkeypatch):
         pytest.skip("CPU tensors with a GPU present: the interpreter check is what this test covers")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     img = torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
-    with pytest.raises(BackendUnavailableError, match="CUDA"):
+    with pytest.raises(KernelBackendError, match="CUDA"):
         kernels.composite(img, backend="triton")
 
 
 def test_triton_missing(monkeypatch):
-    import kernels._dispatch as d
+    import bgsynth.kernels._dispatch as d
 
     monkeypatch.setattr(d, "_triton_import_error", lambda: "ImportError: No module named 'triton'")
     img = torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
-    with pytest.raises(BackendUnavailableError, match="cannot be imported"):
+    with pytest.raises(KernelBackendError, match="cannot be imported"):
         kernels.tile_fill(img, torch.zeros(1, 4, dtype=torch.int32), torch.zeros(1, 4, dtype=torch.int32),
                           backend="triton")
     assert kernels.resolve_backend("auto", (img,), "op") == "torch"
@@ -379,13 +379,14 @@ def test_triton_missing(monkeypatch):
 def test_package_imports_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
-        "import torch, kernels\n"
-        "from engine.errors import BackendUnavailableError\n"
+        "import torch\n"
+        "from bgsynth import kernels\n"
+        "from bgsynth.kernels import KernelBackendError\n"
         "img = torch.full((1, 3, 2, 2), 5, dtype=torch.uint8)\n"
         "assert torch.equal(kernels.composite(img), img)\n"
         "try:\n"
         "    kernels.composite(img, backend='triton')\n"
-        "except BackendUnavailableError as e:\n"
+        "except KernelBackendError as e:\n"
         "    print('ok', e)\n"
     )
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -418,23 +419,23 @@ def test_package_imports_without_triton():
 def test_composite_errors(kwargs, match):
     args = dict(fg=torch.zeros(1, 3, 2, 2, dtype=torch.uint8))
     args.update(kwargs)
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(KernelArgumentError, match=match):
         kernels.composite(**args)
 
 
 def test_tile_fill_errors():
     img = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
-    with pytest.raises(ConfigError, match="boxes integer"):
+    with pytest.raises(KernelArgumentError, match="boxes integer"):
         kernels.tile_fill(img, torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.int32))
-    with pytest.raises(ConfigError, match="strips integer"):
+    with pytest.raises(KernelArgumentError, match="strips integer"):
         kernels.tile_fill(img, torch.zeros(2, 4, dtype=torch.int32), torch.zeros(3, 4, dtype=torch.int32))
-    with pytest.raises(ConfigError, match="images uint8"):
+    with pytest.raises(KernelArgumentError, match="images uint8"):
         kernels.tile_fill(img[:, :2], torch.zeros(2, 4, dtype=torch.int32), torch.zeros(2, 4, dtype=torch.int32))
 
 
 def test_cpu_chunking_equals_whole_batch():
     """The torch path runs the CPU in chunks of CPU_CHUNK images; the result is the whole-batch reference's."""
-    from kernels._common import CPU_CHUNK, resolve_output
+    from bgsynth.kernels._common import CPU_CHUNK, resolve_output
 
     b = 2 * CPU_CHUNK + 3
     args = composite_inputs(seed=21, b=b, h=6, w=7, n=3, device="cpu", what="mixed+box")
@@ -452,7 +453,7 @@ def test_triton_kernels_compile_for_cuda():
     needs no GPU. Runs in a fresh process without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = "from kernels._aot import compile_for_cuda\nprint('\\n'.join(compile_for_cuda(90)))"
+    code = "from bgsynth.kernels._aot import compile_for_cuda\nprint('\\n'.join(compile_for_cuda(90)))"
     res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()

@@ -1,4 +1,4 @@
-"""Tests of engine.masks: selection filters, GrabCut with the acceptance rule, and the resumable prepare step."""
+"""Tests of bgsynth.masks: selection filters, GrabCut with the acceptance rule, and the resumable prepare step."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.errors import CheckpointError, ConfigError
-from engine.geometry import CropGeometry
-from engine.index import DatasetIndex, Reject, inclusive_to_bbox, mask_extent, rle_encode
-from engine.masks import (
+from bgsynth.errors import CheckpointError, ConfigError
+from bgsynth.geometry import CropGeometry
+from bgsynth.index import DatasetIndex, Reject, inclusive_to_bbox, mask_extent, rle_encode
+from bgsynth.masks import (
     SelectionFilters,
     check_selection,
     check_selection_many,
@@ -484,7 +484,7 @@ def test_prepare_per_class_balanced_subset(tmp_path):
 
 
 def test_cli_prepare_prints_the_summary(tmp_path, capsys):
-    from engine.cli import main
+    from bgsynth.cli import main
 
     idx = _make_index(tmp_path / "data", n_per_class=2, classes=(0, 1), with_masks=True)
     data = idx.to_coco().dataset
@@ -508,7 +508,7 @@ def test_cli_prepare_prints_the_summary(tmp_path, capsys):
 
 
 def test_prepare_journal_resume_and_guards(tmp_path, monkeypatch):
-    import engine.masks as masks
+    import bgsynth.masks as masks
 
     idx = _make_index(tmp_path / "data", n_per_class=1, classes=(0, 1, 2))
     full = prepare(idx, out=tmp_path / "full.json", workers=1, progress=False)
@@ -555,7 +555,7 @@ def test_prepare_journal_resume_and_guards(tmp_path, monkeypatch):
 
 def _cli(args, **kw):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "engine.cli", "prepare", *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "bgsynth.cli", "prepare", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **kw)
 
 
@@ -747,7 +747,7 @@ def test_filters_switched_off_keep_existing_masks(tiny_index, tiny_geometry):
 
 
 def test_filter_existing_is_gone_with_a_clear_message(tiny_index, tiny_geometry, builtin_root, tmp_path, capsys):
-    from engine.cli import main
+    from bgsynth.cli import main
 
     val = tiny_index.select(split="val")
     default = prepare(val, geometry=tiny_geometry, workers=1, progress=False)
@@ -771,7 +771,7 @@ def test_filter_existing_is_gone_with_a_clear_message(tiny_index, tiny_geometry,
 
 
 def test_cli_filter_switches(builtin_root, tmp_path, capsys):
-    from engine.cli import main
+    from bgsynth.cli import main
 
     common = [str(builtin_root), "--split", "val", "--resize", "72", "--crop", "64", "--workers", "1",
               "--no-progress"]

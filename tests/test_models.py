@@ -1,4 +1,4 @@
-"""engine.models: factories, checkpoint loading in every layout (never partial, never unsafe by default), label
+"""bgsynth.models: factories, checkpoint loading in every layout (never partial, never unsafe by default), label
 protocols on hand-made logits, out-of-memory back-off."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from engine.classes import IMAGENET_MEAN, IMAGENET_STD, IN9_MEAN, IN9_STD, in1k_to_in9
-from engine.errors import CheckpointError, ConfigError
-from engine.models import (
+from bgsynth.classes import IMAGENET_MEAN, IMAGENET_STD, IN9_MEAN, IN9_STD, in1k_to_in9
+from bgsynth.errors import CheckpointError, ConfigError
+from bgsynth.models import (
     CHECKPOINT_FORMAT,
     BgsynthCNN,
     LoadedModel,

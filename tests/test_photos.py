@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.geometry import CropGeometry
-from engine.index import DatasetIndex
-from engine.pipeline import available_backends, create_loader
-from engine.pool import build_background_pool
-from engine.pipeline.batch import Batch
-from engine.variants import synthesize
+from bgsynth.geometry import CropGeometry
+from bgsynth.index import DatasetIndex
+from bgsynth.pipeline import available_backends, create_loader
+from bgsynth.pool import build_background_pool
+from bgsynth.pipeline.batch import Batch
+from bgsynth.variants import synthesize
 from photos import PHOTOS
 from fixtures import calibrate_batchnorm
 from reference import (
@@ -285,7 +285,7 @@ def test_triton_kernels_match_torch_on_photos(photo_path, tiling):
 # ----------------------------------------------------------------------------------------------- lossless export
 def _calibrated_net(index, geometry):
     """A random bgsynth_cnn whose BatchNorm statistics are set on the fixture (predictions spread over classes)."""
-    from engine.models import create_model
+    from bgsynth.models import create_model
 
     torch.manual_seed(0)
     net = create_model("bgsynth_cnn", 9)
@@ -300,9 +300,9 @@ def test_png_export_read_the_official_way_gives_the_eval_predictions(photo_path,
     prediction as ``evaluate`` in memory for every exported composite of every variant."""
     from torchvision import datasets, transforms
 
-    from engine.evaluate import evaluate
-    from engine.export import export, release_paths
-    from engine.models import LoadedModel
+    from bgsynth.evaluate import evaluate
+    from bgsynth.export import export, release_paths
+    from bgsynth.models import LoadedModel
 
     index = DatasetIndex.load(photo_path)
     geometry = CropGeometry(128, 112)

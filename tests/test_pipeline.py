@@ -27,10 +27,10 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.errors import BackendUnavailableError, ConfigError, DecodeError, PoolTooLargeError
-from engine.geometry import CropGeometry
-from engine.index import DatasetIndex, Reject, inclusive_to_bbox, rle_encode
-from engine.pipeline import (
+from bgsynth.errors import BackendUnavailableError, ConfigError, DecodeError, PoolTooLargeError
+from bgsynth.geometry import CropGeometry
+from bgsynth.index import DatasetIndex, Reject, inclusive_to_bbox, rle_encode
+from bgsynth.pipeline import (
     AUTO_ORDER,
     BACKENDS,
     BackendSpec,
@@ -41,9 +41,9 @@ from engine.pipeline import (
     create_loader,
     register_backend,
 )
-from engine.pipeline.common import SampleError, probe_image
-from engine.pipeline.dali import crop_window
-from engine.pool import build_background_pool
+from bgsynth.pipeline.common import SampleError, probe_image
+from bgsynth.pipeline.dali import crop_window
+from bgsynth.pool import build_background_pool
 
 ALL = ("pil", "torchvision", "dali")
 BACKEND_PARAMS = [
@@ -315,7 +315,7 @@ def test_refused_file_falls_back_to_pil(odd, backend, monkeypatch):
     pil = collect(create_loader(odd.index, backend="pil", geometry=g, ids=ids, batch_size=4))
     target = odd.index.record(odd.ids["progressive"]).path
     if backend == "dali":
-        from engine.pipeline.dali import DALILoader
+        from bgsynth.pipeline.dali import DALILoader
 
         run = DALILoader._run
 
@@ -529,7 +529,7 @@ def test_index_path_and_auto_backend(builtin_root, tiny_geometry):
 
 
 def test_missing_backend_says_how_to_install(tiny_index):
-    spec = register_backend(BackendSpec("fake", "engine.pipeline.pil:PILLoader", ("no_such_module_bgsynth",),
+    spec = register_backend(BackendSpec("fake", "bgsynth.pipeline.pil:PILLoader", ("no_such_module_bgsynth",),
                                         "pip install no-such-module-bgsynth", "test"))
     try:
         assert "fake" not in available_backends()
@@ -618,13 +618,13 @@ def test_cuda_background_pool(tiny_index, tiny_geometry):
 
 # ------------------------------------------------------------------------------------------------ paper tiling
 def test_only_bg_t_full_equals_the_tiling_kernel():
-    """The one-image full-resolution tiling of the decoders == kernels.tile_fill (the batched reference kernel) on
+    """The one-image full-resolution tiling of the decoders == bgsynth.kernels.tile_fill (the batched reference kernel) on
     random images, boxes (also partly outside the image) and the strips the paper's rule picks."""
     from types import SimpleNamespace
 
-    import kernels
-    from engine.geometry import tile_strips
-    from engine.pipeline.common import only_bg_t_full
+    from bgsynth import kernels
+    from bgsynth.geometry import tile_strips
+    from bgsynth.pipeline.common import only_bg_t_full
 
     rng = np.random.default_rng(1)
     checked = 0
@@ -651,9 +651,9 @@ def test_dali_paste_plan_tiles_the_image_exactly_once():
     """The rectangles DALI pastes cover every output pixel once, and copying them reproduces only_bg_t_full."""
     from types import SimpleNamespace
 
-    from engine.geometry import tile_strips
-    from engine.pipeline.common import only_bg_t_full
-    from engine.pipeline.dali import paste_plan
+    from bgsynth.geometry import tile_strips
+    from bgsynth.pipeline.common import only_bg_t_full
+    from bgsynth.pipeline.dali import paste_plan
 
     rng = np.random.default_rng(2)
     for _ in range(200):

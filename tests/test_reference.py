@@ -191,7 +191,7 @@ def test_all_variants_of_one_image():
 
 # ----------------------------------------------------------------------------------------------- decode
 def test_decode_keeps_stored_orientation_and_makes_rgb(photo_index):
-    from engine.index import DatasetIndex
+    from bgsynth.index import DatasetIndex
 
     idx = DatasetIndex.load(photo_index)
     for rec in idx.records():

@@ -1,4 +1,4 @@
-"""engine.report and the eval/report CLI: tables, figures, contact sheet, several runs side by side."""
+"""bgsynth.report and the eval/report CLI: tables, figures, contact sheet, several runs side by side."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.evaluate import EvalRecords, EvalResult, load_result, metrics_from_records
-from engine.report import write_report
-from engine.report.plots import prediction_sheet
-from engine.report.tables import (
+from bgsynth.evaluate import EvalRecords, EvalResult, load_result, metrics_from_records
+from bgsynth.report import write_report
+from bgsynth.report.plots import prediction_sheet
+from bgsynth.report.tables import (
     comparison_csv,
     counts_table,
     fmt_pct,
@@ -124,8 +124,8 @@ def test_write_report_single_and_compare(tmp_path):
 
 
 def test_cli_eval_and_report(builtin_root, tmp_path):
-    from engine.cli import main
-    from engine.models import create_model, save_checkpoint
+    from bgsynth.cli import main
+    from bgsynth.models import create_model, save_checkpoint
 
     torch.manual_seed(0)
     ck = save_checkpoint(create_model("bgsynth_cnn"), tmp_path / "net.pt", "bgsynth_cnn", 9,

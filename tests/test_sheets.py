@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.errors import ConfigError
-from engine.report.sheets import LEFT, PAD, TOP, decoded_sheet, sheet_size, variant_sheet
-from engine.variants import VARIANT_NAMES, background_pool_from_batch, synthesize
+from bgsynth.errors import ConfigError
+from bgsynth.report.sheets import LEFT, PAD, TOP, decoded_sheet, sheet_size, variant_sheet
+from bgsynth.variants import VARIANT_NAMES, background_pool_from_batch, synthesize
 from test_variants import random_batch
 
 
@@ -75,7 +75,7 @@ def test_decoded_sheet(tmp_path):
 
 
 def test_cli_show(builtin_root, tmp_path, capsys):
-    from engine.cli import main
+    from bgsynth.cli import main
 
     out = tmp_path / "sheet.png"
     rc = main(["show", str(builtin_root), "--out", str(out), "-n", "3", "--resize", "72", "--crop", "64",

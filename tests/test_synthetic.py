@@ -10,11 +10,11 @@ import pathlib
 import numpy as np
 import pytest
 
-from engine.classes import NUM_IN9, wnid_to_in9
-from engine.errors import ConfigError
-from engine.index import DatasetIndex, mask_extent, rle_decode
-from engine.sources.imagenet import parse_voc_xml
-from engine.sources.synthetic import (
+from bgsynth.classes import NUM_IN9, wnid_to_in9
+from bgsynth.errors import ConfigError
+from bgsynth.index import DatasetIndex, mask_extent, rle_decode
+from bgsynth.sources.imagenet import parse_voc_xml
+from bgsynth.sources.synthetic import (
     BUILTIN_WNIDS,
     SCENE_FAMILIES,
     build_builtin_dataset,
@@ -198,7 +198,7 @@ def test_build_is_cached_and_atomic(tiny_build, monkeypatch):
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary folders left
 
     # a build that dies half way leaves nothing behind
-    import engine.sources.synthetic as syn
+    import bgsynth.sources.synthetic as syn
 
     def boom(*a, **k):
         raise RuntimeError("killed")
@@ -231,7 +231,7 @@ def test_default_cache_dir_and_load(tmp_path, monkeypatch):
 
 
 def test_cli_make_dataset(tmp_path, capsys):
-    from engine.cli import main
+    from bgsynth.cli import main
 
     rc = main(["make-dataset", "--train-per-class", "1", "--val-per-class", "1", "--seed", "4", "--out",
                str(tmp_path), "--no-progress", "--workers", "1", "--json"])

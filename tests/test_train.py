@@ -1,4 +1,4 @@
-"""Tests of engine.train (training through the engine's pipeline), its CLI and compare_training."""
+"""Tests of bgsynth.train (training through the engine's pipeline), its CLI and compare_training."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from engine.classes import IN9_MEAN
-from engine.errors import ConfigError
-from engine.models import Predictor, load_model
-from engine.pipeline import create_loader
-from engine.train import compare_training, train
+from bgsynth.classes import IN9_MEAN
+from bgsynth.errors import ConfigError
+from bgsynth.models import Predictor, load_model
+from bgsynth.pipeline import create_loader
+from bgsynth.train import compare_training, train
 
 SMALL = dict(epochs=4, batch_size=16, progress=False, backend="pil", device="cpu")
 
@@ -91,7 +91,7 @@ def test_argument_errors(tiny_index):
 
 
 def test_cli_train_writes_a_loadable_checkpoint(builtin_root, tmp_path, capsys):
-    from engine.cli import main
+    from bgsynth.cli import main
 
     out = tmp_path / "cli.pt"
     rc = main(["train", str(builtin_root), "--out", str(out), "--epochs", "1", "--batch-size", "16", "--resize", "72",

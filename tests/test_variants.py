@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import ConfigError
-from engine.geometry import tile_strips
-from engine.pipeline.batch import BackgroundPool, Batch
-from engine.variants import (
+from bgsynth.errors import ConfigError
+from bgsynth.geometry import tile_strips
+from bgsynth.pipeline.batch import BackgroundPool, Batch
+from bgsynth.variants import (
     MIXED_VARIANTS,
     VARIANT_NAMES,
     VARIANTS,
@@ -347,7 +347,7 @@ def test_errors():
         synthesize(batch, ["mixed_same"], pool=small)
     with pytest.raises(ConfigError, match="not both"):
         synthesize(batch, ["original"], normalize=(MEAN, STD), mean=MEAN, std=STD)
-    with pytest.raises(ConfigError, match="expected an engine.pipeline.batch.Batch"):
+    with pytest.raises(ConfigError, match="expected an bgsynth.pipeline.batch.Batch"):
         synthesize(batch.images, ["original"])
     with pytest.raises(ConfigError, match="integer seed"):
         synthesize(batch, ["original"], seed=1.5)
@@ -357,7 +357,7 @@ def test_errors():
 # ----------------------------------------------------------------------------------------------- built-in dataset
 def _reference_crop(arr: np.ndarray, plan) -> np.ndarray:
     """Nearest-neighbour resize to the plan's resized size, then its centre crop, written independently of
-    engine.geometry: each output pixel takes the source pixel whose area [k, k+1) holds the output pixel's centre,
+    bgsynth.geometry: each output pixel takes the source pixel whose area [k, k+1) holds the output pixel's centre,
     computed with exact fractions. (PIL's NEAREST computes the same centres in floating point and differs where a
     centre falls exactly on a pixel border.)"""
     from fractions import Fraction
@@ -373,7 +373,7 @@ def _reference_crop(arr: np.ndarray, plan) -> np.ndarray:
 def test_builtin_dataset_parity(tiny_index, tiny_geometry):
     """On a slice of the built-in dataset: masks and boxes from the pil loader == an independent nearest
     resize + crop of the index's full-size masks and boxes; every variant == the per-image reference on the decoded crop."""
-    from engine.pipeline import create_loader
+    from bgsynth.pipeline import create_loader
 
     index = tiny_index.select(split="val", per_class=2, seed=0)
     # the crop-space tiling (the paper's full-resolution tiling is checked on real photographs in test_photos.py)

@@ -11,7 +11,7 @@ import sys
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-# module names under engine.cli, in the order `bgsynth --help` lists them
+# module names under bgsynth.cli, in the order `bgsynth --help` lists them
 COMMANDS = (
     "demo",
     "make_dataset",
@@ -30,15 +30,15 @@ def _modules():
     mods = []
     for name in COMMANDS:
         try:
-            mods.append(importlib.import_module(f"engine.cli.{name}"))
+            mods.append(importlib.import_module(f"bgsynth.cli.{name}"))
         except ModuleNotFoundError as e:
-            if e.name != f"engine.cli.{name}":
+            if e.name != f"bgsynth.cli.{name}":
                 raise
     return mods
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="bgsynth",
@@ -61,13 +61,13 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
-    from engine.errors import BgsynthError
+    from ..errors import BgsynthError, KernelError
 
     args = build_parser().parse_args(argv)
     formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return int(args._run(args) or 0)
-    except BgsynthError as e:
+    except (BgsynthError, KernelError) as e:
         print(f"bgsynth {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

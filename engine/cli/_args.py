@@ -69,8 +69,8 @@ def add_tiling_arg(group) -> None:
 
 
 def predictor_from_args(args, device):
-    """Load ``--model`` and wrap it in a :class:`~engine.models.Predictor`; returns ``(loaded, predictor)``."""
-    from engine.models import Predictor, load_model
+    """Load ``--model`` and wrap it in a :class:`~bgsynth.models.Predictor`; returns ``(loaded, predictor)``."""
+    from ..models import Predictor, load_model
 
     loaded = load_model(args.model, weights=args.weights, trust_checkpoint=args.trust_checkpoint,
                         num_classes=args.num_classes, output_space=args.output_space)
@@ -83,7 +83,7 @@ def resolve_index(arg: str, ctx, progress: bool):
     """``'builtin'`` -> the built-in dataset's index path (built once per node under torchrun); else ``arg``."""
     if arg != "builtin":
         return arg
-    from engine.sources.synthetic import build_builtin_dataset
+    from ..sources.synthetic import build_builtin_dataset
 
     with ctx.main_first():  # one rank per node builds the cache, the others find it
         return build_builtin_dataset(progress=progress)
@@ -91,7 +91,7 @@ def resolve_index(arg: str, ctx, progress: bool):
 
 def geometry_from_args(args, loaded):
     """``--resize/--crop`` over the checkpoint's geometry; ``None`` when neither is given (the consumer decides)."""
-    from engine.geometry import CropGeometry
+    from ..geometry import CropGeometry
 
     if args.resize is None and args.crop is None:
         return None

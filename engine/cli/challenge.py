@@ -1,4 +1,4 @@
-"""``bgsynth challenge INDEX --model ... --out DIR``: the Backgrounds Challenge (see :mod:`engine.challenge`)."""
+"""``bgsynth challenge INDEX --model ... --out DIR``: the Backgrounds Challenge (see :mod:`bgsynth.challenge`)."""
 
 from __future__ import annotations
 
@@ -70,9 +70,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.challenge import challenge_foregrounds, challenge_to_dir
-    from engine.distributed import init_distributed
-    from engine.index import DatasetIndex
+    from ..challenge import challenge_foregrounds, challenge_to_dir
+    from ..distributed import init_distributed
+    from ..index import DatasetIndex
 
     ctx = init_distributed()
     device = ctx.device(None if args.device == "auto" else args.device)

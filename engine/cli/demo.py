@@ -29,8 +29,8 @@ def register(subparsers):
 
 
 def run(args) -> int:
-    from engine.demo import run_demo
-    from engine.report.tables import format_summary
+    from ..demo import run_demo
+    from ..report.tables import format_summary
 
     n = args.challenge_per_class or None
     res = run_demo(out_dir=args.out, seed=args.seed, device=args.device, cache_dir=args.cache_dir,

@@ -1,4 +1,4 @@
-"""``bgsynth eval INDEX --model ...``: all variants in one pass, results + report (see :func:`engine.evaluate.evaluate`)."""
+"""``bgsynth eval INDEX --model ...``: all variants in one pass, results + report (see :func:`bgsynth.evaluate.evaluate`)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def register(subparsers) -> argparse.ArgumentParser:
             "plots into --out, and prints the paper's table. INDEX is a dataset index JSON, or 'builtin' for the "
             "built-in dataset. Runs unchanged under torchrun (each rank evaluates its shard of the images, rank 0 "
             "writes the merged results, identical to a single-process run): "
-            "torchrun --nproc_per_node=8 -m engine.cli eval INDEX --model ckpt.pt"
+            "torchrun --nproc_per_node=8 -m bgsynth.cli eval INDEX --model ckpt.pt"
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -59,9 +59,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.distributed import init_distributed
-    from engine.evaluate import evaluate_to_dir
-    from engine.report.tables import format_summary
+    from ..distributed import init_distributed
+    from ..evaluate import evaluate_to_dir
+    from ..report.tables import format_summary
 
     ctx = init_distributed()  # a no-op without torchrun
     device = ctx.device(None if args.device == "auto" else args.device)

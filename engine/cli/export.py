@@ -1,4 +1,4 @@
-"""``bgsynth export INDEX --out DIR``: the variants in the IN-9 release layout (see :func:`engine.export.export`)."""
+"""``bgsynth export INDEX --out DIR``: the variants in the IN-9 release layout (see :func:`bgsynth.export.export`)."""
 
 from __future__ import annotations
 
@@ -47,12 +47,12 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from engine.export import export
-    from engine.geometry import CropGeometry
+    from ..export import export
+    from ..geometry import CropGeometry
 
     index = args.index
     if index == "builtin":
-        from engine.sources.synthetic import build_builtin_dataset
+        from ..sources.synthetic import build_builtin_dataset
 
         index = build_builtin_dataset(progress=not args.quiet)
     res = export(

@@ -91,7 +91,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.sources import ingest_coco, ingest_imagenet, ingest_in9_release
+    from ..sources import ingest_coco, ingest_imagenet, ingest_in9_release
 
     common = dict(out=args.out, workers=args.workers, verify=args.verify, progress=args.progress)
     if args.format == "imagenet":

@@ -37,8 +37,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.index import DatasetIndex
-    from engine.sources.synthetic import build_builtin_dataset
+    from ..index import DatasetIndex
+    from ..sources.synthetic import build_builtin_dataset
 
     path = build_builtin_dataset(
         root=args.out, seed=args.seed, train_per_class=args.train_per_class, val_per_class=args.val_per_class,

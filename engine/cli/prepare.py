@@ -1,4 +1,4 @@
-"""``bgsynth prepare INDEX``: the paper's selection filters and GrabCut masks (see :func:`engine.masks.prepare`)."""
+"""``bgsynth prepare INDEX``: the paper's selection filters and GrabCut masks (see :func:`bgsynth.masks.prepare`)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def register(subparsers) -> argparse.ArgumentParser:
             "reason in the output's info.prepare.filtered. Runs on all cores; results are journaled next to "
             "the output so that a killed run continues with --resume and ends with the same index. Under torchrun "
             "each rank takes a share of the images (and of the node's cores) with its own journal, and rank 0 writes "
-            "the index a single process would: torchrun --nnodes=4 --nproc_per_node=1 ... -m engine.cli prepare INDEX"
+            "the index a single process would: torchrun --nnodes=4 --nproc_per_node=1 ... -m bgsynth.cli prepare INDEX"
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -88,9 +88,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.distributed import init_distributed
-    from engine.geometry import CropGeometry
-    from engine.masks import SelectionFilters, format_prepare_summary, prepare
+    from ..distributed import init_distributed
+    from ..geometry import CropGeometry
+    from ..masks import SelectionFilters, format_prepare_summary, prepare
 
     ctx = init_distributed()  # under torchrun each rank runs GrabCut on its share; a no-op otherwise
     if args.filter_existing and ctx.is_main:

@@ -26,8 +26,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.report import load_results, write_report
-    from engine.report.tables import format_summary
+    from ..report import load_results, write_report
+    from ..report.tables import format_summary
 
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     path = write_report(list(args.runs), args.out, names=names, title=args.title)

@@ -1,4 +1,4 @@
-"""``bgsynth show INDEX --out sheet.png``: a contact sheet of the variants (see :mod:`engine.report.sheets`)."""
+"""``bgsynth show INDEX --out sheet.png``: a contact sheet of the variants (see :mod:`bgsynth.report.sheets`)."""
 
 from __future__ import annotations
 
@@ -38,11 +38,11 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from engine.report.sheets import show_index
+    from ..report.sheets import show_index
 
     index = args.index
     if index == "builtin":
-        from engine.sources.synthetic import build_builtin_dataset
+        from ..sources.synthetic import build_builtin_dataset
 
         index = build_builtin_dataset(progress=False)
     path, n = show_index(

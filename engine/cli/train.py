@@ -1,5 +1,5 @@
 """``bgsynth train INDEX --out ckpt.pt``: train a model with online background-swap augmentation
-(see :func:`engine.train.train`)."""
+(see :func:`bgsynth.train.train`)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def register(subparsers) -> argparse.ArgumentParser:
             "device every step. Saves a checkpoint that `bgsynth eval --model` loads. INDEX is a dataset index "
             "JSON, or 'builtin' for the built-in dataset. The paper's Mixed-Rand training set is "
             "--augment mixed_rand=1.0. Under torchrun it trains as DistributedDataParallel (--batch-size is the "
-            "global batch): torchrun --nproc_per_node=8 -m engine.cli train INDEX --out ckpt.pt"
+            "global batch): torchrun --nproc_per_node=8 -m bgsynth.cli train INDEX --out ckpt.pt"
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -66,14 +66,14 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.distributed import init_distributed
-    from engine.geometry import CropGeometry
-    from engine.train import DEMO_GEOMETRY, train
+    from ..distributed import init_distributed
+    from ..geometry import CropGeometry
+    from ..train import DEMO_GEOMETRY, train
 
     ctx = init_distributed()  # DistributedDataParallel under torchrun; a no-op otherwise
     index = args.index
     if index == "builtin":
-        from engine.sources.synthetic import build_builtin_dataset
+        from ..sources.synthetic import build_builtin_dataset
 
         with ctx.main_first():  # one rank per node builds the cache, the others find it
             index = build_builtin_dataset(progress=args.progress and ctx.is_main)

@@ -6,10 +6,10 @@ Backends (registry :data:`BACKENDS`, chosen by :func:`create_loader`):
 * ``torchvision``: ``torchvision.io.decode_jpeg`` (batched nvJPEG on CUDA, libjpeg-turbo on CPU threads).
 * ``pil``: the plain reference (PIL decode, bilinear antialiased resize, centre crop).
 
-All backends share one host preparation (:mod:`engine.pipeline.common`): masks, boxes, strips, labels, ids and
+All backends share one host preparation (:mod:`bgsynth.pipeline.common`): masks, boxes, strips, labels, ids and
 rejects are identical by construction; pixels agree within a small tolerance (docs/decode.md).
 
->>> from engine.pipeline import available_backends
+>>> from bgsynth.pipeline import available_backends
 >>> "pil" in available_backends()
 True
 """
@@ -42,15 +42,15 @@ __all__ = [
 _DALI_PIP = "pip install nvidia-dali-cuda130   (or the build matching your CUDA: nvidia-dali-cuda120, ...)"
 
 register_backend(BackendSpec(
-    "dali", "engine.pipeline.dali:DALILoader", ("nvidia.dali",), _DALI_PIP,
+    "dali", "bgsynth.pipeline.dali:DALILoader", ("nvidia.dali",), _DALI_PIP,
     "NVIDIA DALI: mixed (nvJPEG) decode on CUDA, CPU-only mode elsewhere; fused resize+crop",
 ))
 register_backend(BackendSpec(
-    "torchvision", "engine.pipeline.tv:TorchvisionLoader", ("torchvision",), "pip install torchvision",
+    "torchvision", "bgsynth.pipeline.tv:TorchvisionLoader", ("torchvision",), "pip install torchvision",
     "torchvision.io.decode_jpeg (batched nvJPEG on CUDA, libjpeg-turbo threads on CPU) + v2 resize",
 ))
 register_backend(BackendSpec(
-    "pil", "engine.pipeline.pil:PILLoader", ("PIL",), "pip install pillow",
+    "pil", "bgsynth.pipeline.pil:PILLoader", ("PIL",), "pip install pillow",
     "PIL decode + BILINEAR resize + crop (the reference)",
 ))
 
@@ -96,7 +96,7 @@ def create_loader(
     Order is deterministic: sorted image ids (optionally restricted to ``ids``), then ``ids[shard_id::num_shards]``,
     cut into batches of ``batch_size`` (the last partial batch included). Each image is decoded without EXIF
     orientation, resized (shorter side to ``geometry.resize``, the exact size of its
-    :class:`~engine.geometry.CropPlan`, bilinear, antialiased) and centre-cropped to ``geometry.crop``; its mask
+    :class:`~bgsynth.geometry.CropPlan`, bilinear, antialiased) and centre-cropped to ``geometry.crop``; its mask
     and union box go through the same plan with nearest neighbour. Batch ``k + 1`` is decoded by a background
     thread while batch ``k`` is consumed (``prefetch`` batches ahead).
 
@@ -112,8 +112,8 @@ def create_loader(
         num_threads: decoder threads (default ``min(8, cpu_count)``).
         require_mask: skip (or, with ``on_error="raise"``, fail on) images without a foreground mask.
         on_error: ``"reject"``: undecodable images are skipped, listed in ``loader.rejects`` and warned about;
-            ``"raise"``: :class:`~engine.errors.DecodeError` naming the file.
-        tiling: how Only-BG-T is defined (:mod:`engine.variants`): ``"paper"`` (default; tiled on the stored
+            ``"raise"``: :class:`~bgsynth.errors.DecodeError` naming the file.
+        tiling: how Only-BG-T is defined (:mod:`bgsynth.variants`): ``"paper"`` (default; tiled on the stored
             image at full resolution, then resized and cropped like the image: ``Batch.bgt``) or ``"crop"``
             (tiled inside the crop by the variants; the faster approximation).
         only_bg_t: with ``"paper"``, make the Only-BG-T crops (``Batch.bgt``); ``False`` when no consumer needs

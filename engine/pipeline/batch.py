@@ -26,17 +26,17 @@ class Batch:
         - boxes: ``int32 [B, 4]`` inclusive union box ``(x0, y0, x1, y1)`` in crop coordinates;
           ``(0, 0, -1, -1)`` where the box falls outside the crop (an empty box)
         - strips: ``int32 [B, 4]`` the crop-space Only-BG-T tile ``(sx0, sy0, tw, th)`` of ``tiling="crop"``
-          (see :func:`engine.geometry.tile_strips`)
+          (see :func:`bgsynth.geometry.tile_strips`)
         - labels, image_ids: ``int64 [B]``
         - has_mask, has_bgt: ``bool [B]``; ``has_bgt``: the image has an Only-BG-T under ``tiling`` (paper: its
           union box leaves a margin in the stored image; crop: the crop box leaves a margin in the crop)
         - bgt: ``uint8 [B, 3, C, C]`` or ``None``: with ``tiling="paper"``, the paper's Only-BG-T of every image,
           tiled at full resolution and then resized and cropped like ``images`` (rows without an Only-BG-T hold
           the unchanged crop); ``None`` when the decoder was asked not to make it, and always with ``"crop"``
-          (the tiling is then done in the crop by :func:`kernels.tile_fill`).
+          (the tiling is then done in the crop by :func:`bgsynth.kernels.tile_fill`).
 
     Attributes:
-        tiling: ``"paper"`` or ``"crop"``: how this batch's Only-BG-T is defined (see :mod:`engine.variants`).
+        tiling: ``"paper"`` or ``"crop"``: how this batch's Only-BG-T is defined (see :mod:`bgsynth.variants`).
     """
 
     images: torch.Tensor

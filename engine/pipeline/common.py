@@ -5,16 +5,16 @@ centre-cropped ``uint8`` pixels of an image. Everything else is done here, once:
 
 * reading the index record and the file bytes, probing the container (JPEG/PNG/other, stored size, number of
   colour components, truncation) so that every backend rejects the same files for the same reasons;
-* the :class:`~engine.geometry.CropPlan` of each image (exact resize size and crop offset that each backend obeys);
+* the :class:`~bgsynth.geometry.CropPlan` of each image (exact resize size and crop offset that each backend obeys);
 * masks (``plan.crop_mask`` of the decoded RLE), union boxes (``plan.box_to_crop``), Only-BG-T strips
-  (:func:`engine.geometry.tile_strips`), labels and ids, so they are identical across backends by construction;
+  (:func:`bgsynth.geometry.tile_strips`), labels and ids, so they are identical across backends by construction;
 * with ``tiling="paper"``, the paper's Only-BG-T: the strip rule on each image's full-resolution margins and the
   tiling of its stored pixels (:func:`only_bg_t_full`, one implementation for every backend but DALI, which does
-  the same copies in its graph; equal to :func:`kernels.tile_fill` on the full image, as tested); each backend
+  the same copies in its graph; equal to :func:`bgsynth.kernels.tile_fill` on the full image, as tested); each backend
   then resizes and crops that image exactly like the Original;
 * the per-file PIL fallback for data a fast decoder does not handle (CMYK JPEG, PNG or other formats in a
   ``.JPEG`` file, files the fast decoder refuses), recorded in ``loader.fallbacks``;
-* rejects (``loader.rejects``, with a warning) or a :class:`~engine.errors.DecodeError` for undecodable files;
+* rejects (``loader.rejects``, with a warning) or a :class:`~bgsynth.errors.DecodeError` for undecodable files;
 * deterministic order, sharding and a background producer thread that decodes batch ``k + 1`` while batch ``k``
   is consumed (on CUDA on a side stream, synchronised with the consumer's stream by an event).
 
@@ -70,7 +70,7 @@ _CUT_HEADERS = "JPEG stream ends inside its headers"
 
 
 class SampleError(Exception):
-    """One image could not be used: ``reason`` is a :class:`~engine.index.Reject` string, ``detail`` free text."""
+    """One image could not be used: ``reason`` is a :class:`~bgsynth.index.Reject` string, ``detail`` free text."""
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -184,7 +184,7 @@ def probe_image(data: bytes) -> ImageProbe:
         An :class:`ImageProbe`.
 
     Raises:
-        SampleError: zero-byte, truncated or unreadable data (with a :class:`~engine.index.Reject` reason).
+        SampleError: zero-byte, truncated or unreadable data (with a :class:`~bgsynth.index.Reject` reason).
 
     >>> import io; from PIL import Image
     >>> buf = io.BytesIO(); Image.new("RGB", (5, 4)).save(buf, "JPEG")
@@ -232,7 +232,7 @@ class HostSample:
 
 
 def read_sample(record: ImageRecord, geometry: CropGeometry) -> HostSample:
-    """Read and probe one image's file and make its :class:`~engine.geometry.CropPlan`.
+    """Read and probe one image's file and make its :class:`~bgsynth.geometry.CropPlan`.
 
     Raises:
         SampleError: missing, unreadable, zero-byte or truncated file, or a stored size that differs from the
@@ -279,7 +279,7 @@ def crop_targets(sample: HostSample) -> HostSample:
 def full_strips(samples: Sequence[HostSample]) -> list[tuple[int, int, int, int] | None]:
     """The paper's Only-BG-T tile of each sample at its stored resolution, or ``None`` without a margin.
 
-    The strip rule (:func:`engine.geometry.tile_strips`, batched over the samples' own sizes) applied to the
+    The strip rule (:func:`bgsynth.geometry.tile_strips`, batched over the samples' own sizes) applied to the
     inclusive union box in stored pixels: PAPER.md's construction, before any resize.
     """
     if not samples:
@@ -295,7 +295,7 @@ def only_bg_t_full(image: torch.Tensor | np.ndarray, sample: HostSample) -> torc
     """The paper's Only-BG-T of one decoded image at its stored resolution.
 
     Pixels inside the inclusive union box take the strip ``sample.strip`` tiled from the image origin, the others
-    keep their value: the same result as :func:`kernels.tile_fill` on the full-resolution pixels, computed for
+    keep their value: the same result as :func:`bgsynth.kernels.tile_fill` on the full-resolution pixels, computed for
     one image by using the strip's shape. The strip rule always picks a full-height (left/right) or a full-width
     (top/bottom) strip, so the tiling repeats along one axis only and the box region is one ``index_select``
     along that axis (an order of magnitude cheaper on the CPU than the batched kernel's two-axis gather over the
@@ -352,7 +352,7 @@ def assemble_batch(
     """Build a :class:`Batch` from decoded crops and the host samples they came from.
 
     Masks, boxes, strips, labels, ids and ``has_bgt`` are computed here and only here, from the index and the
-    :class:`~engine.geometry.CropPlan`; no backend touches them.
+    :class:`~bgsynth.geometry.CropPlan`; no backend touches them.
 
     Args:
         samples: the ``B`` successfully decoded samples, in batch order.
@@ -514,7 +514,7 @@ class DecodeLoader:
     """Iterable of :class:`Batch` over (a shard of) an index; the base class of every decode backend.
 
     Subclasses implement :meth:`decode_fast` (JPEG bytes -> crops); this class does everything else (see the
-    module docstring). Use :func:`engine.pipeline.create_loader` rather than instantiating it directly.
+    module docstring). Use :func:`bgsynth.pipeline.create_loader` rather than instantiating it directly.
 
     Args:
         index: the dataset index.
@@ -527,7 +527,7 @@ class DecodeLoader:
         num_threads: decoder threads (default ``min(8, os.cpu_count())``).
         require_mask: images without a foreground mask are rejected (``missing_mask``) or raise.
         on_error: ``"reject"`` (skip undecodable images, record them in :attr:`rejects`, warn) or ``"raise"``
-            (:class:`~engine.errors.DecodeError` naming the file).
+            (:class:`~bgsynth.errors.DecodeError` naming the file).
         tiling: ``"paper"`` (the paper's Only-BG-T, tiled at full resolution; ``has_bgt`` by the full-resolution
             margin) or ``"crop"`` (tiled inside the crop later, by the variants; ``has_bgt`` by the crop margin).
         only_bg_t: with ``tiling="paper"``, also make each image's Only-BG-T crop (``Batch.bgt``); ``False``

@@ -2,7 +2,7 @@
 
 The pipeline (built with :func:`nvidia.dali.pipeline_def`) has three external sources: the encoded JPEG bytes
 and, per sample, the source-space window of the centre crop (``roi_start``/``roi_end``, derived from the
-:class:`~engine.geometry.CropPlan`). It runs
+:class:`~bgsynth.geometry.CropPlan`). It runs
 
 ``fn.decoders.image(device="mixed" on CUDA | "cpu", output_type=RGB, adjust_orientation=False)``
 -> ``fn.resize(size=[C, C], roi_start, roi_end, roi_relative=False, interp_type=INTERP_LINEAR, antialias=True)``
@@ -37,9 +37,9 @@ __all__ = ["DALILoader", "crop_window", "paste_plan"]
 
 
 def crop_window(plan) -> tuple[np.ndarray, np.ndarray]:
-    """Source-space ``(y, x)`` start and end of the centre crop of a :class:`~engine.geometry.CropPlan`.
+    """Source-space ``(y, x)`` start and end of the centre crop of a :class:`~bgsynth.geometry.CropPlan`.
 
-    >>> from engine.geometry import CropGeometry
+    >>> from bgsynth.geometry import CropGeometry
     >>> s, e = crop_window(CropGeometry(4, 2).plan(4, 8))   # resized 4x8, crop offset (1, 3)
     >>> s.tolist(), e.tolist()
     ([1.0, 3.0], [3.0, 5.0])
@@ -58,7 +58,7 @@ def paste_plan(height: int, width: int, box, strip) -> tuple[np.ndarray, np.ndar
     Args:
         height, width: stored image size.
         box: inclusive union box ``(x0, y0, x1, y1)`` in stored pixels (clipped to the image here).
-        strip: the tile ``(sx0, sy0, tw, th)`` of :func:`engine.geometry.tile_strips` (a full-height left/right
+        strip: the tile ``(sx0, sy0, tw, th)`` of :func:`bgsynth.geometry.tile_strips` (a full-height left/right
             strip or a full-width top/bottom strip), or ``None``: the image is copied unchanged.
 
     Returns:

@@ -26,7 +26,7 @@ def pil_resize_crop(image, plan) -> np.ndarray:
 
     Args:
         image: an RGB :class:`PIL.Image.Image` of the stored size ``(plan.width, plan.height)``.
-        plan: its :class:`~engine.geometry.CropPlan`.
+        plan: its :class:`~bgsynth.geometry.CropPlan`.
     """
     from PIL import Image
 
@@ -44,7 +44,7 @@ def pil_decode_crop(sample: HostSample, bgt: bool = False) -> tuple[np.ndarray, 
     Args:
         sample: the host sample.
         bgt: also make the paper's Only-BG-T crop: the decoded RGB pixels tiled at full resolution
-            (:func:`~engine.pipeline.common.only_bg_t_full`), then resized and cropped exactly like the image.
+            (:func:`~bgsynth.pipeline.common.only_bg_t_full`), then resized and cropped exactly like the image.
 
     Returns:
         ``(crop, bgt_crop)``: ``uint8 [3, C, C]`` NumPy views (channel-first views of ``[C, C, 3]`` crops),

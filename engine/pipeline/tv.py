@@ -8,7 +8,7 @@
   then on the CPU, then with PIL.
 
 ``apply_exif_orientation=False``: boxes and masks are in stored-pixel coordinates. Files that are not 8-bit
-grey/YCbCr JPEGs (CMYK, PNG data, other formats) are decoded by PIL (see :mod:`engine.pipeline.common`).
+grey/YCbCr JPEGs (CMYK, PNG data, other formats) are decoded by PIL (see :mod:`bgsynth.pipeline.common`).
 """
 
 from __future__ import annotations

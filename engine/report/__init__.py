@@ -1,8 +1,8 @@
 """Reports of evaluation runs: ``report.md`` with the paper's table, plots and a contact sheet.
 
 * :func:`write_report` writes one run's report, or several runs side by side (one table, one grouped chart).
-* :mod:`engine.report.tables` (Markdown/CSV tables) and :mod:`engine.report.plots` (matplotlib/PIL figures) hold
-  the pieces; ``engine.report.sheets`` holds contact sheets of variants.
+* :mod:`bgsynth.report.tables` (Markdown/CSV tables) and :mod:`bgsynth.report.plots` (matplotlib/PIL figures) hold
+  the pieces; ``bgsynth.report.sheets`` holds contact sheets of variants.
 
 >>> write_report("runs/resnet50", "runs/resnet50")                       # doctest: +SKIP
 >>> write_report(["runs/a", "runs/b"], "runs/compare", names=["A", "B"])  # doctest: +SKIP
@@ -19,7 +19,7 @@ __all__ = ["write_report", "load_results"]
 
 
 def load_results(sources) -> list:
-    """Results from :class:`~engine.evaluate.EvalResult` objects, run folders or ``results.json`` paths."""
+    """Results from :class:`~bgsynth.evaluate.EvalResult` objects, run folders or ``results.json`` paths."""
     from ..evaluate import EvalResult, load_result
 
     if isinstance(sources, (EvalResult, str, os.PathLike)):
@@ -94,7 +94,7 @@ def write_report(
     """Write ``report.md`` and its figures into ``out_dir``.
 
     Args:
-        result_or_dir: an :class:`~engine.evaluate.EvalResult`, a run folder / ``results.json``, or a list of
+        result_or_dir: an :class:`~bgsynth.evaluate.EvalResult`, a run folder / ``results.json``, or a list of
             them; several runs are put side by side (one table, one grouped chart, then each run's details).
         out_dir: output folder (created).
         names: display names of the runs (default: each model's name).

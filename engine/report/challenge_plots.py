@@ -6,7 +6,7 @@
 * :func:`class_accuracy_bars`: challenge accuracy per IN-9 class.
 * :func:`challenge_plots`: all that apply to a result, written into a folder.
 
-The first two need a ``full_matrix`` result (:attr:`engine.challenge.ChallengeResult.has_matrix`).
+The first two need a ``full_matrix`` result (:attr:`bgsynth.challenge.ChallengeResult.has_matrix`).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def adversarial_gallery(result, path: str | os.PathLike, k: int = 8, classes=Non
     each one fools above it (as in the paper's figure).
 
     Args:
-        result: a full-matrix :class:`~engine.challenge.ChallengeResult` with ``gallery_images`` (filled by
-            :func:`~engine.challenge.run_challenge`); a background whose image is missing is drawn as a blank
+        result: a full-matrix :class:`~bgsynth.challenge.ChallengeResult` with ``gallery_images`` (filled by
+            :func:`~bgsynth.challenge.run_challenge`); a background whose image is missing is drawn as a blank
             tile with its id.
         path: output PNG.
         k: backgrounds per class (columns).
@@ -79,7 +79,7 @@ def vulnerability_histogram(result, path: str | os.PathLike, bins: int = 40) -> 
     """Histogram of the number of backgrounds that fool each foreground (robust foregrounds at 0).
 
     Args:
-        result: a full-matrix :class:`~engine.challenge.ChallengeResult`.
+        result: a full-matrix :class:`~bgsynth.challenge.ChallengeResult`.
         path: output PNG.
         bins: number of bins over ``0..N`` (a bin per value when ``N + 1 <= bins``).
 

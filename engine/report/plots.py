@@ -45,7 +45,7 @@ def accuracy_bars(results, path: str | os.PathLike, names: Sequence[str] | None 
     """Bar chart of variant accuracies (%), one group per variant and one bar per run, with the chance line.
 
     Args:
-        results: one or several :class:`~engine.evaluate.EvalResult`.
+        results: one or several :class:`~bgsynth.evaluate.EvalResult`.
         path: output PNG.
         names: legend labels (default: each result's name).
         title: figure title.
@@ -124,7 +124,7 @@ def prediction_sheet(examples: dict, path: str | os.PathLike, tile: int = 96, ti
 
     Args:
         examples: ``{'variants': [V names], 'image_ids': [n], 'labels': [n], 'images': uint8 [n, V, 3, C, C]
-            (tensor or array), 'pred': int [n, V], 'valid': bool [n, V]}`` (what :func:`engine.evaluate.evaluate`
+            (tensor or array), 'pred': int [n, V], 'valid': bool [n, V]}`` (what :func:`bgsynth.evaluate.evaluate`
             keeps in ``EvalResult.example_images``).
         path: output PNG.
         tile: side of each tile in pixels.

@@ -3,7 +3,7 @@
 * :func:`variant_sheet`: one row per image, one column per variant, labelled with the paper's names; composites
   that do not exist for an image (no mask, no margin, no background) are drawn crossed out.
 * :func:`decoded_sheet`: decoded crops with the foreground mask overlaid and the union box drawn: what the
-  decode stage hands to :func:`~engine.variants.synthesize`.
+  decode stage hands to :func:`~bgsynth.variants.synthesize`.
 
 Sizes are exact: a sheet of ``n`` rows and ``V`` columns at tile side ``t`` is
 ``LEFT + V * (t + PAD) + PAD`` wide and ``TOP + n * (t + PAD) + PAD`` high (see :func:`sheet_size`).
@@ -85,8 +85,8 @@ def variant_sheet(
     """Contact sheet of variants: one row per image, one column per variant (the paper's figure).
 
     Args:
-        batch: the :class:`~engine.pipeline.batch.Batch` the variants were made from (ids and labels of rows).
-        outputs: ``{name: VariantOutput}`` from :func:`engine.variants.synthesize` with uint8 images; columns
+        batch: the :class:`~bgsynth.pipeline.batch.Batch` the variants were made from (ids and labels of rows).
+        outputs: ``{name: VariantOutput}`` from :func:`bgsynth.variants.synthesize` with uint8 images; columns
             follow its order and are headed with the paper's names.
         out_path: PNG to write.
         tile: side of each tile (default: the crop size, at most 128).
@@ -145,7 +145,7 @@ def decoded_sheet(
     """Decoded crops with the foreground mask overlaid (red) and the union box drawn (yellow), in a grid.
 
     Args:
-        batch: a decoded :class:`~engine.pipeline.batch.Batch`.
+        batch: a decoded :class:`~bgsynth.pipeline.batch.Batch`.
         out_path: PNG to write.
         tile: side of each tile (default: the crop size, at most 128).
         max_images: at most this many images.
@@ -216,13 +216,13 @@ def show_index(
     """Decode a few images of an index and draw their variants (or, ``decoded=True``, the decoded crops).
 
     Args:
-        index: a :class:`~engine.index.DatasetIndex` or the path of its JSON.
+        index: a :class:`~bgsynth.index.DatasetIndex` or the path of its JSON.
         out_path: PNG to write.
         n: number of images: the first ``n`` by id, or with ``per_class`` about ``n / 9`` of each class.
         variants: ``'all'`` or a selection; Mixed-* draw their backgrounds from the Only-BG-T images of ``split``.
         split: split to draw from (``None``: every image).
-        seed, resize, crop, tile, backend, device: as in :func:`engine.export.export`.
-        tiling: Only-BG-T construction, ``"paper"`` or ``"crop"`` (see :mod:`engine.variants`).
+        seed, resize, crop, tile, backend, device: as in :func:`bgsynth.export.export`.
+        tiling: Only-BG-T construction, ``"paper"`` or ``"crop"`` (see :mod:`bgsynth.variants`).
 
     Returns:
         ``(path written, number of images drawn)``.

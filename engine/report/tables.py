@@ -1,6 +1,6 @@
 """Tables of evaluation results: the paper's variant table, counts, per-class and per-background-class accuracy.
 
-Every function takes :class:`~engine.evaluate.EvalResult` objects and returns text (Markdown or CSV); nothing is
+Every function takes :class:`~bgsynth.evaluate.EvalResult` objects and returns text (Markdown or CSV); nothing is
 printed or written here.
 
 >>> markdown_table(["a", "b"], [[1, 2.5]])

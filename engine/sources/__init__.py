@@ -1,4 +1,4 @@
-"""Sources: everything that turns a dataset on disk into a :class:`~engine.index.DatasetIndex`.
+"""Sources: everything that turns a dataset on disk into a :class:`~bgsynth.index.DatasetIndex`.
 
 * :func:`ingest_imagenet`: ImageNet class folders (or a flat val folder + labels file) with ILSVRC XML boxes.
 * :func:`ingest_in9_release`: the released IN-9 layout (``<variant>/val/<NN_name>`` + ``fg_mask`` ``.npy``).

@@ -2,7 +2,7 @@
 
 :func:`probe_image` never raises for bad input: it returns a :class:`ProbeResult` that either describes a usable
 image (stored pixel size, container format, colour mode, EXIF orientation) or carries a reject reason from
-:class:`engine.index.Reject` with a human-readable detail.
+:class:`bgsynth.index.Reject` with a human-readable detail.
 
 What counts as usable: any file PIL can decode fully (``verify='full'``), whatever its extension says:
 grayscale (``L``), CMYK and palette JPEGs, PNG data in a ``.JPEG`` file, RGBA PNGs. Decoders convert them to
@@ -44,7 +44,7 @@ class ProbeResult:
 
     Attributes:
         path: the file probed.
-        reason: ``None`` for a usable image, else a :class:`~engine.index.Reject` reason.
+        reason: ``None`` for a usable image, else a :class:`~bgsynth.index.Reject` reason.
         detail: human-readable explanation of a reject (empty when usable).
         width, height: stored pixel size (``0`` when rejected before the header was read).
         format: container format found in the bytes (``'JPEG'``, ``'PNG'``, ...), independent of the extension.
@@ -184,7 +184,7 @@ def _init_worker() -> None:
         pass
 
 
-def pool_context(preload: Sequence[str] = ("engine.sources",)):
+def pool_context(preload: Sequence[str] = ("bgsynth.sources",)):
     """The multiprocessing context of every ingest/build pool.
 
     Not ``fork``: a process that has already used OpenCV's thread pool (any sizeable cv2 call) leaves it in an
@@ -202,7 +202,7 @@ def pool_context(preload: Sequence[str] = ("engine.sources",)):
 
 def run_pool(fn: Callable[[Any], Any], tasks: Sequence, workers: int | None = None, desc: str = "",
              progress: bool = True, serial_below: int = 32, initializer: Callable[[], None] | None = None,
-             preload: Sequence[str] = ("engine.sources",)) -> list:
+             preload: Sequence[str] = ("bgsynth.sources",)) -> list:
     """``[fn(t) for t in tasks]`` in a process pool, in order, with a tqdm bar.
 
     Args:

@@ -1,4 +1,4 @@
-"""Ingest of any COCO-format instance-mask JSON into a :class:`~engine.index.DatasetIndex`.
+"""Ingest of any COCO-format instance-mask JSON into a :class:`~bgsynth.index.DatasetIndex`.
 
 The masks may come from COCO itself or from a segmentation model: polygons, uncompressed or compressed RLE
 (decoded with :mod:`pycocotools.mask`). The user says which source categories are which IN-9 class with a
@@ -21,8 +21,8 @@ matters which one is recorded:
 
 * ``box_from="bbox"`` (default): each annotation's COCO ``bbox`` ``[x, y, w, h]`` **is** the box, as in COCO. It
   is kept as given (a fractional one is rounded to whole pixels as everywhere in the index:
-  :func:`~engine.index.bbox_to_inclusive`); a bbox that sticks out of the image is clipped to it (as
-  :func:`engine.masks.prepare` clips boxes), and one with no pixel inside the image is a reject
+  :func:`~bgsynth.index.bbox_to_inclusive`); a bbox that sticks out of the image is clipped to it (as
+  :func:`bgsynth.masks.prepare` clips boxes), and one with no pixel inside the image is a reject
   (:attr:`Reject.BOX_OUTSIDE_IMAGE`). The tight box of the decoded mask is used instead only when the
   annotation has no usable ``bbox``: missing, not four finite numbers, or ``w <= 0`` / ``h <= 0`` (counted in
   ``info.source.boxes.mask_fallback``).
@@ -256,7 +256,7 @@ def ingest_coco(
         images_root: folder that the images' ``file_name`` fields are relative to.
         category_map: source category (name or id) -> IN-9 class; see the module docstring.
         split: split name recorded for every image.
-        mask_source: provenance recorded on the masks (one of :data:`engine.index.MASK_SOURCES`).
+        mask_source: provenance recorded on the masks (one of :data:`bgsynth.index.MASK_SOURCES`).
         out: if given, the index is also saved there.
         workers: probing processes (default: CPU count).
         verify: ``'full'`` or ``'header'`` image verification.
@@ -268,7 +268,7 @@ def ingest_coco(
             inside its bbox makes its image a ``box_mask_mismatch`` reject (default 0.5; 0 switches it off).
 
     Returns:
-        The :class:`~engine.index.DatasetIndex` (image ids follow the source image ids' order).
+        The :class:`~bgsynth.index.DatasetIndex` (image ids follow the source image ids' order).
 
     Raises:
         IngestError: unreadable JSON, bad category map, bad option, or nothing valid remaining.

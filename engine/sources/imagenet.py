@@ -1,4 +1,4 @@
-"""Ingest of ImageNet folders with ILSVRC bounding-box XML into a :class:`~engine.index.DatasetIndex`.
+"""Ingest of ImageNet folders with ILSVRC bounding-box XML into a :class:`~bgsynth.index.DatasetIndex`.
 
 Accepted image layouts:
 
@@ -228,7 +228,7 @@ def ingest_imagenet(
         progress: show a progress bar.
 
     Returns:
-        The :class:`~engine.index.DatasetIndex`; image ids follow the sorted relative paths. Each image entry
+        The :class:`~bgsynth.index.DatasetIndex`; image ids follow the sorted relative paths. Each image entry
         records ``wnid``, ``in1k_class``, ``split``, ``format``, ``mode`` and ``exif_orientation``.
 
     Raises:

@@ -1,4 +1,4 @@
-"""Ingest of the released ImageNet-9 layout (``bg_challenge/``) into a :class:`~engine.index.DatasetIndex`.
+"""Ingest of the released ImageNet-9 layout (``bg_challenge/``) into a :class:`~bgsynth.index.DatasetIndex`.
 
 Layout (PAPER.md): ``<root>/<variant>/<split>/<NN_name>/<file>.JPEG`` with class folders ``00_dog`` ..
 ``08_fish`` (two contain a space: ``02_wheeled vehicle``, ``06_musical instrument``), and foreground masks
@@ -93,11 +93,11 @@ def ingest_in9_release(
             other variants (images without one are indexed without boxes).
         out: if given, the index is also saved there.
         workers: probing processes (default: CPU count).
-        verify: ``'full'`` or ``'header'`` image verification (see :func:`~engine.sources.probe_image`).
+        verify: ``'full'`` or ``'header'`` image verification (see :func:`~bgsynth.sources.probe_image`).
         progress: show a progress bar.
 
     Returns:
-        The :class:`~engine.index.DatasetIndex` (image ids follow the sorted relative paths).
+        The :class:`~bgsynth.index.DatasetIndex` (image ids follow the sorted relative paths).
 
     Raises:
         IngestError: when the variant folder does not exist or nothing valid remains.

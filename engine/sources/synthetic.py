@@ -19,14 +19,14 @@ boxes in ``<root>/annotations/train/<wnid>/<stem>.xml`` and ``<root>/annotations
 pixel coordinates, ``xmax``/``ymax`` inclusive), and the true masks (COCO RLE, one per object, in XML object
 order) in ``<root>/annotations/masks_<split>.json``. Each class uses one real ImageNet-1k WordNet id of its
 superclass, so the regular ImageNet ingest maps it. The dataset's index (``<root>/index.json``) is produced by
-:func:`engine.sources.imagenet.ingest_imagenet` with the true masks attached (``mask_source='synthetic'``).
+:func:`bgsynth.sources.imagenet.ingest_imagenet` with the true masks attached (``mask_source='synthetic'``).
 
 Every image is a pure function of ``(generator version, seed, split, class, number, correlation)``: the same
 arguments give the same bytes, whatever the number of worker processes. Builds are cached under
 :func:`default_cache_dir` in a folder named after their parameters and written atomically (a temporary folder
 renamed at the end), so an interrupted build never leaves a half-written cache.
 
->>> from engine.sources.synthetic import build_builtin_dataset, load_builtin_index   # doctest: +SKIP
+>>> from bgsynth.sources.synthetic import build_builtin_dataset, load_builtin_index   # doctest: +SKIP
 >>> index = load_builtin_index()                                                      # doctest: +SKIP
 >>> len(index)                                                                        # doctest: +SKIP
 2250
@@ -1072,7 +1072,7 @@ def write_dataset(root: str | os.PathLike, seed: int = 0, train_per_class: int =
     desc = "bgsynth: rendering built-in dataset"
     try:
         results = run_pool(_write_one, tasks, workers, desc=desc, progress=progress, serial_below=16,
-                           initializer=_worker_init, preload=("engine.sources.synthetic",))
+                           initializer=_worker_init, preload=("bgsynth.sources.synthetic",))
     except WorkerPoolError as e:
         # typically a script without a __main__ guard: the build must still work, so render in-process
         warnings.warn(f"{e} Rendering in this process instead (slower).", stacklevel=2)
@@ -1162,7 +1162,7 @@ def build_builtin_dataset(root: str | os.PathLike | None = None, seed: int = 0, 
         two_object_rate: fraction of images with two objects.
 
     Returns:
-        Path of ``index.json``: a :class:`~engine.index.DatasetIndex` made by the ImageNet ingest (splits
+        Path of ``index.json``: a :class:`~bgsynth.index.DatasetIndex` made by the ImageNet ingest (splits
         ``'train'`` and ``'val'``) with the true masks attached (``mask_source='synthetic'``).
     """
     from .imagenet import ingest_imagenet
@@ -1242,7 +1242,7 @@ def load_builtin_index(small: bool = False, **kwargs) -> DatasetIndex:
         **kwargs: passed to :func:`build_builtin_dataset` (they override ``small``'s sizes).
 
     Returns:
-        The loaded :class:`~engine.index.DatasetIndex`.
+        The loaded :class:`~bgsynth.index.DatasetIndex`.
     """
     params = dict(_SMALL) if small else {}
     params.update(kwargs)
