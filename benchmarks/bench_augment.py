@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from bgsynth.augment import BackgroundSwap  # noqa: E402
 from bgsynth.classes import IN9_MEAN, IN9_STD  # noqa: E402
 from bgsynth.geometry import tile_strips  # noqa: E402
-from bgsynth.pipeline.batch import BackgroundPool  # noqa: E402
+from bgsynth.types import BackgroundPool  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- data

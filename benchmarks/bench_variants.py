@@ -1,6 +1,6 @@
 """Variants/s of the batched engine vs a per-image reference, side by side in one run.
 
-* **ours**: :func:`bgsynth.variants.synthesize` on decoded :class:`~bgsynth.pipeline.batch.Batch` es (torch kernels
+* **ours**: :func:`bgsynth.variants.synthesize` on decoded :class:`~bgsynth.types.Batch` es (torch kernels
   on the CPU; the Triton kernels on CUDA).
 * **reference**: the paper's procedure one image at a time with NumPy, as the authors' generation script does it
   (PAPER.md: "one image at a time on the CPU"): strip rule in Python, slicing/``np.tile`` for the variants, Mixed-*
@@ -44,7 +44,7 @@ import torch
 from _common import paper_only_bg_t  # noqa: E402  (benchmarks/_common.py: shared timing and paper reference)
 
 from bgsynth.geometry import CropGeometry, tile_strips  # noqa: E402
-from bgsynth.pipeline.batch import Batch  # noqa: E402
+from bgsynth.types import Batch  # noqa: E402
 from bgsynth.variants import VARIANT_NAMES, background_pool_from_batch, synthesize  # noqa: E402
 
 MEAN = np.array((0.485, 0.456, 0.406), np.float32)

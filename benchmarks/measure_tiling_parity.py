@@ -38,7 +38,7 @@ HERE = pathlib.Path(__file__).resolve()
 
 from bgsynth.geometry import CropGeometry, tile_strips  # noqa: E402
 from bgsynth.pipeline import create_loader  # noqa: E402
-from bgsynth.pipeline.batch import Batch  # noqa: E402
+from bgsynth.types import Batch  # noqa: E402
 from bgsynth.variants import synthesize  # noqa: E402
 
 

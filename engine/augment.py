@@ -61,10 +61,12 @@ import torch
 from torch import nn
 
 from .classes import IN9_MEAN, IN9_STD
+from .config import resolve_device
 from .errors import ConfigError
 from .geometry import CropGeometry, tile_strips
-from .pipeline.batch import TILINGS, BackgroundPool, Batch
-from .variants import background_pool_from_batch, choose_backgrounds, splitmix64
+from .rng import fold, hash_below, hash_bits, hash_uniform, srl
+from .types import TILINGS, BackgroundPool, Batch
+from .variants import background_pool_from_batch, choose_backgrounds
 
 __all__ = [
     "AUGMENT_VARIANTS",
@@ -72,8 +74,6 @@ __all__ = [
     "AugmentedBatch",
     "BackgroundSwap",
     "TrainIterator",
-    "hash_uniform",
-    "hash_bits",
     "parse_probs",
     "resized_crop_flip",
     "sample_params",
@@ -88,77 +88,7 @@ _ALIASES = {"mixed-rand": "mixed_rand", "mixed-same": "mixed_same", "only-fg": "
 
 # Streams of the counter-based generator: every random choice has its own, so adding one never shifts another.
 _S_VARIANT, _S_CROP, _S_FLIP, _S_BG, _S_BG_CROP, _S_BG_FLIP, _S_ORDER, _S_EPOCH_SEED = range(1, 9)
-_M64 = (1 << 64) - 1
 _ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 random boxes before the central fallback
-
-
-# ==============================================================================================================
-# The counter-based generator: uniforms as a pure function of (seed, epoch, id, stream, counter)
-# ==============================================================================================================
-
-
-def _fold(*words: int) -> int:
-    """Fold integers into one 64-bit key with :func:`bgsynth.variants.splitmix64` (host arithmetic)."""
-    key = 0
-    for w in words:
-        key = splitmix64(key ^ (int(w) & _M64))
-    return key
-
-
-def _signed(v: int) -> int:
-    v &= _M64
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
-def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int64 bits (torch's ``>>`` is arithmetic)."""
-    return (x >> s) & ((1 << (64 - s)) - 1)
-
-
-def hash_bits(ids: torch.Tensor, *words: int | torch.Tensor) -> torch.Tensor:
-    """64 pseudo-random bits per id, a pure function of ``(ids, *words)``.
-
-    The scheme of :func:`bgsynth.variants.choose_backgrounds` (one RNG scheme for the engine): the integer words
-    are folded on the host, ``key = splitmix64(... splitmix64(0 ^ w1) ^ w2 ...)``, then
-    ``h = splitmix64(id ^ key)`` on the device; tensor words (e.g. a per-draw counter) are mixed in after,
-    ``h = splitmix64(h ^ w)``.
-
-    Args:
-        ids: integer tensor (any shape) of image ids.
-        *words: integers, e.g. ``(seed, epoch, stream)``, then optionally tensors broadcastable with ``ids``.
-
-    Returns:
-        ``int64`` tensor of the broadcast shape (the bits, as signed int64), on ``ids``' device; identical on
-        CPU and CUDA.
-
-    >>> hash_bits(torch.tensor([1, 2]), 0).shape
-    torch.Size([2])
-    """
-    is_t = [isinstance(w, torch.Tensor) for w in words]
-    first = is_t.index(True) if any(is_t) else len(words)
-    if not all(is_t[first:]):
-        raise ConfigError("hash_bits: integer words must come before tensor words")
-    ints, tens = words[:first], words[first:]
-    h = splitmix64(ids.to(torch.int64) ^ _signed(_fold(*ints)))
-    for w in tens:
-        h = splitmix64(h ^ w.to(device=h.device, dtype=torch.int64))
-    return h
-
-
-def hash_uniform(ids: torch.Tensor, *words: int | torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Uniforms in ``[0, 1)`` as a pure function of ``(ids, *words)`` (53 bits of :func:`hash_bits`).
-
-    >>> u = hash_uniform(torch.arange(10000), 7, 0, 1)
-    >>> 0.48 < float(u.mean()) < 0.52
-    True
-    """
-    return (_srl(hash_bits(ids, *words), 11).to(torch.float64) * (1.0 / (1 << 53))).to(dtype)
-
-
-def _hash_below(ids: torch.Tensor, n: torch.Tensor, *words: int) -> torch.Tensor:
-    """Integers uniform in ``[0, n)`` (``n >= 1``, int64 tensor broadcastable with ``ids``): Lemire's multiply-shift."""
-    top32 = _srl(hash_bits(ids, *words), 32)
-    return (top32 * n.to(torch.int64)) >> 32
 
 
 # ==============================================================================================================
@@ -387,7 +317,7 @@ def sample_params(
         bg_crop, bg_fl = crops(_S_BG_CROP), flips(_S_BG_FLIP)
     else:
         raise ConfigError(f"sample_params: expected bg_transform 'same' or 'independent', got {bg_transform!r}")
-    key = _srl(hash_bits(ids, seed, epoch, _S_BG), 32)
+    key = srl(hash_bits(ids, seed, epoch, _S_BG), 32)
     return AugmentParams(variant, crop, fl, bg_crop, bg_fl, key, seed, epoch)
 
 
@@ -569,7 +499,7 @@ class BackgroundSwap(nn.Module):
 
     Args:
         probs: variant probabilities (see :func:`parse_probs`); e.g. ``{'mixed_rand': 1.0}``.
-        bg_source: ``'pool'`` (backgrounds from a device-resident :class:`~bgsynth.pipeline.batch.BackgroundPool`,
+        bg_source: ``'pool'`` (backgrounds from a device-resident :class:`~bgsynth.types.BackgroundPool`,
             chosen by :func:`bgsynth.variants.choose_backgrounds` with a per-epoch seed) or ``'batch'``
             (foreground ``i`` onto the Only-BG-T of a sample ``j`` of the same batch, ``j`` drawn from the
             eligible samples by the seeded generator; Mixed-Same falls back to Original when no other sample of the
@@ -720,7 +650,7 @@ class BackgroundSwap(nn.Module):
             none = torch.full_like(image_ids, -1)
             return none, none, none
         # the variants module's choice is a pure function of (seed, variant, image id): one seed per (seed, epoch)
-        epoch_seed = _fold(self.seed, params.epoch, _S_EPOCH_SEED)
+        epoch_seed = fold(self.seed, params.epoch, _S_EPOCH_SEED)
         none = torch.full_like(image_ids, -1)
         out = {}
         for code, name in ((_MIXED_RAND, "mixed_rand"), (_MIXED_SAME, "mixed_same")):
@@ -746,7 +676,7 @@ class BackgroundSwap(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
     def apply_batch(self, batch: Batch, epoch: int = 0, params: AugmentParams | None = None) -> AugmentedBatch:
-        """:meth:`forward` on a decoded :class:`~bgsynth.pipeline.batch.Batch`."""
+        """:meth:`forward` on a decoded :class:`~bgsynth.types.Batch`."""
         if self.bg_source == "batch" and self.needs_background and batch.tiling == "paper" and batch.bgt is None:
             raise ConfigError(
                 "BackgroundSwap: bg_source='batch' with a tiling='paper' batch needs its Only-BG-T images "
@@ -886,17 +816,6 @@ class BackgroundSwap(nn.Module):
 # ==============================================================================================================
 
 
-def _resolve_device(device) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        from .errors import BackendUnavailableError
-
-        raise BackendUnavailableError("TrainIterator: device 'cuda' requested but CUDA is not available")
-    return dev
-
-
 class TrainIterator:
     """``(images, labels)`` training batches of one split, background-swapped on the device.
 
@@ -914,7 +833,7 @@ class TrainIterator:
         epoch: first epoch (each full pass advances it; :meth:`set_epoch` replays one).
         probs: variant probabilities (:func:`parse_probs`), e.g. ``{'mixed_rand': 1.0}``.
         bg_source: ``'pool'`` or ``'batch'`` (see :class:`BackgroundSwap`).
-        pool: a :class:`~bgsynth.pipeline.batch.BackgroundPool` (built from the split's Only-BG-T when needed
+        pool: a :class:`~bgsynth.types.BackgroundPool` (built from the split's Only-BG-T when needed
             and not given: from the cache itself when unsharded, else with
             :func:`bgsynth.pipeline.build_background_pool`, so every shard draws from the same pool).
         random_resized_crop, flip, scale, ratio, bg_transform: the geometric augmentation.
@@ -1004,7 +923,7 @@ class TrainIterator:
         self.split = split
         self.ids = shard_ids(self.index.ids, shard_id, num_shards)
         self.shard_id, self.num_shards = shard_id, num_shards
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.batch_size = batch_size
         self.seed = int(seed)
         self.epoch = int(epoch)

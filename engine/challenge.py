@@ -59,10 +59,12 @@ import numpy as np
 import torch
 
 from .classes import IN9_CLASSES, NUM_IN9
+from .config import check_positive_int, default_batch_size, resolve_geometry
 from .errors import CheckpointError, ConfigError
-from .geometry import CropGeometry, resolve_geometry
-from .index import DatasetIndex, atomic_write_bytes, atomic_write_json
-from .pipeline.batch import TILINGS
+from .fileio import atomic_write_bytes, atomic_write_json
+from .geometry import CropGeometry
+from .index import DatasetIndex
+from .types import TILINGS
 
 __all__ = [
     "ORDERS",
@@ -768,14 +770,6 @@ def challenge_foregrounds(index: DatasetIndex, split: str | None = "val", fg_ids
     return sub.ids
 
 
-def _resolve_batch(batch_size: int | None, device: torch.device) -> int:
-    if batch_size is None:
-        return 512 if device.type == "cuda" else 64
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ConfigError(f"run_challenge: expected batch_size to be a positive integer, got {batch_size!r}")
-    return batch_size
-
-
 def run_challenge(
     index: DatasetIndex | str | os.PathLike,
     predictor,
@@ -874,13 +868,14 @@ def run_challenge(
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    bs = _resolve_batch(batch_size, device)
+    bs = default_batch_size("challenge", device) if batch_size is None else check_positive_int(
+        batch_size, "batch_size", "run_challenge")
     tile = 4 * bs if fg_tile is None else fg_tile
     if not isinstance(tile, int) or isinstance(tile, bool) or tile < 1:
         raise ConfigError(f"run_challenge: expected fg_tile to be a positive integer, got {fg_tile!r}")
     loaded = getattr(predictor, "loaded", None)
-    geometry, geometry_source = resolve_geometry(geometry, getattr(loaded, "geometry", None),
-                                                 (getattr(loaded, "provenance", None) or {}).get("file"))
+    geometry, geometry_source = resolve_geometry(geometry, stored=getattr(loaded, "geometry", None),
+                                                 checkpoint=(getattr(loaded, "provenance", None) or {}).get("file"))
     if full_matrix:
         order = "reference"
 

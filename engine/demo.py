@@ -26,8 +26,10 @@ from typing import Any
 
 import torch
 
+from .config import DEMO_GEOMETRY
+from .fileio import atomic_write_bytes
 from .geometry import CropGeometry
-from .index import DatasetIndex, atomic_write_bytes
+from .index import DatasetIndex
 
 __all__ = ["DemoResult", "run_demo", "findings"]
 
@@ -110,7 +112,7 @@ def run_demo(
         seed: seed of the dataset, training, background choice and challenge order.
         device: ``'auto'`` (CUDA when present), ``'cpu'`` or ``'cuda'``.
         cache_dir: cache of the dataset, prepared index and demo model (default: the built-in dataset's cache).
-        geometry: model input geometry (default :data:`bgsynth.train.DEMO_GEOMETRY`).
+        geometry: model input geometry (default :data:`bgsynth.config.DEMO_GEOMETRY`).
         epochs: training epochs of the demo model (default: :func:`bgsynth.train.train`'s).
         challenge: run the Backgrounds Challenge.
         challenge_fg_per_class, challenge_bg_per_class: balanced val subsets for the challenge (``None``: all).
@@ -121,7 +123,8 @@ def run_demo(
         tiling: Only-BG-T construction everywhere (filters, evaluation, challenge, training backgrounds):
             ``"paper"`` (the authors' full-resolution tiling) or ``"crop"`` (the crop-space approximation).
     """
-    from . import masks, train as train_mod
+    from . import masks
+    from . import train as train_mod
     from .challenge import challenge_foregrounds, run_challenge
     from .evaluate import evaluate_to_dir
     from .models import Predictor, load_model
@@ -130,7 +133,7 @@ def run_demo(
     t0 = time.perf_counter()
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    geometry = train_mod.DEMO_GEOMETRY if geometry is None else geometry
+    geometry = DEMO_GEOMETRY if geometry is None else geometry
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     cache = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()

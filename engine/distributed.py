@@ -44,6 +44,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from .config import resolve_device
 from .errors import BackendUnavailableError, BgsynthError, ConfigError
 
 __all__ = [
@@ -103,12 +104,7 @@ class DistContext:
 
     def device(self, requested: str | torch.device | None = None) -> torch.device:
         """The device of this rank: ``cuda:<local_rank>`` when CUDA is requested (or auto) and present."""
-        if requested is None or str(requested) == "auto":
-            requested = "cuda" if torch.cuda.is_available() else "cpu"
-        dev = torch.device(requested)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", self.local_rank % max(torch.cuda.device_count(), 1))
-        return dev
+        return resolve_device(requested, self.local_rank)
 
     @property
     def collective_device(self) -> torch.device:
@@ -369,7 +365,7 @@ def shard_ids(ids, shard_id: int, num_shards: int) -> list[int]:
 
 
 def gather_background_pool(pool, ctx: DistContext | None = None):
-    """The union of every rank's :class:`~bgsynth.pipeline.batch.BackgroundPool`, sorted by image id, on every
+    """The union of every rank's :class:`~bgsynth.types.BackgroundPool`, sorted by image id, on every
     rank (on the device of this rank's part).
 
     Each JPEG is then decoded by one rank only, and every rank holds the pool a single process would have built
@@ -378,7 +374,7 @@ def gather_background_pool(pool, ctx: DistContext | None = None):
     Raises:
         ConfigError: the parts overlap (an id on two ranks) or disagree in crop size.
     """
-    from .pipeline.batch import BackgroundPool
+    from .types import BackgroundPool
 
     ctx = current() if ctx is None else ctx
     if ctx.enabled:
@@ -420,7 +416,7 @@ def build_background_pool_sharded(
     """
     from .index import DatasetIndex
     from .pool import build_background_pool
-    from .pipeline.batch import BackgroundPool
+    from .types import BackgroundPool
 
     ctx = current() if ctx is None else ctx
     if not ctx.enabled:

@@ -45,9 +45,10 @@ import numpy as np
 import torch
 
 from .classes import IN9_CLASSES, NUM_IN9
+from .config import resolve_geometry
 from .errors import ConfigError
-from .geometry import CropGeometry, resolve_geometry
-from .pipeline.batch import TILINGS
+from .geometry import CropGeometry
+from .types import TILINGS
 
 __all__ = [
     "SCHEMA",
@@ -196,7 +197,7 @@ class EvalRecords:
 
     def write_csv(self, path: str | os.PathLike) -> pathlib.Path:
         """Provenance CSV: ``image_id, variant, bg_id, bg_label, seed, label, pred, valid, correct`` per composite."""
-        from .index import atomic_write_bytes
+        from .fileio import atomic_write_bytes
 
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
@@ -379,7 +380,7 @@ class EvalResult:
         """Serialise (and write atomically to ``path`` if given); returns the JSON text."""
         text = json.dumps(self.to_dict(include_records), indent=indent)
         if path is not None:
-            from .index import atomic_write_bytes
+            from .fileio import atomic_write_bytes
 
             atomic_write_bytes(path, text.encode("utf-8"))
         return text
@@ -426,7 +427,7 @@ class EvalResult:
             w.writerow(["bg_gap", f"{100.0 * self.bg_gap:.4f}", "", "", "", ""] + [""] * NUM_IN9)
         text = buf.getvalue()
         if path is not None:
-            from .index import atomic_write_bytes
+            from .fileio import atomic_write_bytes
 
             atomic_write_bytes(path, text.encode("utf-8"))
         return text
@@ -513,8 +514,8 @@ def _pick_examples(records: EvalRecords, per_class: int) -> dict:
 
 def _resolve_geometry(geometry, predictor) -> tuple[CropGeometry, str]:
     loaded = getattr(predictor, "loaded", None)
-    return resolve_geometry(geometry, getattr(loaded, "geometry", None),
-                            (getattr(loaded, "provenance", None) or {}).get("file"))
+    return resolve_geometry(geometry, stored=getattr(loaded, "geometry", None),
+                            checkpoint=(getattr(loaded, "provenance", None) or {}).get("file"))
 
 
 def _synthesize(batch, names, pool, seed, predictor):
@@ -599,7 +600,8 @@ def evaluate(
     Returns:
         An :class:`EvalResult`.
     """
-    from .distributed import DistContext, current, gather_background_pool, shard_ids as _shard_ids
+    from .distributed import DistContext, current, gather_background_pool
+    from .distributed import shard_ids as _shard_ids
     from .index import DatasetIndex
     from .models import LoadedModel, Predictor
 
@@ -807,7 +809,7 @@ def evaluate(
 
 def _pool_from_parts(parts, crop: int, device: torch.device):
     """The Only-BG-T images kept during the evaluation pass as a pool sorted by id (empty without parts)."""
-    from .pipeline.batch import BackgroundPool
+    from .types import BackgroundPool
 
     if not parts:  # a rank whose shard is empty (or fully rejected) still takes part in the gather
         z = torch.empty(0, dtype=torch.int64, device=device)
@@ -856,7 +858,7 @@ def _example_composites(sub, ids, names, pool, seed, geom, backend, dev, records
     batches = list(loader)
     if not batches:
         return {}
-    from .pipeline.batch import Batch
+    from .types import Batch
 
     batch = Batch.cat(batches) if len(batches) > 1 else batches[0]
     # rows in the order asked for (class order), not the loader's id order; images that failed to decode drop out

@@ -45,9 +45,10 @@ import torch
 
 from .classes import IN9_FOLDERS, NUM_IN9
 from .errors import ConfigError
+from .fileio import atomic_write_bytes, atomic_write_json
 from .geometry import CropGeometry
-from .index import DatasetIndex, atomic_write_bytes, atomic_write_json
-from .pipeline.batch import TILINGS, BackgroundPool
+from .index import DatasetIndex
+from .types import TILINGS, BackgroundPool
 from .variants import MIXED_VARIANTS, VARIANTS, choose_backgrounds, resolve_variants, synthesize
 
 __all__ = ["export", "ExportResult", "safe_stem", "release_paths", "MASK_FOLDER", "IMAGE_FORMATS"]

@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
-from collections.abc import Mapping
 
 import numpy as np
 import torch
 
 from .errors import ConfigError
 
-__all__ = ["CropGeometry", "CropPlan", "nearest_map", "resolve_geometry", "tile_strips"]
+__all__ = ["CropGeometry", "CropPlan", "nearest_map", "tile_strips"]
 
 
 def nearest_map(src: int, dst: int) -> np.ndarray:
@@ -69,43 +67,6 @@ class CropGeometry:
 
     def to_dict(self) -> dict:
         return {"resize": self.resize, "crop": self.crop}
-
-
-def resolve_geometry(geometry=None, stored: Mapping | None = None, checkpoint: str | None = None
-                     ) -> tuple[CropGeometry, str]:
-    """The crop geometry of a run, and where it came from: ``'arguments'``, ``'checkpoint'`` or ``'default'``.
-
-    Args:
-        geometry: what the caller asked for: a :class:`CropGeometry`, ``{'resize', 'crop'}``, ``(resize, crop)``
-            or ``None``.
-        stored: the geometry saved with the model's checkpoint (``{'resize', 'crop'}``) or ``None``.
-        checkpoint: the checkpoint file, named in the warning when a file without a geometry falls back to the
-            default (the official release's checkpoints, plain state_dicts and TorchScript files carry none, and
-            the model may have been trained at another size).
-
-    >>> resolve_geometry(None, {"resize": 72, "crop": 64})
-    (CropGeometry(resize=72, crop=64), 'checkpoint')
-    >>> resolve_geometry((128, 112))
-    (CropGeometry(resize=128, crop=112), 'arguments')
-    """
-    if geometry is None:
-        if isinstance(stored, Mapping) and "resize" in stored and "crop" in stored:
-            return CropGeometry(int(stored["resize"]), int(stored["crop"])), "checkpoint"
-        default = CropGeometry()
-        if checkpoint:
-            warnings.warn(
-                f"{checkpoint}: the checkpoint carries no crop geometry; using the default resize {default.resize} / "
-                f"crop {default.crop} (give --resize/--crop to change it)",
-                stacklevel=3,
-            )
-        return default, "default"
-    if isinstance(geometry, CropGeometry):
-        return geometry, "arguments"
-    if isinstance(geometry, Mapping) and "resize" in geometry and "crop" in geometry:
-        return CropGeometry(int(geometry["resize"]), int(geometry["crop"])), "arguments"
-    if isinstance(geometry, (tuple, list)) and len(geometry) == 2:
-        return CropGeometry(int(geometry[0]), int(geometry[1])), "arguments"
-    raise ConfigError(f"expected geometry as CropGeometry, {{'resize', 'crop'}} or (resize, crop), got {geometry!r}")
 
 
 @functools.lru_cache(maxsize=4096)

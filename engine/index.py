@@ -26,13 +26,13 @@ import dataclasses
 import json
 import os
 import pathlib
-import tempfile
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from .classes import IN9_CLASSES, NUM_IN9
 from .errors import IndexFormatError
+from .fileio import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "INDEX_VERSION",
@@ -43,8 +43,6 @@ __all__ = [
     "rle_encode",
     "rle_decode",
     "rle_union",
-    "atomic_write_bytes",
-    "atomic_write_json",
 ]
 
 INDEX_VERSION = 1
@@ -126,39 +124,6 @@ def rle_union(rles: Sequence[Mapping[str, Any]], height: int, width: int) -> dic
             raise IndexFormatError(f"rle_union: expected masks of size {(height, width)}, got {m.shape}")
         acc |= m
     return rle_encode(acc)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Atomic writes
-# --------------------------------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates 0600; give the result the permissions an ordinary open() would (0666 minus umask)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:
-    """Serialise ``obj`` as JSON and write it atomically."""
-    atomic_write_bytes(path, json.dumps(obj, indent=indent, sort_keys=False).encode("utf-8"))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
-from concurrent.futures.process import BrokenProcessPool
 import dataclasses
 import hashlib
 import json
@@ -40,14 +39,16 @@ import pathlib
 import sys
 import time
 import warnings
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from .classes import IN9_CLASSES, NUM_IN9
 from .errors import CheckpointError, ConfigError
+from .fileio import atomic_write_bytes
 from .geometry import CropGeometry, nearest_map
-from .index import DatasetIndex, Reject, atomic_write_bytes, rle_decode, rle_encode
+from .index import DatasetIndex, Reject, rle_decode, rle_encode
 
 __all__ = [
     "TILINGS",
@@ -441,14 +442,14 @@ class _ImageReject(Exception):
 def _read_rgb(path: str, width: int, height: int) -> np.ndarray:
     """Decode an image file to ``uint8 [H, W, 3]`` RGB at its stored size, or raise :class:`_ImageReject`.
 
-    The file is classified by the decode pipeline's header probe (:func:`bgsynth.pipeline.common.probe_image`:
+    The file is classified by the decode pipeline's header probe (:func:`bgsynth.probe.probe_image`:
     zero-byte, truncated, unreadable), so prepare and decode reject the same files for the same reasons.
     """
     import io
 
     from PIL import Image, UnidentifiedImageError
 
-    from .pipeline.common import SampleError, probe_image
+    from .probe import SampleError, probe_image
 
     try:
         with open(path, "rb") as f:

@@ -595,7 +595,7 @@ def save_checkpoint(
     Returns:
         The path written.
     """
-    from .index import atomic_write_bytes
+    from .fileio import atomic_write_bytes
 
     net = model
     while True:

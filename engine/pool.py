@@ -1,4 +1,4 @@
-"""Build the :class:`~bgsynth.pipeline.batch.BackgroundPool` of a split: every image's Only-BG-T, decoded once.
+"""Build the :class:`~bgsynth.types.BackgroundPool` of a split: every image's Only-BG-T, decoded once.
 
 The pool is what every Mixed-* composite, the Backgrounds Challenge and the background-swap augmentation draw
 their backgrounds from. It is made here and only here: the decode loader turns the index into batches, the
@@ -16,7 +16,7 @@ import torch
 from .geometry import CropGeometry
 from .index import DatasetIndex
 from .pipeline import create_loader
-from .pipeline.batch import BackgroundPool
+from .types import BackgroundPool
 from .variants import background_pool_from_batch
 
 __all__ = ["build_background_pool"]

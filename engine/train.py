@@ -31,11 +31,11 @@ from torch import nn
 
 from .augment import AUGMENT_VARIANTS, TrainIterator, parse_probs
 from .classes import IN9_MEAN, IN9_STD, NUM_IN9
+from .config import DEMO_GEOMETRY, resolve_device
 from .errors import ConfigError
 from .geometry import CropGeometry
 
 __all__ = [
-    "DEMO_GEOMETRY",
     "TrainResult",
     "CompareResult",
     "train",
@@ -44,7 +44,6 @@ __all__ = [
 ]
 
 #: Geometry of the demo model on the built-in dataset (chosen by measurement, see docs/train.md).
-DEMO_GEOMETRY = CropGeometry(resize=72, crop=64)
 
 _OPTIMIZERS = ("sgd", "adamw")
 _SCHEDULES = ("onecycle", "cosine", "constant")
@@ -128,17 +127,6 @@ def _lr_factor(schedule: str, total: int, warmup: float = 0.25, start: float = 0
     return f
 
 
-def _resolve_device(device) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        from .errors import BackendUnavailableError
-
-        raise BackendUnavailableError("train: device 'cuda' requested but CUDA is not available")
-    return dev
-
-
 def _load_index(index):
     from .index import DatasetIndex
 
@@ -174,7 +162,7 @@ def evaluate_original(
     if len(sub) == 0:
         return None, 0
     geometry = DEMO_GEOMETRY if geometry is None else geometry
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     loaded = LoadedModel(module=model, num_outputs=NUM_IN9, output_space="in9", mean=tuple(mean), std=tuple(std))
     pred = Predictor(loaded, device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
@@ -290,7 +278,7 @@ def train(
     from .distributed import build_background_pool_sharded, current
 
     ctx = current() if dist is None else dist
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     if ctx.enabled and dev.type == "cuda":
         dev = ctx.device("cuda" if dev.index is None else dev)  # cuda:<local rank>
     rank_batch = batch_size
@@ -565,7 +553,7 @@ def compare_training(
         A :class:`CompareResult` (also written as ``compare.json`` and ``compare.md`` in ``out_dir``).
     """
     from .evaluate import evaluate
-    from .index import atomic_write_json
+    from .fileio import atomic_write_json
     from .models import load_model
 
     index = _load_index(index)
@@ -642,7 +630,7 @@ def _challenge(index, ckpt, split, geometry, device, seed, progress, kwargs) -> 
     from .challenge import run_challenge
     from .models import Predictor, load_model
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     res = run_challenge(index, Predictor(load_model(str(ckpt)), device=dev), split=split, geometry=geometry,
                         device=dev, seed=seed, progress=progress, **dict(kwargs or {}))
     return {

@@ -1,7 +1,7 @@
 """The eight variants of the paper, synthesised in-batch on the batch's device.
 
-:func:`synthesize` turns a decoded :class:`~bgsynth.pipeline.batch.Batch` (and, for Mixed-*, a
-:class:`~bgsynth.pipeline.batch.BackgroundPool`) into any subset of the variants of PAPER.md, each one a single
+:func:`synthesize` turns a decoded :class:`~bgsynth.types.Batch` (and, for Mixed-*, a
+:class:`~bgsynth.types.BackgroundPool`) into any subset of the variants of PAPER.md, each one a single
 pass of a device kernel (:mod:`bgsynth.kernels`) that can also normalise, cast and lay out the result for a model:
 
 ============  =============  ==============================================================  ==================
@@ -44,7 +44,7 @@ recorded in every results and manifest file):
   smaller (450 val images: 410 same side, 13.7 levels, 42% of pixels > 8), because their backgrounds are flat.
 
 Only-BG-T is also the background of every Mixed-* composite, of the Backgrounds Challenge and of the augmentation
-pool, so the setting follows everywhere: a :class:`~bgsynth.pipeline.batch.BackgroundPool` is the Only-BG-T output
+pool, so the setting follows everywhere: a :class:`~bgsynth.types.BackgroundPool` is the Only-BG-T output
 of decoded batches (:func:`background_pool_from_batch`), and a Mixed-* composite is ``where(M, x, pool[row])``
 in crop space, as the paper composites "in the model's input geometry". Cost of paper tiling (a second resize per
 image, in the decoder; ``benchmarks/bench_variants.py``, 108 built-in JPEGs, 256 -> 224, 2 threads): decode +
@@ -71,7 +71,7 @@ with ``splitmix64(x) = mix(x + 0x9E3779B97F4A7C15)`` (Steele, Lea & Flood 2014) 
 without a candidate gets row -1 (black background) and is invalid.
 
 >>> import torch
->>> from bgsynth.pipeline.batch import Batch
+>>> from bgsynth.types import Batch
 >>> b = Batch(images=torch.full((1, 3, 4, 4), 9, dtype=torch.uint8), masks=torch.zeros(1, 1, 4, 4, dtype=torch.uint8),
 ...           boxes=torch.tensor([[1, 1, 2, 2]], dtype=torch.int32), strips=torch.tensor([[0, 0, 4, 1]], dtype=torch.int32),
 ...           labels=torch.tensor([0]), image_ids=torch.tensor([7]), has_mask=torch.tensor([True]),
@@ -89,10 +89,10 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from . import kernels
-
 from .classes import NUM_IN9
 from .errors import ConfigError
-from .pipeline.batch import BackgroundPool, Batch
+from .rng import hash_bits, srl
+from .types import BackgroundPool, Batch, VariantOutput
 
 __all__ = [
     "VARIANTS",
@@ -105,33 +105,11 @@ __all__ = [
     "synthesize",
     "choose_backgrounds",
     "background_pool_from_batch",
-    "splitmix64",
 ]
 
-_M64 = (1 << 64) - 1
-_GAMMA = 0x9E3779B97F4A7C15
-_C1 = 0xBF58476D1CE4E5B9
-_C2 = 0x94D049BB133111EB
 
 
 # ----------------------------------------------------------------------------------------------- registry
-@dataclasses.dataclass(frozen=True)
-class VariantOutput:
-    """One variant of a batch.
-
-    Shape:
-        - images: ``[B, 3, C, C]`` (uint8, or the requested floating dtype/normalisation/memory format)
-        - valid: ``bool [B]``: the variant exists for this image (see the module table)
-        - bg_ids: ``int64 [B]``: image id of the background used (Mixed-*), -1 otherwise or when none
-        - bg_labels: ``int64 [B]``: its IN-9 label, -1 likewise
-    """
-
-    images: torch.Tensor
-    valid: torch.Tensor
-    bg_ids: torch.Tensor
-    bg_labels: torch.Tensor
-
-
 @dataclasses.dataclass(frozen=True)
 class _Request:
     """Everything a variant function needs besides the batch (resolved once per :func:`synthesize` call)."""
@@ -331,7 +309,7 @@ def synthesize(
         No host synchronisation: backgrounds are chosen on the device, validity stays a tensor.
     """
     if not isinstance(batch, Batch):
-        raise ConfigError(f"synthesize: expected an bgsynth.pipeline.batch.Batch, got {type(batch).__name__}")
+        raise ConfigError(f"synthesize: expected a bgsynth.types.Batch, got {type(batch).__name__}")
     if normalize is not None:
         if mean is not None or std is not None:
             raise ConfigError("synthesize: give either normalize=(mean, std) or mean=/std=, not both")
@@ -365,33 +343,6 @@ def _check_pool(pool, batch: Batch) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- backgrounds
-def _signed(v: int) -> int:
-    v &= _M64
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
-def splitmix64(x):
-    """SplitMix64 of a Python integer (unsigned 64-bit result) or of an int64 tensor (two's complement result).
-
-    >>> splitmix64(0)
-    16294208416658607535
-    """
-    if isinstance(x, torch.Tensor):
-        z = x.to(torch.int64) + _signed(_GAMMA)
-        z = (z ^ _srl(z, 30)) * _signed(_C1)
-        z = (z ^ _srl(z, 27)) * _signed(_C2)
-        return z ^ _srl(z, 31)
-    z = (int(x) + _GAMMA) & _M64
-    z = ((z ^ (z >> 30)) * _C1) & _M64
-    z = ((z ^ (z >> 27)) * _C2) & _M64
-    return z ^ (z >> 31)
-
-
-def _srl(z: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of an int64 tensor (torch's ``>>`` is arithmetic)."""
-    return (z >> k) & ((1 << (64 - k)) - 1)
-
-
 def _pool_tables(pool: BackgroundPool):
     """Candidate lists of a pool, independent of its row order.
 
@@ -452,9 +403,8 @@ def choose_backgrounds(
     by_id, ids_sorted, by_class, starts, counts, class_rank, bucket = _pool_tables(pool)
     n = ids_sorted.shape[0]
 
-    key = splitmix64(splitmix64(int(seed) & _M64) ^ VARIANTS[name].code)
-    h = splitmix64(image_ids ^ _signed(key))
-    draw = _srl(h, 1)  # uniform on [0, 2**63)
+    h = hash_bits(image_ids, seed, VARIANTS[name].code)  # splitmix64(id ^ fold(seed, code)), see the docstring
+    draw = srl(h, 1)  # uniform on [0, 2**63)
 
     # where the image itself sits in the pool (if it does): excluded from its own candidates
     p = torch.searchsorted(ids_sorted, image_ids).clamp(max=n - 1)

@@ -9,8 +9,8 @@ imported only when a Triton kernel is first launched, so this package imports wi
 """
 
 from ._dispatch import BACKENDS, resolve_backend, triton_available, triton_interpreting
-from .errors import KernelArgumentError, KernelBackendError, KernelError
 from .composite import composite, composite_torch
+from .errors import KernelArgumentError, KernelBackendError, KernelError
 from .tile import tile_fill, tile_fill_torch
 
 __all__ = [

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import torch
 
-from .errors import KernelArgumentError
-
 from ._common import (
     MAX_INT32,
     OutputSpec,
@@ -42,6 +40,7 @@ from ._common import (
     run_torch_chunked,
 )
 from ._dispatch import load_triton_module, resolve_backend
+from .errors import KernelArgumentError
 from .tile import _int32_addressable, raise_too_many, select_u8
 
 __all__ = ["composite", "composite_torch"]

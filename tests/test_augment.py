@@ -22,16 +22,15 @@ from bgsynth.augment import (
     AUGMENT_VARIANTS,
     BackgroundSwap,
     TrainIterator,
-    hash_bits,
-    hash_uniform,
     parse_probs,
     resized_crop_flip,
     sample_params,
     sample_resized_crops,
 )
 from bgsynth.errors import ConfigError
+from bgsynth.rng import hash_bits, hash_uniform
 from bgsynth.geometry import nearest_map, tile_strips
-from bgsynth.pipeline.batch import BackgroundPool
+from bgsynth.types import BackgroundPool
 from bgsynth.kernels import tile_fill_torch
 
 from conftest import cpu_and_cuda

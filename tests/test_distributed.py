@@ -295,7 +295,7 @@ def test_init_distributed_checks_the_environment(monkeypatch):
 
 
 def test_gather_background_pool_single_sorts_and_refuses_duplicates():
-    from bgsynth.pipeline.batch import BackgroundPool
+    from bgsynth.types import BackgroundPool
 
     imgs = torch.arange(3 * 3 * 2 * 2, dtype=torch.uint8).view(3, 3, 2, 2)
     pool = BackgroundPool(imgs, torch.tensor([4, 5, 6]), torch.tensor([30, 10, 20]))

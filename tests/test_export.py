@@ -18,7 +18,7 @@ from bgsynth.errors import ConfigError
 from bgsynth.export import export, release_paths, safe_stem
 from bgsynth.pipeline import create_loader
 from bgsynth.pool import build_background_pool
-from bgsynth.pipeline.batch import Batch
+from bgsynth.types import Batch
 from bgsynth.variants import MIXED_VARIANTS, VARIANT_NAMES, choose_backgrounds, synthesize
 
 

@@ -24,13 +24,14 @@ from fixtures import (
 from PIL import Image
 
 from bgsynth.classes import IN9_FOLDERS, in1k_to_in9, in1k_wnids, wnid_to_in1k
+from bgsynth.errors import ConfigError
 from bgsynth.index import DatasetIndex, Reject, bbox_to_inclusive, rle_decode
+from bgsynth.probe import probe_file
 from bgsynth.sources import (
     IngestError,
     ingest_coco,
     ingest_imagenet,
     ingest_in9_release,
-    probe_image,
     read_category_map,
     read_labels_file,
 )
@@ -70,26 +71,26 @@ def test_probe_each_bad_kind(tmp_path, verify):
         tmp_path / "missing.JPEG": Reject.MISSING_FILE,
     }
     for path, reason in cases.items():
-        r = probe_image(path, verify)
+        r = probe_file(path, verify)
         assert r.reason == reason, (path.name, r)
         assert r.ok == (reason is None)
         if reason is not None:
             assert r.detail
-    r = probe_image(good, verify)
+    r = probe_file(good, verify)
     assert (r.width, r.height, r.format, r.mode, r.exif_orientation) == (50, 30, "JPEG", "RGB", 1)
 
 
 @pytest.mark.parametrize("mode,fmt", [("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "PNG"), ("P", "PNG"), ("RGBA", "PNG")])
 def test_probe_accepts_odd_but_valid_files(tmp_path, mode, fmt):
     p = write_image(tmp_path / "odd.JPEG", 40, 24, mode=mode, fmt=fmt)  # always named .JPEG
-    r = probe_image(p, "full")
+    r = probe_file(p, "full")
     assert r.ok and (r.width, r.height) == (40, 24)
     assert r.format == fmt and r.mode == mode
 
 
 def test_probe_exif_orientation_is_recorded_not_applied(tmp_path):
     p = write_exif_rotated_jpeg(tmp_path / "rot.JPEG", 64, 40, orientation=6)
-    r = probe_image(p)
+    r = probe_file(p)
     # stored pixels are 64 wide, 40 high; a viewer that applies EXIF would show 40x64
     assert (r.width, r.height, r.exif_orientation) == (64, 40, 6)
     with Image.open(p) as im:
@@ -97,8 +98,8 @@ def test_probe_exif_orientation_is_recorded_not_applied(tmp_path):
 
 
 def test_probe_rejects_unknown_verify_mode(tmp_path):
-    with pytest.raises(IngestError, match="verify"):
-        probe_image(tmp_path / "x.JPEG", verify="sometimes")
+    with pytest.raises(ConfigError, match="verify"):
+        probe_file(tmp_path / "x.JPEG", verify="sometimes")
 
 
 # ------------------------------------------------------------------------------------------------- ImageNet

@@ -24,7 +24,7 @@ from bgsynth.geometry import CropGeometry
 from bgsynth.index import DatasetIndex
 from bgsynth.pipeline import available_backends, create_loader
 from bgsynth.pool import build_background_pool
-from bgsynth.pipeline.batch import Batch
+from bgsynth.types import Batch
 from bgsynth.variants import synthesize
 from photos import PHOTOS
 from fixtures import calibrate_batchnorm

@@ -34,15 +34,14 @@ from bgsynth.pipeline import (
     AUTO_ORDER,
     BACKENDS,
     BackendSpec,
-    BackgroundPool,
-    Batch,
     auto_backend,
     available_backends,
     create_loader,
     register_backend,
 )
-from bgsynth.pipeline.common import SampleError, probe_image
+from bgsynth.probe import SampleError, probe_image
 from bgsynth.pipeline.dali import crop_window
+from bgsynth.types import BackgroundPool, Batch
 from bgsynth.pool import build_background_pool
 
 ALL = ("pil", "torchvision", "dali")

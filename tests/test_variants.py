@@ -11,7 +11,7 @@ import torch
 
 from bgsynth.errors import ConfigError
 from bgsynth.geometry import tile_strips
-from bgsynth.pipeline.batch import BackgroundPool, Batch
+from bgsynth.types import BackgroundPool, Batch
 from bgsynth.variants import (
     MIXED_VARIANTS,
     VARIANT_NAMES,
@@ -20,9 +20,9 @@ from bgsynth.variants import (
     choose_backgrounds,
     display_name,
     resolve_variants,
-    splitmix64,
     synthesize,
 )
+from bgsynth.rng import splitmix64
 from reference import (
     reference_background,
     reference_strip,
@@ -347,7 +347,7 @@ def test_errors():
         synthesize(batch, ["mixed_same"], pool=small)
     with pytest.raises(ConfigError, match="not both"):
         synthesize(batch, ["original"], normalize=(MEAN, STD), mean=MEAN, std=STD)
-    with pytest.raises(ConfigError, match="expected an bgsynth.pipeline.batch.Batch"):
+    with pytest.raises(ConfigError, match="expected a bgsynth.types.Batch"):
         synthesize(batch.images, ["original"])
     with pytest.raises(ConfigError, match="integer seed"):
         synthesize(batch, ["original"], seed=1.5)

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from ._args import (add_model_args, add_tiling_arg, geometry_from_args, positive_int, predictor_from_args,
-                    resolve_index, seconds)
+from ._args import (
+    add_model_args,
+    add_tiling_arg,
+    geometry_from_args,
+    positive_int,
+    predictor_from_args,
+    resolve_index,
+    seconds,
+)
 
 __all__ = ["register", "run"]
 

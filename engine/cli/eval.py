@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._args import (add_model_args, add_tiling_arg, geometry_from_args, positive_int, predictor_from_args,
-                    resolve_index)
+from ._args import add_model_args, add_tiling_arg, geometry_from_args, positive_int, predictor_from_args, resolve_index
 
 __all__ = ["register", "run"]
 

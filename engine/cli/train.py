@@ -66,9 +66,10 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..config import DEMO_GEOMETRY, resolve_geometry
     from ..distributed import init_distributed
     from ..geometry import CropGeometry
-    from ..train import DEMO_GEOMETRY, train
+    from ..train import train
 
     ctx = init_distributed()  # DistributedDataParallel under torchrun; a no-op otherwise
     index = args.index
@@ -77,10 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
         with ctx.main_first():  # one rank per node builds the cache, the others find it
             index = build_builtin_dataset(progress=args.progress and ctx.is_main)
-    geometry = DEMO_GEOMETRY
-    if args.resize is not None or args.crop is not None:
-        resize = args.resize or max(DEMO_GEOMETRY.resize, args.crop or 0)
-        geometry = CropGeometry(resize, args.crop or min(DEMO_GEOMETRY.crop, resize))
+    geometry, _ = resolve_geometry(resize=args.resize, crop=args.crop, default=DEMO_GEOMETRY)
     res = train(
         index, arch=args.arch, split=args.split, val_split=None if args.val_split == "none" else args.val_split,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,

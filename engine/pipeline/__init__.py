@@ -21,15 +21,13 @@ from typing import Iterable
 
 import torch
 
+from ..config import resolve_device
 from ..errors import BackendUnavailableError, ConfigError
 from ..geometry import CropGeometry
 from ..index import DatasetIndex
-from .batch import BackgroundPool, Batch
-from .common import BACKENDS, BackendSpec, DecodeLoader, backend_available, register_backend, resolve_device
+from .common import BACKENDS, BackendSpec, DecodeLoader, backend_available, register_backend
 
 __all__ = [
-    "Batch",
-    "BackgroundPool",
     "DecodeLoader",
     "BACKENDS",
     "BackendSpec",

@@ -42,13 +42,11 @@ import torch
 from ..errors import BackendUnavailableError, ConfigError, DecodeError, IndexFormatError
 from ..geometry import CropGeometry, CropPlan, tile_strips
 from ..index import DatasetIndex, ImageRecord, Reject
-from .batch import TILINGS, Batch
+from ..probe import ImageProbe, SampleError, probe_image
+from ..types import TILINGS, Batch
 
 __all__ = [
-    "ImageProbe",
     "HostSample",
-    "SampleError",
-    "probe_image",
     "read_sample",
     "crop_targets",
     "full_strips",
@@ -60,150 +58,7 @@ __all__ = [
     "BACKENDS",
     "register_backend",
     "backend_available",
-    "resolve_device",
 ]
-
-_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
-_STANDALONE_MARKERS = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_CUT_HEADERS = "JPEG stream ends inside its headers"
-
-
-class SampleError(Exception):
-    """One image could not be used: ``reason`` is a :class:`~bgsynth.index.Reject` string, ``detail`` free text."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Probing the encoded bytes (no pixel decode)
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageProbe:
-    """What the container header says about an encoded image.
-
-    Attributes:
-        format: ``"JPEG"``, ``"PNG"`` or the PIL format name of anything else.
-        height, width: stored pixel size (before any EXIF orientation).
-        components: number of colour components (JPEG: 1 grey, 3 YCbCr/RGB, 4 CMYK/YCCK; 0 if unknown).
-        route: ``"fast"`` when a JPEG decoder (torchvision.io, DALI) handles it exactly like PIL (8-bit JPEG with 1
-            or 3 components), else ``"pil"`` (PIL decodes it in every backend).
-        why_pil: why the file takes the PIL route (empty for ``"fast"``).
-    """
-
-    format: str
-    height: int
-    width: int
-    components: int
-    route: str
-    why_pil: str = ""
-
-
-def _probe_jpeg(data: bytes) -> ImageProbe:
-    n = len(data)
-    pos = 2
-    sof: tuple[int, int, int, int] | None = None
-    sos = -1
-    while True:
-        if pos >= n:
-            raise SampleError(Reject.TRUNCATED, _CUT_HEADERS)
-        if data[pos] != 0xFF:  # stray bytes between segments: skip to the next marker as libjpeg does
-            pos = data.find(b"\xff", pos)
-            if pos < 0:
-                raise SampleError(Reject.TRUNCATED, _CUT_HEADERS)
-        while pos < n and data[pos] == 0xFF:  # fill bytes
-            pos += 1
-        if pos >= n:
-            raise SampleError(Reject.TRUNCATED, _CUT_HEADERS)
-        marker = data[pos]
-        pos += 1
-        if marker in _STANDALONE_MARKERS:
-            continue
-        if marker == 0xD9:
-            raise SampleError(Reject.UNREADABLE, "JPEG stream ends (EOI) before any image data")
-        if pos + 2 > n:
-            raise SampleError(Reject.TRUNCATED, _CUT_HEADERS)
-        (length,) = struct.unpack(">H", data[pos : pos + 2])
-        if length < 2:
-            raise SampleError(Reject.UNREADABLE, f"JPEG segment 0x{marker:02x} with length {length}")
-        if marker in _SOF_MARKERS:
-            if pos + 8 > n:
-                raise SampleError(Reject.TRUNCATED, _CUT_HEADERS)
-            sof = struct.unpack(">BHHB", data[pos + 2 : pos + 8])
-        elif marker == 0xDA:
-            sos = pos - 2
-            break
-        pos += length
-    if sof is None:  # not a frame this parser knows (e.g. lossless/JPEG-LS): PIL decides
-        return _probe_pil(data, "JPEG without a baseline/progressive frame header")
-    # EOI (FF D9) cannot occur inside entropy-coded data (0xFF is byte-stuffed there), so a stream whose last
-    # EOI lies before the first scan was cut short; an EXIF thumbnail's EOI sits before the scan.
-    if data.rfind(b"\xff\xd9") < sos:
-        raise SampleError(Reject.TRUNCATED, f"JPEG stream cut after {n} bytes (no end-of-image marker)")
-    precision, h, w, comps = sof
-    if h == 0 or w == 0:
-        raise SampleError(Reject.UNREADABLE, f"JPEG frame header with size {w}x{h}")
-    if precision != 8:
-        return ImageProbe("JPEG", h, w, comps, "pil", f"{precision}-bit JPEG")
-    if comps == 4:
-        return ImageProbe("JPEG", h, w, comps, "pil", "CMYK JPEG")
-    if comps not in (1, 3):
-        return ImageProbe("JPEG", h, w, comps, "pil", f"JPEG with {comps} components")
-    return ImageProbe("JPEG", h, w, comps, "fast")
-
-
-def _probe_pil(data: bytes, why: str) -> ImageProbe:
-    import io
-
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            fmt = str(im.format or "unknown")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise SampleError(Reject.UNREADABLE, f"not a recognised image format ({e})") from None
-    return ImageProbe(fmt, int(h), int(w), 0, "pil", why or f"{fmt} data")
-
-
-def probe_image(data: bytes) -> ImageProbe:
-    """Inspect encoded image bytes without decoding the pixels.
-
-    JPEG and PNG headers are parsed directly (size, components, truncation); any other format is identified
-    by PIL's lazy :func:`PIL.Image.open`, which reads the header only.
-
-    Args:
-        data: the file's bytes.
-
-    Returns:
-        An :class:`ImageProbe`.
-
-    Raises:
-        SampleError: zero-byte, truncated or unreadable data (with a :class:`~bgsynth.index.Reject` reason).
-
-    >>> import io; from PIL import Image
-    >>> buf = io.BytesIO(); Image.new("RGB", (5, 4)).save(buf, "JPEG")
-    >>> p = probe_image(buf.getvalue()); (p.format, p.height, p.width, p.components, p.route)
-    ('JPEG', 4, 5, 3, 'fast')
-    """
-    if len(data) == 0:
-        raise SampleError(Reject.ZERO_BYTE, "file has 0 bytes")
-    if data[:2] == b"\xff\xd8":
-        return _probe_jpeg(data)
-    if data[:8] == _PNG_MAGIC:
-        if len(data) < 24 or data[12:16] != b"IHDR":
-            raise SampleError(Reject.TRUNCATED, "PNG stream ends before its header")
-        w, h = struct.unpack(">II", data[16:24])
-        if data.rfind(b"IEND") < 33:  # the IEND chunk follows the 33-byte signature + IHDR
-            raise SampleError(Reject.TRUNCATED, f"PNG stream cut after {len(data)} bytes (no IEND chunk)")
-        return ImageProbe("PNG", int(h), int(w), 0, "pil", "PNG data")
-    return _probe_pil(data, "")
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Host-side preparation of one image
@@ -409,27 +264,6 @@ def _to_device(t: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tens
 # --------------------------------------------------------------------------------------------------------------
 # Devices and the backend registry
 # --------------------------------------------------------------------------------------------------------------
-
-
-def resolve_device(device: torch.device | str) -> torch.device:
-    """Parse a device; CUDA without an index becomes the current CUDA device.
-
-    Raises:
-        ConfigError: a device type other than cpu/cuda.
-        BackendUnavailableError: CUDA requested but not available.
-    """
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"create_loader: expected a device such as 'cpu' or 'cuda:0', got {device!r}") from e
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"create_loader: expected a cpu or cuda device, got {dev}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BackendUnavailableError(f"device {device!r} requested, but torch.cuda.is_available() is False")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
 
 
 @dataclasses.dataclass(frozen=True)

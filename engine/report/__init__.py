@@ -104,7 +104,7 @@ def write_report(
         The path of ``report.md``. Figures: ``accuracy.png``, ``per_class.png`` and ``bg_class.png`` (one run; the
         last only with Mixed-*), ``examples.png`` when example composites are available.
     """
-    from ..index import atomic_write_bytes
+    from ..fileio import atomic_write_bytes
     from . import plots, tables
 
     single = not isinstance(result_or_dir, (list, tuple))

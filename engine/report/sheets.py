@@ -85,7 +85,7 @@ def variant_sheet(
     """Contact sheet of variants: one row per image, one column per variant (the paper's figure).
 
     Args:
-        batch: the :class:`~bgsynth.pipeline.batch.Batch` the variants were made from (ids and labels of rows).
+        batch: the :class:`~bgsynth.types.Batch` the variants were made from (ids and labels of rows).
         outputs: ``{name: VariantOutput}`` from :func:`bgsynth.variants.synthesize` with uint8 images; columns
             follow its order and are headed with the paper's names.
         out_path: PNG to write.
@@ -145,7 +145,7 @@ def decoded_sheet(
     """Decoded crops with the foreground mask overlaid (red) and the union box drawn (yellow), in a grid.
 
     Args:
-        batch: a decoded :class:`~bgsynth.pipeline.batch.Batch`.
+        batch: a decoded :class:`~bgsynth.types.Batch`.
         out_path: PNG to write.
         tile: side of each tile (default: the crop size, at most 128).
         max_images: at most this many images.
@@ -231,7 +231,7 @@ def show_index(
     from ..index import DatasetIndex
     from ..pipeline import create_loader
     from ..pool import build_background_pool
-    from ..pipeline.batch import Batch
+    from ..types import Batch
     from ..variants import MIXED_VARIANTS, resolve_variants, synthesize
 
     if not isinstance(index, DatasetIndex):

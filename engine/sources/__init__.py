@@ -5,11 +5,12 @@
 * :func:`ingest_coco`: any COCO instance-mask JSON with a category -> IN-9 map.
 * :func:`build_builtin_dataset` / :func:`load_builtin_index`: the procedural built-in dataset.
 
-Every ingest probes each image robustly (:func:`probe_image`): bad files become rejects with a reason, never a
+Every ingest probes each image robustly (:func:`bgsynth.probe.probe_file`): bad files become rejects with a reason, never a
 crash; an ingest fails (:class:`IngestError`) only when nothing valid remains.
 """
 
-from ._probe import IngestError, ProbeResult, WorkerPoolError, probe_image
+from ..probe import ProbeResult, probe_file
+from ._probe import IngestError, WorkerPoolError
 from .coco import ingest_coco, read_category_map
 from .imagenet import ingest_imagenet, read_labels_file
 from .in9_release import ingest_in9_release
@@ -19,7 +20,7 @@ __all__ = [
     "IngestError",
     "WorkerPoolError",
     "ProbeResult",
-    "probe_image",
+    "probe_file",
     "ingest_imagenet",
     "read_labels_file",
     "ingest_in9_release",

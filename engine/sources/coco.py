@@ -61,7 +61,8 @@ from ..index import (
     mask_extent,
     rle_encode,
 )
-from ._probe import VERIFY_MODES, IngestError, probe_image, run_pool, summarize_rejects
+from ..probe import VERIFY_MODES, probe_file
+from ._probe import IngestError, run_pool, summarize_rejects
 
 __all__ = ["ingest_coco", "read_category_map", "decode_segmentation", "BOX_SOURCES", "MIN_MASK_INSIDE_BOX"]
 
@@ -199,7 +200,7 @@ def _choose_box(ann_id: Any, bbox: Any, m: np.ndarray, box_from: str, min_inside
 
 def _coco_task(task: tuple) -> dict:
     img_path, rel, width, height, anns, verify, box_from, min_inside = task
-    pr = probe_image(img_path, verify)
+    pr = probe_file(img_path, verify)
     if not pr.ok:
         return {"rel": rel, "reason": pr.reason, "detail": pr.detail}
     if (pr.width, pr.height) != (width, height):

@@ -40,7 +40,8 @@ from typing import Any
 
 from ..classes import in1k_wnids, wnid_to_in1k, wnid_to_in9
 from ..index import DatasetIndex, Reject, inclusive_to_bbox
-from ._probe import VERIFY_MODES, IngestError, probe_image, run_pool, summarize_rejects
+from ..probe import VERIFY_MODES, probe_file
+from ._probe import IngestError, run_pool, summarize_rejects
 
 __all__ = ["IMAGE_EXTENSIONS", "ingest_imagenet", "parse_voc_xml", "read_labels_file"]
 
@@ -128,7 +129,7 @@ def _check_boxes(objects: list, width: int, height: int, xml_path: str) -> list[
 def _probe_task(task: tuple) -> dict:
     """Worker: probe one image and its annotation. Never raises for bad input."""
     img_path, rel, xml_candidates, verify = task
-    pr = probe_image(img_path, verify)
+    pr = probe_file(img_path, verify)
     if not pr.ok:
         return {"rel": rel, "reason": pr.reason, "detail": pr.detail}
     out: dict[str, Any] = {"rel": rel, "reason": None, "probe": pr.entry_fields(), "boxes": None}

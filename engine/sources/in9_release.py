@@ -19,7 +19,8 @@ import numpy as np
 
 from ..classes import IN9_FOLDERS, folder_to_in9
 from ..index import DatasetIndex, Reject, inclusive_to_bbox, mask_extent, rle_encode
-from ._probe import VERIFY_MODES, IngestError, probe_image, run_pool, summarize_rejects
+from ..probe import VERIFY_MODES, probe_file
+from ._probe import IngestError, run_pool, summarize_rejects
 from .imagenet import _is_image
 
 __all__ = ["ingest_in9_release", "load_release_mask"]
@@ -57,7 +58,7 @@ def load_release_mask(path: str | os.PathLike, height: int, width: int) -> tuple
 
 def _release_task(task: tuple) -> dict:
     img_path, rel, mask_path, mask_required, verify = task
-    pr = probe_image(img_path, verify)
+    pr = probe_file(img_path, verify)
     if not pr.ok:
         return {"rel": rel, "reason": pr.reason, "detail": pr.detail}
     out = {"rel": rel, "reason": None, "probe": pr.entry_fields(), "rle": None, "box": None}
@@ -93,7 +94,7 @@ def ingest_in9_release(
             other variants (images without one are indexed without boxes).
         out: if given, the index is also saved there.
         workers: probing processes (default: CPU count).
-        verify: ``'full'`` or ``'header'`` image verification (see :func:`~bgsynth.sources.probe_image`).
+        verify: ``'full'`` or ``'header'`` image verification (see :func:`~bgsynth.probe.probe_file`).
         progress: show a progress bar.
 
     Returns:

@@ -49,7 +49,8 @@ import numpy as np
 
 from ..classes import NUM_IN9
 from ..errors import ConfigError
-from ..index import DatasetIndex, atomic_write_json, mask_extent, rle_encode
+from ..fileio import atomic_write_json
+from ..index import DatasetIndex, mask_extent, rle_encode
 from ._probe import WorkerPoolError, run_pool
 
 __all__ = [

@@ -1,4 +1,9 @@
-"""The two tensor containers that flow between stages: :class:`Batch` and :class:`BackgroundPool`."""
+"""The tensor containers that flow between the stages: :class:`Batch`, :class:`BackgroundPool`, :class:`VariantOutput`.
+
+The ground floor of bgsynth: decoders produce a :class:`Batch`, the variants layer turns batches into
+:class:`VariantOutput` s and :class:`BackgroundPool` s, and every consumer reads them. Nothing here imports a
+module of bgsynth above this floor.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,10 @@ import pathlib
 
 import torch
 
-from ..errors import ConfigError, PoolTooLargeError
+from .errors import ConfigError, PoolTooLargeError
+from .fileio import atomic_write_bytes
 
-__all__ = ["Batch", "BackgroundPool", "TILINGS"]
+__all__ = ["Batch", "BackgroundPool", "VariantOutput", "TILINGS"]
 
 
 TILINGS = ("paper", "crop")
@@ -185,7 +191,6 @@ class BackgroundPool:
         return BackgroundPool(self.images[index], self.labels[index], self.image_ids[index])
 
     def save(self, path: str | os.PathLike) -> None:
-        from ..index import atomic_write_bytes
         import io
 
         buf = io.BytesIO()
@@ -196,3 +201,20 @@ class BackgroundPool:
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "BackgroundPool":
         d = torch.load(pathlib.Path(path), map_location="cpu", weights_only=True)
         return cls(d["images"], d["labels"], d["image_ids"]).to(device)
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantOutput:
+    """One variant of a batch.
+
+    Shape:
+        - images: ``[B, 3, C, C]`` (uint8, or the requested floating dtype/normalisation/memory format)
+        - valid: ``bool [B]``: the variant exists for this image (see the module table)
+        - bg_ids: ``int64 [B]``: image id of the background used (Mixed-*), -1 otherwise or when none
+        - bg_labels: ``int64 [B]``: its IN-9 label, -1 likewise
+    """
+
+    images: torch.Tensor
+    valid: torch.Tensor
+    bg_ids: torch.Tensor
+    bg_labels: torch.Tensor
