@@ -829,7 +829,7 @@ def run_challenge(
         gallery_k: backgrounds per class kept for the gallery of a ``full_matrix`` run.
         dist: a :class:`~bgsynth.distributed.DistContext` with several ranks, every one of which calls
             :func:`run_challenge` (with its own ``shard_id``): the background pool is then decoded across the
-            ranks and gathered (:func:`bgsynth.distributed.build_background_pool_sharded`; a collective). ``None``:
+            ranks and gathered (:func:`bgsynth.pool.build_background_pool_sharded`; a collective). ``None``:
             each call decodes the whole pool itself.
         share_every: with several ranks and ``order='adaptive'``: every this many search steps the ranks sum their
             pair statistics, so each rank orders its backgrounds by what all ranks have learnt (0: never). The
@@ -887,7 +887,7 @@ def run_challenge(
     if len(fg_all) == 0:
         raise ConfigError(f"run_challenge: no foreground (image of split {split!r} with a mask) in {index!r}")
     if dist is not None and dist.enabled:  # each rank decodes a share of the backgrounds; all get the whole pool
-        from .distributed import build_background_pool_sharded
+        from .pool import build_background_pool_sharded
 
         pool = build_background_pool_sharded(index, dist, geometry=geometry, backend=backend, device=device,
                                              split=split, per_class=bg_per_class, seed=seed, progress=progress,

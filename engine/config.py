@@ -51,6 +51,8 @@ __all__ = [
     "resolve_amp",
     "default_batch_size",
     "check_positive_int",
+    "resolve_options",
+    "RUN_OPTIONS",
 ]
 
 DEFAULT_GEOMETRY = CropGeometry(resize=256, crop=224)
@@ -254,3 +256,49 @@ def resolve_run(
     return RunConfig(geometry=geom, geometry_source=source, device=dev, backend=backend,
                      kernel_backend=kernel_backend, tiling=tiling, batch_size=bs, seed=int(seed),
                      amp=resolve_amp(amp, dev), num_threads=num_threads, progress=bool(progress))
+
+
+#: the option names :func:`resolve_options` sends to :func:`resolve_run` (everything else goes to the job's config)
+RUN_OPTIONS = ("geometry", "resize", "crop", "stored_geometry", "checkpoint", "default_geometry", "device",
+               "local_rank", "backend", "kernel_backend", "tiling", "batch_size", "batch_kind", "seed", "amp",
+               "num_threads", "progress")
+
+
+def resolve_options(owner: str, run: RunConfig | None, config, config_cls, options: Mapping, **run_defaults):
+    """Split a consumer's loose keyword options into its resolved :class:`RunConfig` and its own job config.
+
+    The edge of every consumer (``evaluate``, ``run_challenge``, ``export``, ``prepare``, ``train``): callers may
+    pass a ready ``run``/``config``, keyword options, or both (options override fields of the given ones). Run
+    options (:data:`RUN_OPTIONS`) are resolved by :func:`resolve_run` with ``run_defaults`` for what the caller
+    did not say; the others must be fields of ``config_cls`` (a frozen dataclass). Unknown names are an error that
+    lists the valid ones.
+
+    Returns:
+        ``(run, config)``.
+
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class JobConfig:
+    ...     split: str = "val"
+    >>> run, cfg = resolve_options("job", None, None, JobConfig, {"split": "train", "device": "cpu"})
+    >>> cfg.split, run.device.type
+    ('train', 'cpu')
+    """
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(k for k in options if k not in fields and k not in RUN_OPTIONS)
+    if unknown:
+        raise ConfigError(f"{owner}: unknown option(s) {unknown}; expected run options {sorted(RUN_OPTIONS)} or "
+                          f"{config_cls.__name__} fields {sorted(fields)}")
+    run_kw = {k: v for k, v in options.items() if k in RUN_OPTIONS}
+    job_kw = {k: v for k, v in options.items() if k in fields}
+    if run is None:
+        run = resolve_run(**{**run_defaults, **run_kw})
+    elif run_kw:
+        given = {"geometry": run.geometry, "device": run.device, "backend": run.backend,
+                 "kernel_backend": run.kernel_backend, "tiling": run.tiling, "batch_size": run.batch_size,
+                 "seed": run.seed, "amp": run.amp, "num_threads": run.num_threads, "progress": run.progress}
+        run = resolve_run(**{**run_defaults, **given, **run_kw})
+    if config is None:
+        config = config_cls(**job_kw)
+    elif job_kw:
+        config = dataclasses.replace(config, **job_kw)
+    return run, config

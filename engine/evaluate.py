@@ -600,10 +600,11 @@ def evaluate(
     Returns:
         An :class:`EvalResult`.
     """
-    from .distributed import DistContext, current, gather_background_pool
+    from .distributed import DistContext, current
     from .distributed import shard_ids as _shard_ids
     from .index import DatasetIndex
     from .models import LoadedModel, Predictor
+    from .pool import gather_background_pool
 
     t_start = time.perf_counter()
     if isinstance(index, (str, os.PathLike)):
@@ -661,7 +662,7 @@ def evaluate(
         f"same split (kept from the evaluation pass{from_ranks})" if two_phase
         else f"same split (build_background_pool{from_ranks})")
     if mixed and pool is None and not two_phase:
-        from .distributed import build_background_pool_sharded
+        from .pool import build_background_pool_sharded
 
         tp = time.perf_counter()
         pool = build_background_pool_sharded(sub, ctx, geometry=geom, backend=backend, device=dev,

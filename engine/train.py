@@ -275,7 +275,8 @@ def train(
     geometry = DEMO_GEOMETRY if geometry is None else geometry
     if not isinstance(geometry, CropGeometry):
         raise ConfigError(f"train: expected geometry to be a CropGeometry, got {type(geometry).__name__}")
-    from .distributed import build_background_pool_sharded, current
+    from .distributed import current
+    from .pool import build_background_pool_sharded
 
     ctx = current() if dist is None else dist
     dev = resolve_device(device)

@@ -105,6 +105,8 @@ __all__ = [
     "synthesize",
     "choose_backgrounds",
     "background_pool_from_batch",
+    "composite",
+    "tile_in_crop",
 ]
 
 
@@ -170,7 +172,7 @@ def _as_output(images: torch.Tensor, req: _Request) -> torch.Tensor:
         if images.is_contiguous(memory_format=fmt):
             # nothing to compute: the input itself (aliases the batch's tensor; do not modify it in place)
             return images
-    return kernels.composite(images, **o)
+    return composite(images, **o)
 
 
 @_register("original", "Original", 0)
@@ -433,6 +435,51 @@ def choose_backgrounds(
     bg_ids = torch.where(ok, pool.image_ids.to(torch.int64)[safe], none)
     bg_labels = torch.where(ok, pool.labels.to(torch.int64)[safe], none)
     return rows, bg_ids, bg_labels
+
+
+# ----------------------------------------------------------------------------------------------- the pixel ops
+def composite(
+    fg: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    backgrounds: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    *,
+    invert: bool = False,
+    boxes: torch.Tensor | None = None,
+    mean=None,
+    std=None,
+    dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Foreground pixels over gathered background rows (or black), normalised and cast in one pass.
+
+    The one compositing op of bgsynth: every variant but Only-BG-T, the challenge's (foreground, background)
+    pairs and the background-swap augmentation go through it. Per image ``b`` and pixel ``p`` the output takes
+    ``fg[b, :, p]`` where ``keep[b, 0, p]`` (XOR ``invert``; every pixel when ``keep`` is ``None``; never inside
+    ``boxes[b]``), else ``backgrounds[rows[b], :, p]`` (black when ``backgrounds`` is ``None`` or ``rows[b] < 0``),
+    then ``(v / 255 - mean) / std`` (with statistics), cast to ``dtype``, channels_last on request. Implemented by
+    :func:`bgsynth.kernels.composite` (Triton on CUDA, torch elsewhere; ``backend`` chooses).
+
+    Shape:
+        fg ``uint8 [B, 3, H, W]``; keep ``[B, 1, H, W]`` (bool/uint8); backgrounds ``uint8 [N, 3, H, W]``;
+        rows ``int [B]``; boxes ``int [B, 4]`` inclusive; output ``[B, 3, H, W]``.
+
+    >>> fg = torch.full((1, 3, 2, 2), 200, dtype=torch.uint8); keep = torch.tensor([[[[1, 0], [0, 0]]]], dtype=torch.bool)
+    >>> composite(fg, keep, torch.full((1, 3, 2, 2), 7, dtype=torch.uint8), torch.tensor([0]))[0, 0].tolist()
+    [[200, 7], [7, 7]]
+    """
+    return kernels.composite(fg, keep, backgrounds, rows, mean=mean, std=std, dtype=dtype,
+                             channels_last=channels_last, invert=invert, boxes=boxes, backend=backend)
+
+
+def tile_in_crop(images: torch.Tensor, boxes: torch.Tensor, strips: torch.Tensor, **out) -> torch.Tensor:
+    """Only-BG-T by the crop-space construction (``tiling="crop"``): each crop's box filled with its strip tiled
+    from the crop's origin (:func:`bgsynth.kernels.tile_fill`; ``out`` as for :func:`composite`).
+
+    The paper's construction (``tiling="paper"``) is made by the decoders at full resolution (``Batch.bgt``).
+    """
+    return kernels.tile_fill(images, boxes, strips, **out)
 
 
 def background_pool_from_batch(batch: Batch, backend: str = "auto") -> BackgroundPool:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import bgsynth.distributed as D
+from bgsynth.pool import gather_background_pool
 from bgsynth.classes import IN9_MEAN, IN9_STD, NUM_IN9
 from bgsynth.distributed import DistContext, DistributedError, init_distributed, shard_ids
 from bgsynth.errors import ConfigError
@@ -299,12 +300,12 @@ def test_gather_background_pool_single_sorts_and_refuses_duplicates():
 
     imgs = torch.arange(3 * 3 * 2 * 2, dtype=torch.uint8).view(3, 3, 2, 2)
     pool = BackgroundPool(imgs, torch.tensor([4, 5, 6]), torch.tensor([30, 10, 20]))
-    got = D.gather_background_pool(pool, DistContext.single())
+    got = gather_background_pool(pool, DistContext.single())
     assert got.image_ids.tolist() == [10, 20, 30] and got.labels.tolist() == [5, 6, 4]
     assert torch.equal(got.images, imgs[[1, 2, 0]])
     dup = BackgroundPool(imgs, torch.tensor([4, 5, 6]), torch.tensor([1, 1, 2]))
     with pytest.raises(ConfigError, match="more than one"):
-        D.gather_background_pool(dup, DistContext.single())
+        gather_background_pool(dup, DistContext.single())
 
 
 # ------------------------------------------------------------------------------------------------------------
