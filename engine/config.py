@@ -293,12 +293,35 @@ def resolve_options(owner: str, run: RunConfig | None, config, config_cls, optio
     if run is None:
         run = resolve_run(**{**run_defaults, **run_kw})
     elif run_kw:
-        given = {"geometry": run.geometry, "device": run.device, "backend": run.backend,
-                 "kernel_backend": run.kernel_backend, "tiling": run.tiling, "batch_size": run.batch_size,
-                 "seed": run.seed, "amp": run.amp, "num_threads": run.num_threads, "progress": run.progress}
-        run = resolve_run(**{**run_defaults, **given, **run_kw})
+        run = _override_run(run, run_kw)
     if config is None:
         config = config_cls(**job_kw)
     elif job_kw:
         config = dataclasses.replace(config, **job_kw)
     return run, config
+
+
+_GEOMETRY_OPTIONS = ("geometry", "resize", "crop", "stored_geometry", "checkpoint", "default_geometry")
+
+
+def _override_run(run: RunConfig, kw: Mapping) -> RunConfig:
+    """A given :class:`RunConfig` with some options changed (the others, the geometry's source included, kept)."""
+    changes: dict = {}
+    if any(k in kw for k in _GEOMETRY_OPTIONS):
+        geom, source = resolve_geometry(kw.get("geometry"), resize=kw.get("resize"), crop=kw.get("crop"),
+                                        stored=kw.get("stored_geometry"), checkpoint=kw.get("checkpoint"),
+                                        default=kw.get("default_geometry", run.geometry))
+        if geom != run.geometry:
+            changes.update(geometry=geom, geometry_source=source)
+    device = resolve_device(kw["device"], kw.get("local_rank")) if "device" in kw else run.device
+    if device != run.device:
+        changes["device"] = device
+    if "amp" in kw:
+        changes["amp"] = resolve_amp(kw["amp"], device)
+    if kw.get("batch_size") is not None:
+        changes["batch_size"] = check_positive_int(kw["batch_size"], "batch_size", "resolve_options")
+    for k in ("backend", "kernel_backend", "tiling", "seed", "num_threads", "progress"):
+        if k in kw:
+            changes[k] = kw[k]
+    return run.replace(**changes) if changes else run
+

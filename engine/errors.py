@@ -1,19 +1,15 @@
 """Typed exceptions of bgsynth.
 
-Every error raised for bad user input derives from :class:`BgsynthError` (or, from the device kernels, which
-import nothing of the rest of bgsynth, from :class:`~bgsynth.kernels.errors.KernelError`, re-exported here) and
-says what was expected, what was found, and which file or tensor is at fault.
+Every error raised for bad user input derives from :class:`BgsynthError` and says what was expected, what was
+found, and which file or tensor is at fault. The device kernels, which import nothing of the rest of bgsynth,
+raise their own :class:`~bgsynth.kernels.errors.KernelError` (a ``ValueError`` or ``RuntimeError`` too); the CLI
+reports both the same way. (This module imports nothing, so ``bgsynth --help`` does not load torch.)
 """
 
 from __future__ import annotations
 
-from .kernels.errors import KernelArgumentError, KernelBackendError, KernelError
-
 __all__ = [
     "BgsynthError",
-    "KernelError",
-    "KernelArgumentError",
-    "KernelBackendError",
     "IndexFormatError",
     "DecodeError",
     "BackendUnavailableError",

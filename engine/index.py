@@ -3,12 +3,13 @@
 An index is one COCO-format JSON file that :class:`pycocotools.coco.COCO` loads as is:
 
 * ``images``: ``id``, ``file_name`` (relative to the image root), ``width``/``height`` (stored pixel size, no EXIF
-  rotation), ``label`` (IN-9 id), ``in1k_class`` (ImageNet-1k index or ``None``), ``wnid`` (or ``None``),
+  rotation), ``label`` (class id in the index's label space), ``in1k_class`` (ImageNet-1k index or ``None``), ``wnid`` (or ``None``),
   ``split`` (``"train"``/``"val"``/...), optional ``format`` (``"JPEG"``, ``"PNG"``, ...) and ``mode``.
-* ``annotations``: ``id``, ``image_id``, ``category_id`` (IN-9 id), ``bbox`` ``[x, y, w, h]`` covering pixels
+* ``annotations``: ``id``, ``image_id``, ``category_id`` (class id), ``bbox`` ``[x, y, w, h]`` covering pixels
   ``x..x+w-1`` and ``y..y+h-1``, ``area``, ``iscrowd`` 0, optional ``segmentation`` as compressed RLE and
   ``mask_source`` (``released``/``grabcut``/``synthetic``/``external``) when a mask is known.
-* ``categories``: the 9 IN-9 classes (ids 0..8).
+* ``categories``: the classes of the label space (``info.label_space``, :class:`~bgsynth.classes.LabelSpace`; ids
+  0..N-1; the 9 IN-9 classes by default).
 * ``rejects``: ``{"path", "reason", "detail"}`` for every input that was not indexed, and ``info`` with the
   image root, counts of skipped (e.g. unmapped-class) inputs and free-form provenance.
 
@@ -30,8 +31,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .classes import IN9_CLASSES, NUM_IN9
-from .errors import IndexFormatError
+from .classes import IN9, LabelSpace
+from .errors import ConfigError, IndexFormatError
 from .fileio import atomic_write_bytes, atomic_write_json
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "rle_encode",
     "rle_decode",
     "rle_union",
+    "portable_root",
 ]
 
 INDEX_VERSION = 1
@@ -126,6 +128,26 @@ def rle_union(rles: Sequence[Mapping[str, Any]], height: int, width: int) -> dic
     return rle_encode(acc)
 
 
+def portable_root(root: pathlib.Path, index_file: str | os.PathLike) -> str:
+    """How ``info.image_root`` is written: relative to the index file's folder when both lie in one tree, so that an
+    index moved or copied together with its images keeps working; absolute otherwise.
+
+    "One tree" means the two paths share an ancestor below the file system's root (``/data/in9/index.json`` and
+    ``/data/imagenet/val`` -> ``../imagenet/val``; ``/tmp/x.json`` and ``/data/imagenet`` -> absolute).
+
+    >>> portable_root(pathlib.Path("/data/imagenet/val"), "/data/in9/index.json")
+    '../imagenet/val'
+    >>> portable_root(pathlib.Path("/data/imagenet/val"), "/tmp/index.json")
+    '/data/imagenet/val'
+    """
+    root = pathlib.Path(os.path.realpath(root))
+    folder = pathlib.Path(os.path.realpath(index_file)).parent
+    common = pathlib.Path(os.path.commonpath([str(root), str(folder)]))
+    if common == pathlib.Path(common.anchor):
+        return str(root)
+    return os.path.relpath(root, folder)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Records
 # --------------------------------------------------------------------------------------------------------------
@@ -140,7 +162,7 @@ class ImageRecord:
         path: absolute path of the image file.
         file_name: path relative to the image root, as stored.
         width, height: stored pixel size.
-        label: IN-9 class id.
+        label: class id (in the index's label space).
         split: split name.
         boxes: ``int64 [K, 4]`` inclusive ``(x0, y0, x1, y1)`` of each annotation (K may be 0).
         mask_rle: RLE of the foreground mask M (union of the annotations' masks) or ``None``.
@@ -210,10 +232,6 @@ __all__ += ["bbox_to_inclusive", "inclusive_to_bbox", "mask_extent"]
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _categories() -> list[dict]:
-    return [{"id": i, "name": n, "supercategory": "in9"} for i, n in enumerate(IN9_CLASSES)]
-
-
 class DatasetIndex:
     """A COCO-format dataset description plus the list of rejected inputs.
 
@@ -222,6 +240,8 @@ class DatasetIndex:
         path: where the index was loaded from (used to resolve a relative image root and in error messages).
 
     The image root is ``data["info"]["image_root"]``; a relative root is relative to the index file's folder.
+    The label space is ``data["info"]["label_space"]`` (:class:`~bgsynth.classes.LabelSpace`; IN-9 when absent, as
+    in indexes written before label spaces existed), and ``categories[]`` are its classes.
     """
 
     def __init__(self, data: dict, path: str | os.PathLike | None = None):
@@ -229,15 +249,33 @@ class DatasetIndex:
         self.path = None if path is None else pathlib.Path(path)
         self.data.setdefault("info", {})
         self.data.setdefault("rejects", [])
-        self.data.setdefault("categories", _categories())
+        self.data.setdefault("categories", self.label_space.categories())
         self._build()
 
     # ---------------------------------------------------------------------------------------------- creation
     @classmethod
-    def empty(cls, image_root: str | os.PathLike, description: str = "") -> "DatasetIndex":
-        """A new index with no images, rooted at ``image_root``."""
-        info = {"version": INDEX_VERSION, "image_root": str(image_root), "description": description, "skipped": {}}
-        return cls({"info": info, "images": [], "annotations": [], "categories": _categories(), "rejects": []})
+    def empty(cls, image_root: str | os.PathLike, description: str = "", label_space: LabelSpace = IN9
+              ) -> "DatasetIndex":
+        """A new index with no images, rooted at ``image_root``, whose classes are ``label_space`` (IN-9)."""
+        info = {"version": INDEX_VERSION, "image_root": str(image_root), "description": description, "skipped": {},
+                "label_space": label_space.to_dict()}
+        return cls({"info": info, "images": [], "annotations": [], "categories": label_space.categories(),
+                    "rejects": []})
+
+    @property
+    def label_space(self) -> LabelSpace:
+        """The index's classes (IN-9 for an index that names none)."""
+        d = self.data.get("info", {}).get("label_space")
+        if d is None:
+            return IN9
+        cached = getattr(self, "_label_space", None)
+        if cached is None or cached[0] is not d:
+            try:
+                cached = (d, LabelSpace.from_dict(d))
+            except ConfigError as e:
+                raise IndexFormatError(f"{self._where()}: info.label_space: {e}") from None
+            self._label_space = cached
+        return cached[1]
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DatasetIndex":
@@ -262,13 +300,19 @@ class DatasetIndex:
         if target is None:
             raise IndexFormatError("DatasetIndex.save: no path given and the index was not loaded from a file")
         root = self.data["info"].get("image_root")
-        if root is not None and self.path is not None and not os.path.isabs(root):
-            # keep a relative root pointing at the same folder when saving elsewhere
-            abs_root = (self.path.parent / root).resolve()
-            self.data["info"]["image_root"] = os.path.relpath(abs_root, target.resolve().parent)
+        # a relative root of an index never saved is relative to where it is saved now: kept as is
+        if root is not None and (self.path is not None or os.path.isabs(os.path.expanduser(root))):
+            self.data["info"]["image_root"] = portable_root(self._absolute_root(), target)
         atomic_write_json(target, self.data, indent=indent)
         self.path = target
         return target
+
+    def _absolute_root(self) -> pathlib.Path:
+        """The image root as an absolute path (a relative root is relative to the index file)."""
+        root = pathlib.Path(self.data["info"]["image_root"]).expanduser()
+        if root.is_absolute() or self.path is None:
+            return root.resolve()
+        return (self.path.resolve().parent / root).resolve()
 
     def copy(self) -> "DatasetIndex":
         return DatasetIndex(copy.deepcopy(self.data), self.path)
@@ -294,9 +338,11 @@ class DatasetIndex:
                 raise IndexFormatError(f"{where}: expected a list under '{key}', got {type(d.get(key)).__name__}")
         if "image_root" not in d["info"]:
             raise IndexFormatError(f"{where}: 'info.image_root' is missing")
+        n_classes = self.label_space.num_classes
         cat_ids = sorted(int(c.get("id", -1)) for c in d["categories"])
-        if cat_ids != list(range(NUM_IN9)):
-            raise IndexFormatError(f"{where}: expected categories with ids 0..{NUM_IN9 - 1}, got {cat_ids}")
+        if cat_ids != list(range(n_classes)):
+            raise IndexFormatError(f"{where}: expected categories with ids 0..{n_classes - 1} (the label space "
+                                   f"{self.label_space.name!r}), got {cat_ids[:20]}")
         seen: set[int] = set()
         for i, im in enumerate(d["images"]):
             for field, typ in (("id", int), ("file_name", str), ("width", int), ("height", int), ("label", int)):
@@ -307,8 +353,8 @@ class DatasetIndex:
             if im["id"] in seen:
                 raise IndexFormatError(f"{where}: images[{i}]: duplicate image id {im['id']}")
             seen.add(im["id"])
-            if not 0 <= im["label"] < NUM_IN9:
-                raise IndexFormatError(f"{where}: images[{i}].label: expected 0..{NUM_IN9 - 1}, got {im['label']}")
+            if not 0 <= im["label"] < n_classes:
+                raise IndexFormatError(f"{where}: images[{i}].label: expected 0..{n_classes - 1}, got {im['label']}")
             if im["width"] <= 0 or im["height"] <= 0:
                 raise IndexFormatError(f"{where}: images[{i}]: expected a positive size, got {im['width']}x{im['height']}")
             fn = im["file_name"]
@@ -477,7 +523,7 @@ class DatasetIndex:
 
         Args:
             split: keep only these split names.
-            classes: keep only these IN-9 ids.
+            classes: keep only these class ids.
             per_class: keep at most N images per class, chosen uniformly with ``seed`` (balanced subset).
             seed: seed of the per-class choice; the choice depends only on (seed, class, the candidate ids).
             ids: keep only these image ids.
@@ -522,7 +568,7 @@ class DatasetIndex:
         per_class: collections.Counter = collections.Counter()
         for im in self._images.values():
             per_split[im.get("split", "")] += 1
-            per_class[IN9_CLASSES[im["label"]]] += 1
+            per_class[im["label"]] += 1
         masks: collections.Counter = collections.Counter()
         for i in self._images:
             srcs = {a.get("mask_source") for a in self._anns.get(i, ()) if a.get("segmentation") is not None}
@@ -531,7 +577,7 @@ class DatasetIndex:
         return {
             "images": len(self),
             "per_split": dict(sorted(per_split.items())),
-            "per_class": {c: per_class.get(c, 0) for c in IN9_CLASSES},
+            "per_class": {c: per_class.get(k, 0) for k, c in enumerate(self.label_space.classes)},
             "masks": dict(sorted(masks.items())),
             "rejects": dict(sorted(rejects.items())),
             "skipped": dict(self.data["info"].get("skipped", {})),

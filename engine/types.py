@@ -13,6 +13,7 @@ import pathlib
 
 import torch
 
+from .classes import NUM_IN9
 from .errors import ConfigError, PoolTooLargeError
 from .fileio import atomic_write_bytes
 
@@ -127,11 +128,16 @@ class BackgroundPool:
     Shape:
         - images: ``uint8 [N, 3, C, C]``
         - labels, image_ids: ``int64 [N]``
+
+    Attributes:
+        num_classes: size of the label space the labels belong to (Mixed-Next's ``(y + 1) mod num_classes``;
+            IN-9's 9 by default).
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     image_ids: torch.Tensor
+    num_classes: int = NUM_IN9
 
     def __post_init__(self):
         n = self.images.shape[0]
@@ -144,6 +150,8 @@ class BackgroundPool:
                 f"BackgroundPool: expected labels/image_ids of shape [{n}], got {tuple(self.labels.shape)}, "
                 f"{tuple(self.image_ids.shape)}"
             )
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ConfigError(f"BackgroundPool: expected num_classes a positive integer, got {self.num_classes!r}")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -185,22 +193,24 @@ class BackgroundPool:
             self.images.to(device, non_blocking=non_blocking),
             self.labels.to(device, non_blocking=non_blocking),
             self.image_ids.to(device, non_blocking=non_blocking),
+            self.num_classes,
         )
 
     def select(self, index) -> "BackgroundPool":
-        return BackgroundPool(self.images[index], self.labels[index], self.image_ids[index])
+        return BackgroundPool(self.images[index], self.labels[index], self.image_ids[index], self.num_classes)
 
     def save(self, path: str | os.PathLike) -> None:
         import io
 
         buf = io.BytesIO()
-        torch.save({"images": self.images.cpu(), "labels": self.labels.cpu(), "image_ids": self.image_ids.cpu()}, buf)
+        torch.save({"images": self.images.cpu(), "labels": self.labels.cpu(), "image_ids": self.image_ids.cpu(),
+                    "num_classes": self.num_classes}, buf)
         atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "BackgroundPool":
         d = torch.load(pathlib.Path(path), map_location="cpu", weights_only=True)
-        return cls(d["images"], d["labels"], d["image_ids"]).to(device)
+        return cls(d["images"], d["labels"], d["image_ids"], int(d.get("num_classes", NUM_IN9))).to(device)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ no_fg         No-FG          ``x``, pixels of ``M`` black                       
 only_fg       Only-FG        ``x``, pixels outside ``M`` black                                ``has_mask``
 mixed_same    Mixed-Same     ``M`` of ``x`` over the Only-BG-T of a same-class image           mask + candidate
 mixed_rand    Mixed-Rand     ... of an image of any class                                     mask + candidate
-mixed_next    Mixed-Next     ... of an image of class ``(y + 1) mod 9``                        mask + candidate
+mixed_next    Mixed-Next     ... of an image of class ``(y + 1) mod N``                        mask + candidate
 ============  =============  ==============================================================  ==================
 
 Rows that are not valid still get an image (the kernel's result, e.g. the unchanged crop for Only-BG-T without a
@@ -62,7 +62,7 @@ workers/ranks:
 
     key  = splitmix64(splitmix64(seed) XOR code(variant))          (Python integers, mod 2**64)
     h    = splitmix64(key XOR image_id)                              (on the device, int64 two's complement)
-    cand = pool entries of the target class (Mixed-Same: y; Mixed-Next: (y + 1) mod 9; Mixed-Rand: all),
+    cand = pool entries of the target class (Mixed-Same: y; Mixed-Next: (y + 1) mod N; Mixed-Rand: all),
            without the image itself, ordered by image id
     k    = (h >> 1) mod len(cand);  the background is cand[k]
 
@@ -89,7 +89,6 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from . import kernels
-from .classes import NUM_IN9
 from .errors import ConfigError
 from .rng import hash_bits, srl
 from .types import BackgroundPool, Batch, VariantOutput
@@ -349,15 +348,16 @@ def _pool_tables(pool: BackgroundPool):
     """Candidate lists of a pool, independent of its row order.
 
     Returns ``by_id`` (pool rows sorted by image id), ``ids_sorted``, ``by_class`` (rows sorted by class bucket,
-    then id), ``starts``/``counts`` of each class bucket in ``by_class`` (bucket ``NUM_IN9`` holds labels outside
-    ``0..NUM_IN9-1``) and ``class_rank`` (each row's position within its class's list).
+    then id), ``starts``/``counts`` of each class bucket in ``by_class`` (bucket ``N = pool.num_classes`` holds
+    labels outside ``0..N-1``) and ``class_rank`` (each row's position within its class's list).
     """
     ids, labels = pool.image_ids.to(torch.int64), pool.labels.to(torch.int64)
     n = ids.shape[0]
     by_id = torch.argsort(ids, stable=True)
-    bucket = torch.where((labels >= 0) & (labels < NUM_IN9), labels, torch.full_like(labels, NUM_IN9))
+    n_cls = pool.num_classes
+    bucket = torch.where((labels >= 0) & (labels < n_cls), labels, torch.full_like(labels, n_cls))
     by_class = by_id[torch.argsort(bucket[by_id], stable=True)]
-    counts = torch.zeros(NUM_IN9 + 1, dtype=torch.int64, device=ids.device).scatter_add_(0, bucket, torch.ones_like(bucket))
+    counts = torch.zeros(n_cls + 1, dtype=torch.int64, device=ids.device).scatter_add_(0, bucket, torch.ones_like(bucket))
     starts = torch.cumsum(counts, 0) - counts
     position = torch.empty_like(by_class).scatter_(0, by_class, torch.arange(n, device=ids.device))
     class_rank = position - starts[bucket]
@@ -418,9 +418,10 @@ def choose_backgrounds(
         excl = self_in
         self_rank = p
     else:
-        in_range = (labels >= 0) & (labels < NUM_IN9)
-        target = labels if name == "mixed_same" else torch.remainder(labels + 1, NUM_IN9)
-        target = torch.where(in_range, target, torch.full_like(target, NUM_IN9))  # unlabelled: no candidates
+        n_cls = pool.num_classes
+        in_range = (labels >= 0) & (labels < n_cls)
+        target = labels if name == "mixed_same" else torch.remainder(labels + 1, n_cls)
+        target = torch.where(in_range, target, torch.full_like(target, n_cls))  # unlabelled: no candidates
         seq, start = by_class, starts[target]
         count = torch.where(in_range, counts[target], torch.zeros_like(target))
         excl = self_in & (bucket[self_row] == target)

@@ -29,7 +29,8 @@ PACKAGE_DIR = {"bgsynth": REPO / "engine", "bgsynth.kernels": REPO / "kernels"}
 FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("kernels", ("bgsynth.kernels",)),
     ("ground", ("bgsynth", "bgsynth.errors", "bgsynth.fileio", "bgsynth.classes", "bgsynth.geometry",
-                "bgsynth.types", "bgsynth.rng", "bgsynth.config", "bgsynth.index", "bgsynth.probe", "bgsynth.data")),
+                "bgsynth.types", "bgsynth.rng", "bgsynth.config", "bgsynth.index", "bgsynth.probe", "bgsynth.data",
+                "bgsynth.runs")),
     ("functional", ("bgsynth.variants", "bgsynth.augment", "bgsynth.masks", "bgsynth.results")),
     ("stateful", ("bgsynth.pipeline", "bgsynth.pool", "bgsynth.models", "bgsynth.distributed",
                   "bgsynth.trainloader")),

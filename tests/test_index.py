@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import json
 import os
+import pathlib
 import stat
 
 import numpy as np
@@ -151,3 +152,30 @@ def test_crop_plan_matches_torchvision_resize_and_center_crop_sizes():
         marked = torch.zeros(p.resized)
         marked[p.top : p.top + 224, p.left : p.left + 224] = 1
         assert v2.CenterCrop(224)(marked[None]).sum() == 224 * 224
+
+
+def test_index_moved_together_with_its_images_keeps_working(tmp_path):
+    """info.image_root is written relative to the index file when both lie in one tree, so copying the whole tree
+    elsewhere keeps every image path valid; a root in another tree stays absolute."""
+    import shutil
+
+    from bgsynth.index import DatasetIndex
+    from fixtures import write_image
+
+    tree = tmp_path / "data"
+    write_image(tree / "images" / "a" / "x.JPEG", 20, 10)
+    idx = DatasetIndex.empty(image_root=str(tree / "images"))  # an absolute root, as ingest gives it
+    idx.add_image({"file_name": "a/x.JPEG", "width": 20, "height": 10, "label": 0, "split": "val"},
+                  [{"bbox": [1, 1, 5, 5]}])
+    saved = idx.save(tree / "indexes" / "val.json")
+    assert DatasetIndex.load(saved).data["info"]["image_root"] == "../images"
+    moved = tmp_path / "elsewhere" / "data"
+    shutil.copytree(tree, moved)
+    shutil.rmtree(tree)
+    back = DatasetIndex.load(moved / "indexes" / "val.json")
+    rec = back.record(back.ids[0])
+    assert pathlib.Path(rec.path).resolve() == (moved / "images" / "a" / "x.JPEG").resolve() and pathlib.Path(rec.path).is_file()
+    # saved again elsewhere in the same tree: still relative, still pointing at the same images
+    again = back.save(moved / "deeper" / "more" / "val.json")
+    assert DatasetIndex.load(again).data["info"]["image_root"] == "../../images"
+    assert pathlib.Path(DatasetIndex.load(again).record(back.ids[0]).path).resolve() == pathlib.Path(rec.path).resolve()

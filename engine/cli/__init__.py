@@ -58,16 +58,26 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"bgsynth: warning: {message}\n"
 
 
+def _is_kernel_error(e: BaseException) -> bool:
+    """Whether ``e`` is a :class:`bgsynth.kernels.errors.KernelError` (imported only now: the kernels load torch,
+    which a command that failed before touching them need not pay for)."""
+    if "bgsynth.kernels.errors" not in sys.modules:
+        return False  # no kernel ran, so none raised
+    return isinstance(e, sys.modules["bgsynth.kernels.errors"].KernelError)
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
-    from ..errors import BgsynthError, KernelError
+    from ..errors import BgsynthError
 
     args = build_parser().parse_args(argv)
     formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return int(args._run(args) or 0)
-    except (BgsynthError, KernelError) as e:
+    except Exception as e:  # noqa: BLE001 - only bgsynth's own errors are reported here; the rest propagates
+        if not isinstance(e, BgsynthError) and not _is_kernel_error(e):
+            raise
         print(f"bgsynth {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
