@@ -25,8 +25,8 @@ __all__ = ["build_background_pool", "build_background_pool_sharded", "gather_bac
            "empty_pool"]
 
 
-# size: the one pool builder, called positionally (index, geometry, backend, ...) by consumers, tests and benchmarks;
-# its parameters are the selection (split, per_class, seed) and the run's decode settings, one for one
+# The one pool builder, called positionally (index, geometry, backend, ...) by consumers, tests and benchmarks.
+# size: a stable public signature: the selection (split, per_class, seed) and the run's decode settings, one for one
 def build_background_pool(
     index: DatasetIndex | str,
     geometry: CropGeometry | None = None,
