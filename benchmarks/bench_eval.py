@@ -40,10 +40,11 @@ import torch
 from _common import Timer, paper_decode, paper_only_bg_t  # noqa: E402  (benchmarks/_common.py: shared timing and paper reference)
 
 from bgsynth.classes import IN9_FOLDERS, IN9_MEAN, IN9_STD  # noqa: E402
-from bgsynth.evaluate import VARIANT_ORDER, evaluate  # noqa: E402
+from bgsynth.evaluate import evaluate  # noqa: E402
 from bgsynth.geometry import CropGeometry  # noqa: E402
 from bgsynth.index import DatasetIndex  # noqa: E402
 from bgsynth.models import LoadedModel, Predictor, create_model  # noqa: E402
+from bgsynth.results import VARIANT_ORDER  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- timing

@@ -2,529 +2,248 @@
 
 :func:`evaluate` decodes each image of a split once, synthesizes all requested variants in-batch on the device
 (normalised, in the model's dtype and memory format, see :func:`bgsynth.variants.synthesize`) and forwards them.
-Every composite leaves one row in :class:`EvalRecords` (image id, variant, label, prediction, background id and
-class, validity), and every metric is a pure function of those rows (:func:`metrics_from_records`), so records of
-several shards or ranks can simply be concatenated and scored again (:func:`merge_results`).
+Every composite leaves one row in :class:`~bgsynth.results.EvalRecords`, and every metric is a pure function of
+those rows (:func:`~bgsynth.results.metrics_from_records`), so records of several shards or ranks can simply be
+concatenated and scored again (:func:`~bgsynth.results.merge_results`).
+
+The run is configured by two objects, resolved once at the edge (:func:`bgsynth.config.resolve_options`): the
+:class:`~bgsynth.config.RunConfig` (geometry, device, decode and kernel backends, tiling, batch size, seed) and the
+job's own :class:`EvalConfig` (variants, split, subset, shards, memory budget). :class:`_Evaluation` runs it as a
+short pipeline of steps.
 
 Data flow of a single-process run with Mixed-* variants and no pool given (``two_phase``):
 
 1. One pass of the decode loader (it prefetches: decoding batch k+1 overlaps the model on batch k). Per batch,
-   the non-Mixed variants are synthesized and forwarded, the Only-BG-T of every image is kept as the background
-   pool, and the decoded batch is kept for phase 2.
-2. The pool is complete; the Mixed-* variants are synthesized from the kept batches and forwarded.
+   the non-Mixed variants are synthesized and forwarded, and the decoded batch is kept for phase 2.
+2. The pool is made from the kept batches' Only-BG-T (:func:`bgsynth.pool.pool_from_batches`); the Mixed-*
+   variants are synthesized from the kept batches and forwarded.
 
 So each JPEG is decoded exactly once. When the kept batches would not fit ``cache_bytes``, or for a manual
-shard, or when given a pool, the pool comes from :func:`bgsynth.pipeline.build_background_pool` (or the argument)
-and all variants run in one loop.
+shard, or when given a pool, the pool comes from :func:`bgsynth.pool.build_background_pool_sharded` (or the
+argument) and all variants run in one loop.
 
 Under ``torchrun`` (:mod:`bgsynth.distributed`) each rank runs the same two phases on its shard of the image ids;
 between them the ranks' Only-BG-T parts are gathered into the whole split's pool (still one decode per JPEG in
 the whole job), and at the end the records are gathered, so the metrics equal a single-process run's.
 
+>>> from bgsynth.index import DatasetIndex
 >>> from bgsynth.models import load_model
->>> result = evaluate("index.json", load_model("ckpt.pt"), variants="all", device="cuda")  # doctest: +SKIP
->>> result.accuracy("mixed_rand"), result.bg_gap                                           # doctest: +SKIP
+>>> index = DatasetIndex.load("index.json")                                                  # doctest: +SKIP
+>>> result = evaluate(index, load_model("ckpt.pt"), variants="all", device="cuda")            # doctest: +SKIP
+>>> result.accuracy("mixed_rand"), result.bg_gap                                              # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import datetime as _dt
-import io
-import json
 import os
 import pathlib
 import platform
 import sys
 import time
 import warnings
-from typing import Any, Mapping, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from .classes import IN9_CLASSES, NUM_IN9
-from .config import resolve_geometry
+from . import __version__
+from .classes import NUM_IN9
+from .config import RunConfig, check_positive_int, resolve_options
+from .distributed import DistContext, current, shard_ids
 from .errors import ConfigError
-from .geometry import CropGeometry
-from .types import TILINGS
+from .index import DatasetIndex
+from .models import LABEL_PROTOCOLS, LoadedModel, Predictor
+from .pipeline import create_loader
+from .pool import build_background_pool_sharded, gather_background_pool, pool_from_batches
+from .report import write_report
+from .results import (
+    RECORD_COLUMNS,
+    SCHEMA,
+    VARIANT_ORDER,
+    EvalRecords,
+    EvalResult,
+    load_result,
+    merge_results,
+    metrics_from_records,
+    pick_examples,
+)
+from .types import BackgroundPool, Batch
+from .variants import MIXED_VARIANTS, synthesize
+from .variants import resolve_variants as _registry_names
 
 __all__ = [
+    "EvalConfig",
+    "evaluate",
+    "evaluate_to_dir",
+    "resolve_variants",
+    "MIXED_VARIANTS",
+    # the records and results, defined in bgsynth.results (re-exported: what evaluate returns)
     "SCHEMA",
     "VARIANT_ORDER",
-    "MIXED_VARIANTS",
     "RECORD_COLUMNS",
     "EvalRecords",
     "EvalResult",
-    "evaluate",
-    "evaluate_to_dir",
     "metrics_from_records",
     "merge_results",
-    "resolve_variants",
     "load_result",
 ]
-
-SCHEMA = "bgsynth.eval/1"
-# the paper's table order
-VARIANT_ORDER = ("original", "only_bg_b", "only_bg_t", "no_fg", "only_fg", "mixed_same", "mixed_rand", "mixed_next")
-MIXED_VARIANTS = ("mixed_same", "mixed_rand", "mixed_next")
-RECORD_COLUMNS = ("image_id", "variant", "label", "pred", "bg_id", "bg_label", "valid")
-
-
-def _registry_names() -> tuple[str, ...]:
-    try:
-        from .variants import VARIANTS
-    except ImportError:
-        return VARIANT_ORDER
-    names = tuple(VARIANTS)
-    order = [v for v in VARIANT_ORDER if v in names] + [v for v in names if v not in VARIANT_ORDER]
-    return tuple(order)
 
 
 def resolve_variants(variants: str | Sequence[str]) -> tuple[str, ...]:
     """``'all'``, a comma-separated string or a list of names (registry or paper names) -> tuple in the paper's
-    order (:data:`VARIANT_ORDER`), validated against :data:`bgsynth.variants.VARIANTS`."""
-    from .variants import resolve_variants as _resolve
-
-    names = set(_resolve(variants))
-    return tuple(v for v in _registry_names() if v in names)
+    order (:data:`~bgsynth.results.VARIANT_ORDER`), validated against :data:`bgsynth.variants.VARIANTS`."""
+    names = set(_registry_names(variants))
+    return tuple(v for v in VARIANT_ORDER if v in names)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Records
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class EvalRecords:
-    """Per-composite provenance and outcome: one row per (image, variant).
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """What an evaluation evaluates; how it runs (geometry, device, backends, tiling, batch size, seed) is its
+    :class:`~bgsynth.config.RunConfig`.
 
     Attributes:
-        variants: variant names; the ``variant`` column indexes into it.
-        seed: the background-choice seed of the run.
-        image_id, variant, label, pred, bg_id, bg_label: ``int64 [N]`` columns. ``pred`` is the IN-9 prediction
-            (-1: an unmapped ImageNet class); ``bg_id``/``bg_label`` the background image id and its class for
-            Mixed-* (-1 elsewhere).
-        valid: ``bool [N]``; False where the variant does not exist for the image (e.g. no Only-BG-T margin);
-            such rows are excluded from accuracies and counted as invalid.
+        variants: ``'all'``, a comma-separated string or a list of variant names; stored resolved, as a tuple in
+            the paper's order (:func:`resolve_variants`).
+        split: split(s) to evaluate (``None``: every image of the index).
+        per_class: evaluate only N images per class of the split (a balanced quick subset, seeded choice).
+        label_protocol: ``'official'`` or ``'restricted'`` (used when the model is a LoadedModel; a Predictor
+            brings its own).
+        record_provenance: keep the per-composite records in the result (needed for ``provenance.csv`` and for
+            merging shards; metrics are computed from them either way).
+        examples_per_class: images per class whose composites are kept for the report's contact sheet (0: none).
+        cache_bytes: memory budget for keeping decoded batches so that Mixed-* needs no second decode
+            (``None``: 40% of free GPU memory, or min(8 GiB, 25% of RAM)); 0 forces the pool-first path.
+        prefetch: batches the loader decodes ahead.
+        shard_id, num_shards: evaluate ``ids[shard_id::num_shards]`` of the sorted image ids (a manual shard,
+            merged later with :func:`~bgsynth.results.merge_results`; no collectives).
     """
 
-    variants: tuple[str, ...]
-    seed: int
-    image_id: np.ndarray
-    variant: np.ndarray
-    label: np.ndarray
-    pred: np.ndarray
-    bg_id: np.ndarray
-    bg_label: np.ndarray
-    valid: np.ndarray
+    variants: tuple[str, ...] | str = "all"
+    split: str | tuple[str, ...] | None = "val"
+    per_class: int | None = None
+    label_protocol: str = "official"
+    record_provenance: bool = True
+    examples_per_class: int = 1
+    cache_bytes: int | None = None
+    prefetch: int = 2
+    shard_id: int = 0
+    num_shards: int = 1
 
     def __post_init__(self):
-        self.variants = tuple(self.variants)
-        n = len(self.image_id)
-        for name in RECORD_COLUMNS:
-            arr = np.asarray(getattr(self, name))
-            arr = arr.astype(bool if name == "valid" else np.int64, copy=False)
-            if arr.shape != (n,):
-                raise ConfigError(f"EvalRecords.{name}: expected shape ({n},), got {arr.shape}")
-            setattr(self, name, arr)
-        if n and (self.variant.min() < 0 or self.variant.max() >= len(self.variants)):
-            raise ConfigError(f"EvalRecords.variant: expected indices in [0, {len(self.variants)}), got out-of-range values")
+        object.__setattr__(self, "variants", resolve_variants(self.variants))
+        if self.split is not None and not isinstance(self.split, str):
+            object.__setattr__(self, "split", tuple(self.split))
+        if self.per_class is not None:
+            check_positive_int(self.per_class, "per_class", "EvalConfig")
+        check_positive_int(self.examples_per_class, "examples_per_class", "EvalConfig", minimum=0)
+        check_positive_int(self.prefetch, "prefetch", "EvalConfig", minimum=0)
+        if self.cache_bytes is not None:
+            check_positive_int(self.cache_bytes, "cache_bytes", "EvalConfig", minimum=0)
+        if self.label_protocol not in LABEL_PROTOCOLS:
+            raise ConfigError(f"EvalConfig: expected label_protocol in {LABEL_PROTOCOLS}, got {self.label_protocol!r}")
+        s, n = self.shard_id, self.num_shards
+        if not (isinstance(n, int) and n >= 1 and isinstance(s, int) and 0 <= s < n):
+            raise ConfigError(f"EvalConfig: expected 0 <= shard_id < num_shards, got shard_id={s}, num_shards={n}")
 
-    def __len__(self) -> int:
-        return int(len(self.image_id))
-
-    @classmethod
-    def empty(cls, variants: Sequence[str], seed: int) -> "EvalRecords":
-        z = np.zeros(0, np.int64)
-        return cls(tuple(variants), int(seed), z, z, z, z, z, z, np.zeros(0, bool))
-
-    def sorted(self) -> "EvalRecords":
-        """Rows ordered by (variant, image id): the canonical order, independent of batching and sharding."""
-        order = np.lexsort((self.image_id, self.variant))
-        return self.take(order)
-
-    def take(self, index) -> "EvalRecords":
-        return EvalRecords(self.variants, self.seed, *(getattr(self, c)[index] for c in RECORD_COLUMNS))
-
-    def of_variant(self, name: str) -> "EvalRecords":
-        return self.take(self.variant == self.variants.index(name))
-
-    @classmethod
-    def cat(cls, parts: Sequence["EvalRecords"]) -> "EvalRecords":
-        """Concatenate records of several shards/ranks (same variants and seed); duplicates are an error."""
-        parts = list(parts)
-        if not parts:
-            raise ConfigError("EvalRecords.cat: expected at least one part")
-        v0, s0 = parts[0].variants, parts[0].seed
-        for p in parts[1:]:
-            if p.variants != v0 or p.seed != s0:
-                raise ConfigError(
-                    f"EvalRecords.cat: parts disagree: variants {p.variants} vs {v0}, seed {p.seed} vs {s0}"
-                )
-        out = cls(v0, s0, *(np.concatenate([getattr(p, c) for p in parts]) for c in RECORD_COLUMNS)).sorted()
-        key = out.variant * (int(out.image_id.max(initial=0)) + 1) + out.image_id
-        if len(key) and (np.diff(key) == 0).any():
-            dup = int(out.image_id[np.flatnonzero(np.diff(key) == 0)[0]])
-            raise ConfigError(f"EvalRecords.cat: image {dup} appears in more than one part (overlapping shards?)")
-        return out
-
-    def to_tensor(self) -> torch.Tensor:
-        """``int64 [N, 7]`` in :data:`RECORD_COLUMNS` order (for ``all_gather``)."""
-        return torch.from_numpy(np.stack([getattr(self, c).astype(np.int64) for c in RECORD_COLUMNS], axis=1).copy())
-
-    @classmethod
-    def from_tensor(cls, t: torch.Tensor, variants: Sequence[str], seed: int) -> "EvalRecords":
-        if t.ndim != 2 or t.shape[1] != len(RECORD_COLUMNS):
-            raise ConfigError(f"EvalRecords.from_tensor: expected [N, {len(RECORD_COLUMNS)}], got {tuple(t.shape)}")
-        a = t.detach().cpu().numpy()
-        return cls(tuple(variants), int(seed), *(a[:, i] for i in range(len(RECORD_COLUMNS))))
-
-    def to_columns(self) -> dict:
-        """JSON-able columnar dict (variant as names)."""
-        d = {c: getattr(self, c).tolist() for c in RECORD_COLUMNS if c != "variant"}
-        d["variant"] = [self.variants[i] for i in self.variant.tolist()]
-        return {"variants": list(self.variants), "seed": self.seed, "columns": d}
-
-    @classmethod
-    def from_columns(cls, d: Mapping[str, Any]) -> "EvalRecords":
-        variants = tuple(d["variants"])
-        cols = d["columns"]
-        vidx = np.asarray([variants.index(v) for v in cols["variant"]], np.int64)
-        return cls(variants, int(d["seed"]), cols["image_id"], vidx, cols["label"], cols["pred"], cols["bg_id"],
-                   cols["bg_label"], cols["valid"])
-
-    def write_csv(self, path: str | os.PathLike) -> pathlib.Path:
-        """Provenance CSV: ``image_id, variant, bg_id, bg_label, seed, label, pred, valid, correct`` per composite."""
-        from .fileio import atomic_write_bytes
-
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["image_id", "variant", "bg_id", "bg_label", "seed", "label", "pred", "valid", "correct"])
-        correct = (self.pred == self.label) & self.valid
-        for i in range(len(self)):
-            w.writerow([int(self.image_id[i]), self.variants[int(self.variant[i])], int(self.bg_id[i]),
-                        int(self.bg_label[i]), self.seed, int(self.label[i]), int(self.pred[i]),
-                        int(self.valid[i]), int(correct[i])])
-        path = pathlib.Path(path)
-        atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
-        return path
-
-    @classmethod
-    def read_csv(cls, path: str | os.PathLike) -> "EvalRecords":
-        path = pathlib.Path(path)
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        names = [v for v in VARIANT_ORDER if any(r["variant"] == v for r in rows)]
-        names += sorted({r["variant"] for r in rows} - set(names))
-        seeds = {int(r["seed"]) for r in rows}
-        if len(seeds) > 1:
-            raise ConfigError(f"{path}: expected one seed, found {sorted(seeds)}")
-        col = lambda k: np.asarray([int(r[k]) for r in rows], np.int64)  # noqa: E731
-        return cls(tuple(names), seeds.pop() if seeds else 0, col("image_id"),
-                   np.asarray([names.index(r["variant"]) for r in rows], np.int64), col("label"), col("pred"),
-                   col("bg_id"), col("bg_label"), col("valid").astype(bool))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Metrics: a pure function of the records
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _ratio(a: int, b: int) -> float | None:
-    return None if b == 0 else float(a) / float(b)
-
-
-def metrics_from_records(records: EvalRecords) -> dict:
-    """All metrics of a run from its per-composite records (the same records give the same numbers).
-
-    Returns:
-        ``{"variants": {name: {...}}, "bg_gap": float | None}`` where each variant entry holds ``accuracy``
-        (fraction in [0, 1] or ``None`` without valid rows), ``correct``, ``total`` (valid rows), ``invalid``,
-        ``unmapped`` (predictions of an unmapped ImageNet class), ``per_class`` (``correct``/``total``/``accuracy``
-        lists indexed by IN-9 id), ``confusion`` (9 x 10 counts: rows the true class, columns the predicted class
-        then ``unmapped``), and for variants with backgrounds ``by_bg_class`` (the same three lists indexed by the
-        background's class) and ``pred_is_bg_class`` (fraction of predictions equal to the background's class).
-        ``bg_gap`` = accuracy(mixed_same) - accuracy(mixed_rand) when both exist.
-    """
-    out: dict[str, Any] = {}
-    for vi, name in enumerate(records.variants):
-        sel = records.variant == vi
-        valid = records.valid[sel]
-        lab = records.label[sel][valid]
-        pred = records.pred[sel][valid]
-        bgl = records.bg_label[sel][valid]
-        ok = pred == lab
-        pc_total = np.bincount(lab, minlength=NUM_IN9)[:NUM_IN9]
-        pc_correct = np.bincount(lab[ok], minlength=NUM_IN9)[:NUM_IN9]
-        conf = np.zeros((NUM_IN9, NUM_IN9 + 1), np.int64)
-        col = np.where((pred >= 0) & (pred < NUM_IN9), pred, NUM_IN9)
-        np.add.at(conf, (lab, col), 1)
-        entry: dict[str, Any] = {
-            "accuracy": _ratio(int(ok.sum()), int(valid.sum())),
-            "correct": int(ok.sum()),
-            "total": int(valid.sum()),
-            "invalid": int((~valid).sum()),
-            "unmapped": int((col == NUM_IN9).sum()),
-            "per_class": {
-                "correct": pc_correct.tolist(),
-                "total": pc_total.tolist(),
-                "accuracy": [_ratio(int(c), int(t)) for c, t in zip(pc_correct, pc_total)],
-            },
-            "confusion": conf.tolist(),
-            "by_bg_class": None,
-            "pred_is_bg_class": None,
-        }
-        has_bg = bgl >= 0
-        if has_bg.any():
-            bt = np.bincount(bgl[has_bg], minlength=NUM_IN9)[:NUM_IN9]
-            bc = np.bincount(bgl[has_bg & ok], minlength=NUM_IN9)[:NUM_IN9]
-            entry["by_bg_class"] = {
-                "correct": bc.tolist(),
-                "total": bt.tolist(),
-                "accuracy": [_ratio(int(c), int(t)) for c, t in zip(bc, bt)],
-            }
-            entry["pred_is_bg_class"] = _ratio(int((pred[has_bg] == bgl[has_bg]).sum()), int(has_bg.sum()))
-        out[name] = entry
-    gap = None
-    if "mixed_same" in out and "mixed_rand" in out:
-        a, b = out["mixed_same"]["accuracy"], out["mixed_rand"]["accuracy"]
-        gap = None if a is None or b is None else a - b
-    return {"variants": out, "bg_gap": gap}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Result
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _versions() -> dict:
-    import bgsynth
-
-    v = {"bgsynth": bgsynth.__version__, "python": platform.python_version(), "torch": torch.__version__,
-         "numpy": np.__version__}
-    # only what this process already uses (importing timm just to name its version costs seconds)
-    for key, mod in (("torchvision", "torchvision"), ("timm", "timm"), ("dali", "nvidia.dali"), ("triton", "triton")):
-        m = sys.modules.get(mod)
-        if m is not None:
-            v[key] = getattr(m, "__version__", None)
-    if torch.cuda.is_available():
-        v["cuda"] = torch.version.cuda
-        v["gpu"] = torch.cuda.get_device_name()
-    return v
-
-
-@dataclasses.dataclass
-class EvalResult:
-    """The outcome of :func:`evaluate`: metrics, run configuration, model provenance and (optionally) records.
-
-    JSON (:meth:`to_json`) has the same schema for every run (see ``docs/eval.md``); records are kept in memory
-    and written to ``provenance.csv`` on request, or embedded with ``to_json(include_records=True)``.
-    """
-
-    variants: list[str]
-    metrics: dict
-    bg_gap: float | None
-    label_protocol: str
-    model: dict
-    config: dict
-    dataset: dict
-    timing: dict = dataclasses.field(default_factory=dict)
-    versions: dict = dataclasses.field(default_factory=dict)
-    examples: dict = dataclasses.field(default_factory=dict)
-    created: str = dataclasses.field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    schema: str = SCHEMA
-    records: EvalRecords | None = dataclasses.field(default=None, repr=False)
-    example_images: dict | None = dataclasses.field(default=None, repr=False)
-
-    # ------------------------------------------------------------------------------------------ access
-    def accuracy(self, variant: str) -> float | None:
-        """Top-1 accuracy (fraction) of one variant, ``None`` if it has no valid composite."""
-        if variant not in self.metrics:
-            raise ConfigError(f"variant {variant!r} was not evaluated; have {list(self.metrics)}")
-        return self.metrics[variant]["accuracy"]
-
-    @property
-    def name(self) -> str:
-        """A short label for tables (the model's arch or file stem)."""
-        m = self.model
-        if m.get("name"):
-            return str(m["name"])
-        if m.get("file"):
-            return pathlib.Path(m["file"]).stem
-        return str(m.get("arch") or m.get("spec") or "model")
-
-    # ------------------------------------------------------------------------------------------ JSON
-    def to_dict(self, include_records: bool = False) -> dict:
-        d = {
-            "schema": self.schema,
-            "created": self.created,
-            "variants": list(self.variants),
-            "accuracy": {v: self.metrics[v]["accuracy"] for v in self.variants},
-            "bg_gap": self.bg_gap,
-            "label_protocol": self.label_protocol,
-            "classes": list(IN9_CLASSES),
-            "metrics": self.metrics,
-            "model": self.model,
-            "config": self.config,
-            "dataset": self.dataset,
-            "timing": self.timing,
-            "versions": self.versions,
-            "examples": self.examples,
-            "records": self.records.to_columns() if include_records and self.records is not None else None,
-        }
+    def to_dict(self) -> dict:
+        """JSON-able record of the job's settings."""
+        d = dataclasses.asdict(self)
+        d["variants"] = list(self.variants)
+        d["split"] = self.split if self.split is None or isinstance(self.split, str) else list(self.split)
         return d
 
-    def to_json(self, path: str | os.PathLike | None = None, include_records: bool = False, indent: int = 1) -> str:
-        """Serialise (and write atomically to ``path`` if given); returns the JSON text."""
-        text = json.dumps(self.to_dict(include_records), indent=indent)
-        if path is not None:
-            from .fileio import atomic_write_bytes
 
-            atomic_write_bytes(path, text.encode("utf-8"))
-        return text
+def evaluate(
+    index: DatasetIndex,
+    model: LoadedModel | Predictor,
+    run: RunConfig | None = None,
+    config: EvalConfig | None = None,
+    *,
+    pool: BackgroundPool | None = None,
+    dist: DistContext | None = None,
+    **options: Any,
+) -> EvalResult:
+    """Evaluate a model on all requested variants of a split in one pass over the data.
 
-    @classmethod
-    def from_json(cls, text_or_path: str | os.PathLike) -> "EvalResult":
-        """Read a result from JSON text or a ``results.json`` path."""
-        src = "<text>"
-        if isinstance(text_or_path, os.PathLike) or (isinstance(text_or_path, str) and not text_or_path.lstrip().startswith("{")):
-            src = str(text_or_path)
-            try:
-                text = pathlib.Path(text_or_path).read_text(encoding="utf-8")
-            except OSError as e:
-                raise ConfigError(f"{src}: cannot read results ({e})") from e
-        else:
-            text = str(text_or_path)
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{src}: not a JSON results file ({e})") from e
-        if not isinstance(d, dict) or not str(d.get("schema", "")).startswith("bgsynth.eval/"):
-            raise ConfigError(f"{src}: expected a bgsynth eval result (schema {SCHEMA}), got schema {d.get('schema') if isinstance(d, dict) else None!r}")
-        recs = EvalRecords.from_columns(d["records"]) if d.get("records") else None
-        return cls(
-            variants=list(d["variants"]), metrics=d["metrics"], bg_gap=d.get("bg_gap"),
-            label_protocol=d.get("label_protocol", "official"), model=d.get("model", {}),
-            config=d.get("config", {}), dataset=d.get("dataset", {}), timing=d.get("timing", {}),
-            versions=d.get("versions", {}), examples=d.get("examples", {}), created=d.get("created", ""),
-            schema=d["schema"], records=recs,
-        )
+    Args:
+        index: the loaded :class:`~bgsynth.index.DatasetIndex` (load a file once with ``DatasetIndex.load``).
+        model: a :class:`~bgsynth.models.LoadedModel` (wrapped in a :class:`~bgsynth.models.Predictor` on the run's
+            device, full precision unless ``amp`` says otherwise, with ``label_protocol``) or a ready
+            :class:`~bgsynth.models.Predictor` (its device and autocast are the run's).
+        run: the resolved run configuration; default: resolved from ``options`` (:func:`bgsynth.config.resolve_run`):
+            the geometry defaults to the checkpoint's, else 256 -> 224 (a checkpoint file without one is named in a
+            warning); the device to the Predictor's, else the CPU; the batch size to ``BATCH_SIZES['eval']``.
+        config: the job's :class:`EvalConfig`; default: made from ``options``.
+        pool: a :class:`~bgsynth.types.BackgroundPool` for Mixed-*; default: the Only-BG-T images of the same
+            split (all shards share it).
+        dist: a :class:`~bgsynth.distributed.DistContext` (default :func:`bgsynth.distributed.current`). Under
+            ``torchrun`` with several ranks (and ``num_shards=1``) every rank must call :func:`evaluate` with the
+            same arguments: each evaluates its shard of the image ids, the Mixed-* background pool is gathered
+            from all shards (each JPEG is decoded by one rank), the per-composite records are gathered, and every
+            rank returns the merged result, identical in records and metrics to a single-process run (contact-sheet
+            composites are rendered on rank 0 only; ``timing['ranks']`` holds the per-rank figures).
+        **options: run options (``geometry``, ``resize``, ``crop``, ``device``, ``backend``, ``kernel_backend``,
+            ``tiling``, ``batch_size``, ``seed`` (of the Mixed-* background choice), ``amp``, ``num_threads``,
+            ``progress``) and :class:`EvalConfig` fields (``variants``, ``split``, ``per_class``, ...); they
+            override ``run`` and ``config``. Unknown names are an error listing the valid ones.
 
-    # ------------------------------------------------------------------------------------------ CSV
-    def to_csv(self, path: str | os.PathLike | None = None) -> str:
-        """One row per variant (accuracy %, counts, per-class accuracy %) and a ``bg_gap`` row."""
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["variant", "accuracy", "correct", "total", "invalid", "unmapped"] + [f"acc_{c}" for c in IN9_CLASSES])
-        pct = lambda x: "" if x is None else f"{100.0 * x:.4f}"  # noqa: E731
-        for v in self.variants:
-            m = self.metrics[v]
-            w.writerow([v, pct(m["accuracy"]), m["correct"], m["total"], m["invalid"], m.get("unmapped", 0)]
-                       + [pct(a) for a in m["per_class"]["accuracy"]])
-        if self.bg_gap is not None:
-            w.writerow(["bg_gap", f"{100.0 * self.bg_gap:.4f}", "", "", "", ""] + [""] * NUM_IN9)
-        text = buf.getvalue()
-        if path is not None:
-            from .fileio import atomic_write_bytes
-
-            atomic_write_bytes(path, text.encode("utf-8"))
-        return text
-
-    def save(self, out_dir: str | os.PathLike, provenance: bool = False) -> dict[str, pathlib.Path]:
-        """Write ``results.json``, ``results.csv`` and (with ``provenance``) ``provenance.csv`` into ``out_dir``."""
-        out = pathlib.Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {"json": out / "results.json", "csv": out / "results.csv"}
-        self.to_json(paths["json"])
-        self.to_csv(paths["csv"])
-        if provenance:
-            if self.records is None:
-                raise ConfigError("save(provenance=True): this result holds no records (record_provenance=False?)")
-            paths["provenance"] = self.records.write_csv(out / "provenance.csv")
-        return paths
+    Returns:
+        An :class:`~bgsynth.results.EvalResult`; ``config`` in its JSON holds the run's and the job's settings.
+    """
+    _check_index(index, "evaluate")
+    loaded = _loaded_model(model)
+    defaults = dict(batch_kind="eval", progress=True, device="cpu", amp=None,
+                    stored_geometry=getattr(loaded, "geometry", None),
+                    checkpoint=(getattr(loaded, "provenance", None) or {}).get("file"))
+    if isinstance(model, Predictor):
+        defaults.update(device=model.device, amp=model.amp)
+    run, config = resolve_options("evaluate", run, config, EvalConfig, options, **defaults)
+    if isinstance(model, Predictor):
+        predictor = model
+        run = run.replace(device=predictor.device, amp=predictor.amp)  # the Predictor's placement is the run's
+    else:
+        predictor = Predictor(model, device=run.device, amp=run.amp, label_protocol=config.label_protocol)
+    return _Evaluation(index, predictor, run, config, pool, dist).run()
 
 
-def load_result(path: str | os.PathLike) -> EvalResult:
-    """Load a result from a run folder (its ``results.json``) or a JSON file; attaches ``provenance.csv`` if present."""
-    p = pathlib.Path(path)
-    if p.is_dir():
-        j = p / "results.json"
-        if not j.is_file():
-            raise ConfigError(f"{p}: expected a run folder with results.json, found none")
-        res = EvalResult.from_json(j)
-        prov = p / "provenance.csv"
-        if res.records is None and prov.is_file():
-            res.records = EvalRecords.read_csv(prov)
-        return res
-    return EvalResult.from_json(p)
+def _check_index(index, owner: str) -> None:
+    """The public functions take a loaded index: a path is loaded once, at the edge (the CLI)."""
+    if isinstance(index, (str, bytes, os.PathLike)):
+        raise ConfigError(f"{owner}: expected a DatasetIndex, got the path {str(index)!r}; load it once with "
+                          f"bgsynth.index.DatasetIndex.load(path) and pass the index")
+    if not isinstance(index, DatasetIndex):
+        raise ConfigError(f"{owner}: expected a DatasetIndex, got {type(index).__name__}")
 
 
-def merge_results(results: Sequence[EvalResult]) -> EvalResult:
-    """Merge the results of several shards (each holding records) into one, with metrics recomputed."""
-    results = list(results)
-    if not results:
-        raise ConfigError("merge_results: expected at least one result")
-    if any(r.records is None for r in results):
-        raise ConfigError("merge_results: every part needs its records (run with record_provenance=True)")
-    recs = EvalRecords.cat([r.records for r in results])
-    m = metrics_from_records(recs)
-    first = results[0]
-    cfg = dict(first.config)
-    cfg.update(shard_id=0, num_shards=1, merged_from=len(results))
-    ds = dict(first.dataset)
-    ids, first_row = np.unique(recs.image_id, return_index=True)
-    ds["images"] = int(len(ids))
-    ds["per_class"] = np.bincount(recs.label[first_row], minlength=NUM_IN9)[:NUM_IN9].tolist()
-    ds["planned"] = sum(int(r.dataset.get("planned", 0)) for r in results)
-    ds["rejects"] = [rej for r in results for rej in r.dataset.get("rejects", [])]
-    timing = dict(first.timing)
-    timing["seconds"] = max(float(r.timing.get("seconds", 0.0)) for r in results)
-    timing["images"] = ds["images"]
-    timing["composites"] = len(recs)
-    timing["forwards"] = sum(int(r.timing.get("forwards", 0)) for r in results)
-    if timing["seconds"] > 0:
-        timing["images_per_s"] = timing["images"] / timing["seconds"]
-        timing["composites_per_s"] = timing["composites"] / timing["seconds"]
-    timing["oom_backoffs"] = sum(int(r.timing.get("oom_backoffs", 0)) for r in results)
-    timing["shards"] = [{"shard_id": int(r.config.get("shard_id", k)), "images": int(r.dataset.get("images", 0)),
-                         "forwards": int(r.timing.get("forwards", 0)), "seconds": float(r.timing.get("seconds", 0.0))}
-                        for k, r in enumerate(results)]
-    return dataclasses.replace(first, metrics=m["variants"], bg_gap=m["bg_gap"], config=cfg, dataset=ds,
-                               timing=timing, records=recs, examples=_pick_examples(recs, first.examples.get("per_class", 1)),
-                               example_images=None)
+def _loaded_model(model) -> LoadedModel:
+    if isinstance(model, Predictor):
+        return model.loaded
+    if isinstance(model, LoadedModel):
+        return model
+    raise ConfigError(f"evaluate: expected a LoadedModel or Predictor, got {type(model).__name__}")
 
 
-# --------------------------------------------------------------------------------------------------------------
-# The evaluation loop
-# --------------------------------------------------------------------------------------------------------------
+def _dist_context(dist, config: EvalConfig) -> tuple[DistContext, bool]:
+    """``(context, distributed)``: the process group's context when it splits this job, else a single process."""
+    ctx = current() if dist is None else dist
+    if not isinstance(ctx, DistContext):
+        raise ConfigError(f"evaluate: expected dist to be a DistContext or None, got {type(ctx).__name__}")
+    if ctx.enabled and config.num_shards == 1:
+        return ctx, True
+    return DistContext.single(), False  # a manual shard (or one process): no collectives
 
 
-def _pick_examples(records: EvalRecords, per_class: int) -> dict:
-    """Example images for the contact sheet: the ``per_class`` smallest image ids of each class."""
-    ids: list[int] = []
-    if per_class > 0 and len(records):
-        ids_all, first = np.unique(records.image_id, return_index=True)
-        labels = records.label[first]
-        for c in range(NUM_IN9):
-            ids += ids_all[labels == c][:per_class].tolist()
-    return {"per_class": int(per_class), "image_ids": [int(i) for i in ids]}
-
-
-def _resolve_geometry(geometry, predictor) -> tuple[CropGeometry, str]:
-    loaded = getattr(predictor, "loaded", None)
-    return resolve_geometry(geometry, stored=getattr(loaded, "geometry", None),
-                            checkpoint=(getattr(loaded, "provenance", None) or {}).get("file"))
-
-
-def _synthesize(batch, names, pool, seed, predictor):
-    from .variants import synthesize
-
-    return synthesize(
-        batch, list(names), pool=pool, seed=seed, normalize=(predictor.mean, predictor.std),
-        dtype=predictor.input_dtype, channels_last=predictor.channels_last,
-    )
+def _select(index: DatasetIndex, config: EvalConfig) -> DatasetIndex:
+    """The images of the job: the split, optionally a balanced per-class subset (seeded choice)."""
+    sub = index.select(split=config.split) if config.split is not None else index
+    if config.per_class is not None:
+        sub = sub.select(per_class=int(config.per_class), seed=0)
+    if len(sub) == 0:
+        splits = sorted({str(index.image(i).get("split")) for i in index.ids})
+        raise ConfigError(f"evaluate: no images in split {config.split!r} of {index.path}; splits present: {splits}")
+    return sub
 
 
 def _default_cache_bytes(device: torch.device) -> int:
@@ -538,294 +257,239 @@ def _default_cache_bytes(device: torch.device) -> int:
     return int(min(8 << 30, 0.25 * avail))
 
 
-def evaluate(
-    index,
-    model,
-    variants: str | Sequence[str] = "all",
-    split: str | Sequence[str] | None = "val",
-    seed: int = 0,
-    geometry: CropGeometry | Mapping | None = None,
-    backend: str = "auto",
-    device: str | torch.device = "cpu",
-    batch_size: int = 64,
-    pool=None,
-    shard_id: int = 0,
-    num_shards: int = 1,
-    progress: bool = True,
-    record_provenance: bool = True,
-    label_protocol: str = "official",
-    per_class: int | None = None,
-    examples_per_class: int = 1,
-    cache_bytes: int | None = None,
-    prefetch: int = 2,
-    dist=None,
-    tiling: str = "paper",
-) -> EvalResult:
-    """Evaluate a model on all requested variants of a split in one pass over the data.
+class _Evaluation:
+    """One :func:`evaluate` call as a pipeline of short steps (see the module docstring for the data flow):
+    the pool-first path when batches are not kept, the decode pass, the Mixed-* pass from the kept batches, the
+    records, their gathering over ranks, and the result."""
 
-    Args:
-        index: a :class:`~bgsynth.index.DatasetIndex` or the path of one.
-        model: a :class:`~bgsynth.models.LoadedModel` (wrapped in a :class:`~bgsynth.models.Predictor` on
-            ``device`` with ``label_protocol``) or a ready :class:`~bgsynth.models.Predictor`.
-        variants: ``'all'``, a comma-separated string or a list of variant names.
-        split: split(s) to evaluate (``None``: every image of the index).
-        seed: seed of the Mixed-* background choice (a pure function of seed, variant and image id).
-        geometry: crop geometry; default: the checkpoint's, else ``CropGeometry()`` (256 -> 224).
-        backend: decode backend (``'auto'``, ``'dali'``, ``'torchvision'``, ``'pil'``).
-        device: where decode output, composites and the model live.
-        batch_size: images per decoded batch (each batch yields one forward per variant).
-        pool: a :class:`~bgsynth.pipeline.BackgroundPool` for Mixed-*; default: the Only-BG-T images of the same
-            split (all shards share it).
-        shard_id, num_shards: evaluate ``ids[shard_id::num_shards]`` of the sorted image ids (a manual shard,
-            merged later with :func:`merge_results`; no collectives).
-        progress: show a progress bar (images/s).
-        record_provenance: keep the per-composite records in the result (needed for ``provenance.csv`` and for
-            merging shards; metrics are computed from them either way).
-        label_protocol: ``'official'`` or ``'restricted'`` (used when ``model`` is a LoadedModel).
-        per_class: evaluate only N images per class of the split (a balanced quick subset, seeded choice).
-        examples_per_class: images per class whose composites are kept for the report's contact sheet (0: none).
-        cache_bytes: memory budget for keeping decoded batches so that Mixed-* needs no second decode
-            (default: 40% of free GPU memory, or min(8 GiB, 25% of RAM)); 0 forces the pool-first path.
-        prefetch: batches the loader decodes ahead.
-        dist: a :class:`~bgsynth.distributed.DistContext` (default :func:`bgsynth.distributed.current`). Under
-            ``torchrun`` with several ranks (and ``num_shards=1``) every rank must call :func:`evaluate` with the
-            same arguments: each evaluates its shard of the image ids, the Mixed-* background pool is gathered
-            from all shards (each JPEG is decoded by one rank), the per-composite records are gathered, and every
-            rank returns the merged result, identical in records and metrics to a single-process run (contact-sheet
-            composites are rendered on rank 0 only; ``timing['ranks']`` holds the per-rank figures).
-        tiling: Only-BG-T (and so every Mixed-* background) as the paper made it, ``"paper"`` (tiled at full
-            resolution, then resized and cropped), or the crop-space approximation ``"crop"``; recorded in
-            ``config['tiling']``.
+    def __init__(self, index: DatasetIndex, predictor: Predictor, run: RunConfig, config: EvalConfig,
+                 pool: BackgroundPool | None, dist: DistContext | None):
+        self.t_start = time.perf_counter()
+        self.index, self.predictor, self.run_cfg, self.config = index, predictor, run, config
+        self.ctx, self.distributed = _dist_context(dist, config)
+        self.shard = (self.ctx.rank, self.ctx.world_size) if self.distributed else (config.shard_id, config.num_shards)
+        self.progress = run.progress and self.ctx.is_main
+        self.names = config.variants
+        self.mixed = [v for v in self.names if v in MIXED_VARIANTS]
+        self.plain = [v for v in self.names if v not in MIXED_VARIANTS]
+        self.forwards0, self.backoffs0 = predictor.forwards, predictor.oom_backoffs
+        self.sub = _select(index, config)
+        self.all_ids = self.sub.ids
+        self.n_img = len(shard_ids(self.all_ids, *self.shard))
+        self.pool = pool
+        self.two_phase = self._keeps_batches()
+        self.pool_source = self._pool_source()
+        self.t_pool = self.t_loop = 0.0
+        self.chunks: dict[str, list[tuple]] = {v: [] for v in self.names}
+        self.meta: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kept: list[Batch] = []
+        self.rejects: list = []
+        self.backend_name = run.backend
 
-    Returns:
-        An :class:`EvalResult`.
-    """
-    from .distributed import DistContext, current
-    from .distributed import shard_ids as _shard_ids
-    from .index import DatasetIndex
-    from .models import LoadedModel, Predictor
-    from .pool import gather_background_pool
+    def run(self) -> EvalResult:
+        self._build_pool()
+        self._passes()
+        records = self._records()
+        records, tally = self._gather(records)
+        return self._result(records, tally)
 
-    t_start = time.perf_counter()
-    if isinstance(index, (str, os.PathLike)):
-        index = DatasetIndex.load(index)
-    if not isinstance(index, DatasetIndex):
-        raise ConfigError(f"evaluate: expected a DatasetIndex or its path, got {type(index).__name__}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"evaluate: expected batch_size >= 1, got {batch_size!r}")
-    if not (isinstance(num_shards, int) and num_shards >= 1 and isinstance(shard_id, int) and 0 <= shard_id < num_shards):
-        raise ConfigError(f"evaluate: expected 0 <= shard_id < num_shards, got shard_id={shard_id}, num_shards={num_shards}")
-    dev = torch.device(device)
-    if isinstance(model, LoadedModel):
-        predictor = Predictor(model, device=dev, label_protocol=label_protocol)
-    elif isinstance(model, Predictor):
-        predictor = model
-        dev = predictor.device
-    else:
-        raise ConfigError(f"evaluate: expected a LoadedModel or Predictor, got {type(model).__name__}")
-    ctx = current() if dist is None else dist
-    if not isinstance(ctx, DistContext):
-        raise ConfigError(f"evaluate: expected dist to be a DistContext or None, got {type(ctx).__name__}")
-    distributed = ctx.enabled and num_shards == 1
-    if distributed:
-        shard_id, num_shards = ctx.rank, ctx.world_size
-    else:
-        ctx = DistContext.single()  # a manual shard (or one process): no collectives
-    progress = bool(progress) and ctx.is_main
-    names = resolve_variants(variants)
-    if tiling not in TILINGS:
-        raise ConfigError(f"evaluate: expected tiling in {TILINGS}, got {tiling!r}")
-    geom, geom_source = _resolve_geometry(geometry, predictor)
-    forwards0, backoffs0 = predictor.forwards, predictor.oom_backoffs
+    # ------------------------------------------------------------------------------------------ the pool
+    def _keeps_batches(self) -> bool:
+        """Keep the decoded batches for a Mixed-* second phase (each JPEG decoded once)? A manual shard cannot: it
+        needs the whole split's pool; ranks can, by gathering the pool parts. Every rank must take the same path."""
+        cfg, crop = self.config, self.run_cfg.geometry.crop
+        cache_bytes = _default_cache_bytes(self.run_cfg.device) if cfg.cache_bytes is None else cfg.cache_bytes
+        need = self.n_img * (4 * crop * crop + 64)
+        return (bool(self.mixed) and self.pool is None and (self.shard[1] == 1 or self.distributed)
+                and self.ctx.all_true(need <= cache_bytes))
 
-    sub = index.select(split=split) if split is not None else index
-    if per_class is not None:
-        sub = sub.select(per_class=int(per_class), seed=0)
-    if len(sub) == 0:
-        splits = sorted({str(index.image(i).get("split")) for i in index.ids})
-        raise ConfigError(f"evaluate: no images in split {split!r} of {index.path}; splits present: {splits}")
-    all_ids = sub.ids
-    shard_ids = _shard_ids(all_ids, shard_id, num_shards)
+    def _pool_source(self) -> str:
+        if not self.mixed:
+            return "none"
+        if self.pool is not None:
+            return "given"
+        from_ranks = f", gathered from {self.ctx.world_size} ranks" if self.distributed else ""
+        how = "kept from the evaluation pass" if self.two_phase else "build_background_pool"
+        return f"same split ({how}{from_ranks})"
 
-    mixed = [v for v in names if v in MIXED_VARIANTS]
-    plain = [v for v in names if v not in MIXED_VARIANTS]
-    n_img = len(shard_ids)
-    if cache_bytes is None:
-        cache_bytes = _default_cache_bytes(dev)
-    need = n_img * (4 * geom.crop * geom.crop + 64)
-    # keep the decoded batches for a Mixed-* second phase (each JPEG decoded once). A manual shard cannot: it
-    # needs the whole split's pool; ranks can, by gathering the pool parts. Every rank must take the same path.
-    two_phase = bool(mixed) and pool is None and (num_shards == 1 or distributed) and ctx.all_true(need <= cache_bytes)
-    t_pool = 0.0
-    from_ranks = f", gathered from {ctx.world_size} ranks" if distributed else ""
-    pool_source = "none" if not mixed else "given" if pool is not None else (
-        f"same split (kept from the evaluation pass{from_ranks})" if two_phase
-        else f"same split (build_background_pool{from_ranks})")
-    if mixed and pool is None and not two_phase:
-        from .pool import build_background_pool_sharded
+    def _build_pool(self) -> None:
+        """The pool-first path: the split's pool decoded up front (over the ranks), or the given pool moved."""
+        r = self.run_cfg
+        if self.mixed and self.pool is None and not self.two_phase:
+            t = time.perf_counter()
+            self.pool = build_background_pool_sharded(
+                self.sub, self.ctx, geometry=r.geometry, backend=r.backend, device=r.device, progress=self.progress,
+                tiling=r.tiling, kernel_backend=r.kernel_backend, num_threads=r.num_threads)
+            self.t_pool = time.perf_counter() - t
+        if self.pool is not None:
+            self.pool = self.pool.to(r.device)
 
-        tp = time.perf_counter()
-        pool = build_background_pool_sharded(sub, ctx, geometry=geom, backend=backend, device=dev,
-                                             progress=progress, tiling=tiling)
-        t_pool = time.perf_counter() - tp
-    if pool is not None:
-        pool = pool.to(dev)
+    # ------------------------------------------------------------------------------------------ the passes
+    def _passes(self) -> None:
+        """Phase 1, the decode pass, and (keeping batches) phase 2, Mixed-* from the kept batches."""
+        r = self.run_cfg
+        loader = create_loader(self.sub, backend=r.backend, geometry=r.geometry, batch_size=r.batch_size,
+                               device=r.device, shard_id=self.shard[0], num_shards=self.shard[1],
+                               prefetch=self.config.prefetch, num_threads=r.num_threads, tiling=r.tiling,
+                               only_bg_t="only_bg_t" in self.names or self.two_phase)
+        bar = _progress(self.progress, self.n_img * len(self.names), f"eval {len(self.names)} variants")
+        t = time.perf_counter()
+        try:
+            self._decode_pass(loader, bar)
+            if self.two_phase and (self.kept or self.distributed):  # every rank joins the gather, even one without images
+                self._mixed_pass(bar)
+        finally:
+            loader.close()
+            if bar is not None:
+                bar.close()
+        self.t_loop = time.perf_counter() - t
+        self.rejects = list(getattr(loader, "rejects", []))
+        self.backend_name = getattr(loader, "name", r.backend)
 
-    from .pipeline import create_loader
-
-    loader = create_loader(sub, backend=backend, geometry=geom, batch_size=batch_size, device=dev,
-                           shard_id=shard_id, num_shards=num_shards, prefetch=prefetch, tiling=tiling,
-                           only_bg_t="only_bg_t" in names or two_phase)
-    bar = _progress(progress, n_img * len(names), f"eval {len(names)} variants")
-    chunks: dict[str, list[tuple]] = {v: [] for v in names}
-    meta: list[tuple[torch.Tensor, torch.Tensor]] = []
-    kept: list = []
-    bgt_parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    first_pass = plain if two_phase else list(names)
-    t_loop = time.perf_counter()
-    n_seen = 0
-    try:
+    def _decode_pass(self, loader, bar) -> None:
+        first_pass = self.plain if self.two_phase else list(self.names)
+        n_seen = 0
         for batch in loader:
-            if batch.device != dev:
-                batch = batch.to(dev, non_blocking=True)
-            meta.append((batch.image_ids, batch.labels))
+            if batch.device != self.run_cfg.device:
+                batch = batch.to(self.run_cfg.device, non_blocking=True)
+            self.meta.append((batch.image_ids, batch.labels))
             if first_pass:
-                outs = _synthesize(batch, first_pass, pool, seed, predictor)
-                for v in first_pass:
-                    o = outs[v]
-                    chunks[v].append((predictor.predict(o.images), o.valid, o.bg_ids, o.bg_labels))
-            if two_phase:
-                from .variants import synthesize
-
-                kept.append(batch)
-                bgt = synthesize(batch, ["only_bg_t"], pool=None, seed=seed)["only_bg_t"]
-                bgt_parts.append((bgt.images, batch.labels, batch.image_ids, bgt.valid & batch.has_bgt))
+                self._forward(batch, first_pass)
+            if self.two_phase:
+                self.kept.append(batch)
             n_seen += len(batch)
             _advance(bar, len(batch) * len(first_pass), n_seen)
-        if two_phase and (kept or distributed):  # every rank joins the gather, even one without images
-            tp = time.perf_counter()
-            pool = _pool_from_parts(bgt_parts, geom.crop, dev)
-            if distributed:
-                pool = gather_background_pool(pool, ctx)
-            t_pool = time.perf_counter() - tp
-            del bgt_parts
-            for batch in kept:
-                outs = _synthesize(batch, mixed, pool, seed, predictor)
-                for v in mixed:
-                    o = outs[v]
-                    chunks[v].append((predictor.predict(o.images), o.valid, o.bg_ids, o.bg_labels))
-                _advance(bar, len(batch) * len(mixed), None)
-            kept = []
-    finally:
-        loader.close()
-        if bar is not None:
-            bar.close()
-    t_loop = time.perf_counter() - t_loop
 
-    records = _collect(chunks, meta, names, seed)
-    if len(np.unique(records.image_id)) * len(names) != len(records):
-        raise ConfigError("evaluate: internal error: records do not cover every (image, variant) exactly once")
-    rejects = list(getattr(loader, "rejects", []))
-    forwards = int(predictor.forwards - forwards0)
-    backoffs = int(predictor.oom_backoffs - backoffs0)
-    rank_timing = [{"rank": int(ctx.rank), "images": int(len(np.unique(records.image_id))), "planned": int(n_img),
-                    "forwards": forwards, "seconds": time.perf_counter() - t_start, "loop_seconds": t_loop,
-                    "pool_seconds": t_pool}]
-    if distributed:
-        # every rank gets every rank's records: the merged records are the single-process records
-        parts = ctx.all_gather_object((records, rejects, rank_timing[0], backoffs))
-        records = EvalRecords.cat([p[0] for p in parts])
-        order = {int(i): k for k, i in enumerate(all_ids)}
-        by_path = {sub.record(i).path: int(i) for i in all_ids} if any(p[1] for p in parts) else {}
-        rejects = sorted((r for p in parts for r in p[1]), key=lambda r: (order.get(by_path.get(r.get("path"), -1), -1),
-                                                                          str(r.get("path")), str(r.get("reason"))))
-        rank_timing = [p[2] for p in parts]
-        forwards = sum(t["forwards"] for t in rank_timing)
-        backoffs = sum(p[3] for p in parts)
-        n_img = len(all_ids)
-    metrics = metrics_from_records(records)
-    seconds = time.perf_counter() - t_start
+    def _mixed_pass(self, bar) -> None:
+        r = self.run_cfg
+        t = time.perf_counter()
+        pool = pool_from_batches(self.kept, r.geometry.crop, r.device, backend=r.kernel_backend)
+        self.pool = gather_background_pool(pool, self.ctx) if self.distributed else pool
+        self.t_pool = time.perf_counter() - t
+        kept, self.kept = self.kept, []
+        for batch in kept:
+            self._forward(batch, self.mixed)
+            _advance(bar, len(batch) * len(self.mixed), None)
 
-    examples = _pick_examples(records, int(examples_per_class))
-    example_images = None
-    if examples["image_ids"] and ctx.is_main:
-        try:
-            example_images = _example_composites(sub, examples["image_ids"], names, pool, seed, geom, backend, dev,
-                                                 records, tiling)
-        except Exception as e:  # noqa: BLE001 - examples are illustrative; never lose a finished run over them
-            warnings.warn(f"could not render example composites for the report ({type(e).__name__}: {e})", stacklevel=2)
+    def _forward(self, batch: Batch, names: Sequence[str]) -> None:
+        """Synthesize ``names`` of a batch (normalised, cast and laid out for the model) and keep the predictions."""
+        p = self.predictor
+        outs = synthesize(batch, list(names), pool=self.pool, seed=self.run_cfg.seed, normalize=(p.mean, p.std),
+                          dtype=p.input_dtype, channels_last=p.channels_last, backend=self.run_cfg.kernel_backend)
+        for v in names:
+            o = outs[v]
+            self.chunks[v].append((p.predict(o.images), o.valid, o.bg_ids, o.bg_labels))
 
-    done_ids = np.unique(records.image_id)
-    n_done = int(len(done_ids))
-    labels_all = sub.labels(done_ids.tolist())
-    result = EvalResult(
-        variants=list(names),
-        metrics=metrics["variants"],
-        bg_gap=metrics["bg_gap"],
-        label_protocol=predictor.label_protocol,
-        model=dict(predictor.loaded.provenance, predictor=predictor.describe()),
-        config={
-            "index": str(index.path.resolve()) if index.path is not None else None,
-            "split": split if split is None or isinstance(split, str) else list(split),
-            "per_class": per_class,
-            "seed": int(seed),
-            "geometry": geom.to_dict(),
-            "geometry_source": geom_source,
-            "tiling": tiling,
-            "backend": getattr(loader, "name", backend),
-            "device": str(dev),
-            "batch_size": int(batch_size),
-            "shard_id": 0 if distributed else int(shard_id),
-            "num_shards": 1 if distributed else int(num_shards),
-            "pool": {"size": int(len(pool)) if pool is not None else 0, "source": pool_source},
-            "single_decode": bool(two_phase or not mixed),
-            "world_size": int(ctx.world_size),
-        },
-        dataset={
+    # ------------------------------------------------------------------------------------------ records
+    def _records(self) -> EvalRecords:
+        records = _collect(self.chunks, self.meta, self.names, self.run_cfg.seed)
+        if len(np.unique(records.image_id)) * len(self.names) != len(records):
+            raise ConfigError("evaluate: internal error: records do not cover every (image, variant) exactly once")
+        return records
+
+    def _gather(self, records: EvalRecords) -> tuple[EvalRecords, dict]:
+        """Every rank's records, rejects and counts (under torchrun every rank gets all of them: the merged
+        records are the single-process records); ``tally`` holds the counts the result reports."""
+        forwards = int(self.predictor.forwards - self.forwards0)
+        backoffs = int(self.predictor.oom_backoffs - self.backoffs0)
+        mine = {"rank": int(self.ctx.rank), "images": int(len(np.unique(records.image_id))),
+                "planned": int(self.n_img), "forwards": forwards, "seconds": time.perf_counter() - self.t_start,
+                "loop_seconds": self.t_loop, "pool_seconds": self.t_pool}
+        if not self.distributed:
+            return records, dict(rejects=self.rejects, ranks=[mine], forwards=forwards, backoffs=backoffs,
+                                 planned=self.n_img)
+        parts = self.ctx.all_gather_object((records, self.rejects, mine, backoffs))
+        ranks = [p[2] for p in parts]
+        return EvalRecords.cat([p[0] for p in parts]), dict(
+            rejects=self._sorted_rejects([r for p in parts for r in p[1]]), ranks=ranks,
+            forwards=sum(t["forwards"] for t in ranks), backoffs=sum(p[3] for p in parts), planned=len(self.all_ids))
+
+    def _sorted_rejects(self, rejects: list) -> list:
+        """The ranks' rejects in the order of the images' ids (then path and reason)."""
+        order = {int(i): k for k, i in enumerate(self.all_ids)}
+        by_path = {self.sub.record(i).path: int(i) for i in self.all_ids} if rejects else {}
+        return sorted(rejects, key=lambda r: (order.get(by_path.get(r.get("path"), -1), -1), str(r.get("path")),
+                                              str(r.get("reason"))))
+
+    # ------------------------------------------------------------------------------------------ the result
+    def _result(self, records: EvalRecords, tally: dict) -> EvalResult:
+        metrics = metrics_from_records(records)
+        seconds = time.perf_counter() - self.t_start
+        examples = pick_examples(records, int(self.config.examples_per_class))
+        return EvalResult(
+            variants=list(self.names), metrics=metrics["variants"], bg_gap=metrics["bg_gap"],
+            label_protocol=self.predictor.label_protocol,
+            model=dict(self.predictor.loaded.provenance, predictor=self.predictor.describe()),
+            config=self._config_dict(), dataset=self._dataset_dict(records, tally),
+            timing=self._timing_dict(records, tally, seconds), versions=_versions(), examples=examples,
+            records=records if self.config.record_provenance else None,
+            example_images=self._example_images(examples["image_ids"], records),
+        )
+
+    def _config_dict(self) -> dict:
+        """``config`` of results.json: the keys of every bgsynth.eval/1 file, then the rest of the run's and the
+        job's settings (:meth:`RunConfig.to_dict`, :meth:`EvalConfig.to_dict`)."""
+        r, c = self.run_cfg, self.config
+        d = {
+            "index": str(self.index.path.resolve()) if self.index.path is not None else None,
+            "split": c.to_dict()["split"],
+            "per_class": c.per_class,
+            "seed": int(r.seed),
+            "geometry": r.geometry.to_dict(),
+            "geometry_source": r.geometry_source,
+            "tiling": r.tiling,
+            "backend": self.backend_name,
+            "device": str(r.device),
+            "batch_size": int(r.batch_size),
+            "shard_id": 0 if self.distributed else int(c.shard_id),
+            "num_shards": 1 if self.distributed else int(c.num_shards),
+            "pool": {"size": int(len(self.pool)) if self.pool is not None else 0, "source": self.pool_source},
+            "single_decode": bool(self.two_phase or not self.mixed),
+            "world_size": int(self.ctx.world_size),
+        }
+        extra = {**r.to_dict(), **c.to_dict()}
+        return {**d, **{k: v for k, v in extra.items() if k not in d and k != "variants"}}
+
+    def _dataset_dict(self, records: EvalRecords, tally: dict) -> dict:
+        done_ids = np.unique(records.image_id)
+        n_done = int(len(done_ids))
+        labels = self.sub.labels(done_ids.tolist())
+        return {
             "images": n_done,
-            "planned": int(n_img),
-            "split_images": int(len(all_ids)),
-            "per_class": np.bincount(labels_all, minlength=NUM_IN9)[:NUM_IN9].tolist() if n_done else [0] * NUM_IN9,
-            "rejects": rejects,
-        },
-        timing={
+            "planned": int(tally["planned"]),
+            "split_images": int(len(self.all_ids)),
+            "per_class": np.bincount(labels, minlength=NUM_IN9)[:NUM_IN9].tolist() if n_done else [0] * NUM_IN9,
+            "rejects": tally["rejects"],
+        }
+
+    def _timing_dict(self, records: EvalRecords, tally: dict, seconds: float) -> dict:
+        n_done = int(len(np.unique(records.image_id)))
+        return {
             "seconds": seconds,
-            "pool_seconds": t_pool,
-            "loop_seconds": t_loop,
+            "pool_seconds": self.t_pool,
+            "loop_seconds": self.t_loop,
             "images": n_done,
             "composites": int(len(records)),
             "images_per_s": n_done / seconds if seconds > 0 else None,
             "composites_per_s": len(records) / seconds if seconds > 0 else None,
-            "forwards": int(forwards),
-            "oom_backoffs": int(backoffs),
-            **({"ranks": rank_timing} if distributed else {}),
-        },
-        versions=_versions(),
-        examples=examples,
-        records=records if record_provenance else None,
-        example_images=example_images,
-    )
-    return result
+            "forwards": int(tally["forwards"]),
+            "oom_backoffs": int(tally["backoffs"]),
+            **({"ranks": tally["ranks"]} if self.distributed else {}),
+        }
 
-
-def _pool_from_parts(parts, crop: int, device: torch.device):
-    """The Only-BG-T images kept during the evaluation pass as a pool sorted by id (empty without parts)."""
-    from .types import BackgroundPool
-
-    if not parts:  # a rank whose shard is empty (or fully rejected) still takes part in the gather
-        z = torch.empty(0, dtype=torch.int64, device=device)
-        return BackgroundPool(torch.empty((0, 3, crop, crop), dtype=torch.uint8, device=device), z, z.clone())
-    imgs = torch.cat([p[0] for p in parts])
-    labels = torch.cat([p[1] for p in parts])
-    ids = torch.cat([p[2] for p in parts])
-    ok = torch.cat([p[3] for p in parts])
-    keep = ok.nonzero().flatten()
-    imgs, labels, ids = imgs[keep], labels[keep], ids[keep]
-    order = torch.argsort(ids)
-    return BackgroundPool(imgs[order].contiguous(), labels[order].to(torch.int64), ids[order].to(torch.int64))
+    def _example_images(self, ids: list[int], records: EvalRecords) -> dict | None:
+        """uint8 composites of the contact sheet's images with their records (predictions); rank 0 only."""
+        if not ids or not self.ctx.is_main:
+            return None
+        try:
+            return _example_composites(self.sub, ids, self.names, self.pool, self.run_cfg, records)
+        except Exception as e:  # noqa: BLE001 - examples are illustrative; never lose a finished run over them
+            warnings.warn(f"could not render example composites for the report ({type(e).__name__}: {e})", stacklevel=2)
+            return None
 
 
 def _collect(chunks, meta, names, seed) -> EvalRecords:
+    """The records of the passes, sorted: one row per (image, variant)."""
     if not meta:  # every image was rejected by the decoder
         return EvalRecords.empty(names, seed)
     ids = torch.cat([m[0] for m in meta]).cpu().numpy().astype(np.int64)
@@ -849,35 +513,22 @@ def _collect(chunks, meta, names, seed) -> EvalRecords:
     return EvalRecords(tuple(names), int(seed), *(np.concatenate(cols[c]) for c in RECORD_COLUMNS)).sorted()
 
 
-def _example_composites(sub, ids, names, pool, seed, geom, backend, dev, records: EvalRecords, tiling) -> dict:
+def _example_composites(sub: DatasetIndex, ids, names, pool, run: RunConfig, records: EvalRecords) -> dict:
     """uint8 composites of a few images for the contact sheet, with their records (predictions)."""
-    from .pipeline import create_loader
-    from .variants import synthesize
-
-    loader = create_loader(sub, backend=backend, geometry=geom, batch_size=max(1, len(ids)), device=dev,
-                           ids=list(ids), prefetch=0, tiling=tiling)
+    loader = create_loader(sub, backend=run.backend, geometry=run.geometry, batch_size=max(1, len(ids)),
+                           device=run.device, ids=list(ids), prefetch=0, tiling=run.tiling)
     batches = list(loader)
     if not batches:
         return {}
-    from .types import Batch
-
     batch = Batch.cat(batches) if len(batches) > 1 else batches[0]
     # rows in the order asked for (class order), not the loader's id order; images that failed to decode drop out
     pos = {int(i): r for r, i in enumerate(batch.image_ids.cpu().tolist())}
     order = [pos[int(i)] for i in ids if int(i) in pos]
     batch = batch.slice(torch.as_tensor(order, dtype=torch.int64, device=batch.device))
-    outs = synthesize(batch, list(names), pool=pool, seed=seed)
+    outs = synthesize(batch, list(names), pool=pool, seed=run.seed, backend=run.kernel_backend)
     got = batch.image_ids.cpu().numpy()
     images = torch.stack([outs[v].images.cpu() for v in names], dim=1)  # [n, V, 3, C, C]
-    key = {(int(i), int(v)): r for r, (i, v) in enumerate(zip(records.image_id, records.variant))}
-    pred = np.full((len(got), len(names)), -1, np.int64)
-    valid = np.zeros((len(got), len(names)), bool)
-    for a, i in enumerate(got):
-        for b in range(len(names)):
-            r = key.get((int(i), b))
-            if r is not None:
-                pred[a, b] = records.pred[r]
-                valid[a, b] = records.valid[r]
+    pred, valid = _example_records(records, got, len(names))
     return {
         "variants": list(names),
         "image_ids": got.tolist(),
@@ -888,10 +539,38 @@ def _example_composites(sub, ids, names, pool, seed, geom, backend, dev, records
     }
 
 
+def _example_records(records: EvalRecords, image_ids: np.ndarray, n_variants: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(pred, valid)`` of the records, ``[n images, V variants]`` (-1 / False where there is no record)."""
+    key = {(int(i), int(v)): r for r, (i, v) in enumerate(zip(records.image_id, records.variant))}
+    pred = np.full((len(image_ids), n_variants), -1, np.int64)
+    valid = np.zeros((len(image_ids), n_variants), bool)
+    for a, i in enumerate(image_ids):
+        for b in range(n_variants):
+            r = key.get((int(i), b))
+            if r is not None:
+                pred[a, b] = records.pred[r]
+                valid[a, b] = records.valid[r]
+    return pred, valid
+
+
+def _versions() -> dict:
+    v = {"bgsynth": __version__, "python": platform.python_version(), "torch": torch.__version__,
+         "numpy": np.__version__}
+    # only what this process already uses (importing timm just to name its version costs seconds)
+    for key, mod in (("torchvision", "torchvision"), ("timm", "timm"), ("dali", "nvidia.dali"), ("triton", "triton")):
+        m = sys.modules.get(mod)
+        if m is not None:
+            v[key] = getattr(m, "__version__", None)
+    if torch.cuda.is_available():
+        v["cuda"] = torch.version.cuda
+        v["gpu"] = torch.cuda.get_device_name()
+    return v
+
+
 def _progress(enabled: bool, total: int, desc: str):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # tqdm only for a visible bar
 
     return tqdm(total=total, desc=desc, unit="comp", unit_scale=False, dynamic_ncols=True, smoothing=0.1)
 
@@ -907,8 +586,8 @@ def _advance(bar, composites: int, images: int | None) -> None:
 
 
 def evaluate_to_dir(
-    index,
-    model,
+    index: DatasetIndex,
+    model: LoadedModel | Predictor,
     out_dir: str | os.PathLike,
     provenance: bool = False,
     report: bool = True,
@@ -924,7 +603,7 @@ def evaluate_to_dir(
         provenance: also write ``provenance.csv`` (one row per composite).
         report: also write the Markdown report and figures.
         name: display name of the model in tables (default: its arch or file stem).
-        **kwargs: passed to :func:`evaluate`.
+        **kwargs: passed to :func:`evaluate` (``run``, ``config``, ``pool``, ``dist`` and options).
 
     Returns:
         ``(result, paths)`` with ``paths`` keyed ``json``, ``csv``, ``provenance``, ``report``.
@@ -932,19 +611,16 @@ def evaluate_to_dir(
     Under ``torchrun`` every rank calls it; every rank gets the merged result, rank 0 alone writes the files
     (``paths`` is empty on the other ranks).
     """
-    from .distributed import current
-
     ctx = kwargs.get("dist") or current()
     result = evaluate(index, model, **kwargs)
     if name:
         result.model["name"] = str(name)
+    manual_shard = result.config["num_shards"] > 1  # a manual shard writes its own folder; ranks merge first
     paths: dict[str, pathlib.Path] = {}
-    if ctx.is_main or kwargs.get("num_shards", 1) > 1:  # a manual shard writes its own folder
+    if ctx.is_main or manual_shard:
         paths = result.save(out_dir, provenance=provenance)
         if report:
-            from .report import write_report
-
             paths["report"] = write_report(result, out_dir)
-    if kwargs.get("num_shards", 1) == 1:
+    if not manual_shard:
         ctx.barrier()  # every rank returns once the files are there
     return result, paths

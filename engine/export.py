@@ -27,6 +27,10 @@ Layout (PAPER.md), under ``out_dir``::
 * **Resumable**: each file is written atomically (temporary file + rename), and an image whose files all exist is
   not decoded again; a killed export rerun with the same arguments finishes with the same files (the background
   choice is a pure function of ``(seed, variant, image id)``).
+
+The run's settings (geometry, device, decode and kernel backends, tiling, batch size, seed, threads) are a
+:class:`~bgsynth.config.RunConfig`, the export's own (variants, split, format, resume, consistency, masks) an
+:class:`ExportConfig`; :class:`ReleaseLayout` is the one place that knows where every file goes.
 """
 
 from __future__ import annotations
@@ -38,22 +42,28 @@ import io
 import os
 import pathlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .classes import IN9_FOLDERS, NUM_IN9
+from .config import RunConfig, resolve_options
 from .errors import ConfigError
 from .fileio import atomic_write_bytes, atomic_write_json
-from .geometry import CropGeometry
 from .index import DatasetIndex
-from .types import TILINGS, BackgroundPool
+from .pipeline import create_loader
+from .pool import build_background_pool
+from .types import BackgroundPool, Batch
 from .variants import MIXED_VARIANTS, VARIANTS, choose_backgrounds, resolve_variants, synthesize
 
-__all__ = ["export", "ExportResult", "safe_stem", "release_paths", "MASK_FOLDER", "IMAGE_FORMATS"]
+__all__ = ["export", "ExportConfig", "ExportResult", "ReleaseLayout", "safe_stem", "release_paths", "MASK_FOLDER",
+           "IMAGE_FORMATS"]
 
 MASK_FOLDER = "fg_mask"
+IMAGE_FORMATS = {"jpeg": ".JPEG", "png": ".png"}
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -77,6 +87,44 @@ class ExportResult:
     files: dict
     manifest: pathlib.Path
     backgrounds: pathlib.Path
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """What an export writes; how it runs (geometry, device, backends, tiling, batch size, seed, threads) is its
+    :class:`~bgsynth.config.RunConfig`.
+
+    Attributes:
+        variants: ``'all'`` or a selection (:func:`bgsynth.variants.resolve_variants`); stored resolved.
+        split: export only this split (``None``: every image of the index).
+        jpeg_quality: JPEG quality (1..100).
+        image_format: ``"jpeg"`` (``<stem>.JPEG`` at ``jpeg_quality``, as released) or ``"png"`` (``<stem>.png``,
+            lossless).
+        resume: skip images whose files already all exist (otherwise rewrite everything).
+        consistent: write an image only if all requested variants exist for it.
+        masks: also write ``fg_mask/`` (images without a mask are then left out).
+    """
+
+    variants: tuple[str, ...] | str = "all"
+    split: str | None = None
+    jpeg_quality: int = 95
+    image_format: str = "jpeg"
+    resume: bool = True
+    consistent: bool = True
+    masks: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "variants", tuple(resolve_variants(self.variants)))
+        q = self.jpeg_quality
+        if isinstance(q, bool) or not isinstance(q, int) or not 1 <= q <= 100:
+            raise ConfigError(f"export: expected jpeg_quality an integer in 1..100, got {q!r}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ConfigError(f"export: expected image_format in {tuple(IMAGE_FORMATS)}, got {self.image_format!r}")
+
+    @property
+    def ext(self) -> str:
+        """Extension of the image files (``.JPEG`` or ``.png``)."""
+        return IMAGE_FORMATS[self.image_format]
 
 
 def safe_stem(file_name: str, fallback: str = "image") -> str:
@@ -115,22 +163,256 @@ def release_paths(index: DatasetIndex, ids: Iterable[int]) -> dict[int, tuple[st
     return entries
 
 
-def _variant_file(out: pathlib.Path, variant: str, where: tuple[str, str, str], ext: str = ".JPEG") -> pathlib.Path:
-    split, folder, stem = where
-    return out / variant / split / folder / f"{stem}{ext}"
+@dataclasses.dataclass(frozen=True)
+class ReleaseLayout:
+    """Where every file of an export goes: the one place that knows the output folder (see the module docstring).
+
+    Attributes:
+        root: the release root.
+        where: ``{image id: (split folder, class folder, stem)}`` (:func:`release_paths`).
+        variants: the variant folders written.
+        ext: extension of the image files.
+        masks: whether ``fg_mask/`` is part of the export.
+    """
+
+    root: pathlib.Path
+    where: Mapping[int, tuple[str, str, str]]
+    variants: tuple[str, ...]
+    ext: str
+    masks: bool
+
+    @classmethod
+    def create(cls, out_dir: str | os.PathLike, index: DatasetIndex, config: ExportConfig) -> "ReleaseLayout":
+        """The layout of ``index``'s images under ``out_dir`` (created)."""
+        root = pathlib.Path(out_dir).expanduser()
+        root.mkdir(parents=True, exist_ok=True)
+        return cls(root, release_paths(index, index.ids), config.variants, config.ext, config.masks)
+
+    @property
+    def description(self) -> str:
+        return f"<variant>/<split>/<NN_name>/<stem>{self.ext}; {MASK_FOLDER}/<split>/<NN_name>/<stem>.npy"
+
+    @property
+    def manifest(self) -> pathlib.Path:
+        return self.root / "manifest.json"
+
+    @property
+    def backgrounds(self) -> pathlib.Path:
+        return self.root / "backgrounds.csv"
+
+    def variant_file(self, variant: str, image_id: int) -> pathlib.Path:
+        split, folder, stem = self.where[image_id]
+        return self.root / variant / split / folder / f"{stem}{self.ext}"
+
+    def mask_file(self, image_id: int) -> pathlib.Path:
+        split, folder, stem = self.where[image_id]
+        return self.root / MASK_FOLDER / split / folder / f"{stem}.npy"
+
+    def files(self, image_id: int) -> list[pathlib.Path]:
+        """Every file an image has in a complete export."""
+        fs = [self.variant_file(n, image_id) for n in self.variants]
+        return fs + ([self.mask_file(image_id)] if self.masks else [])
+
+    def is_complete(self, image_id: int) -> bool:
+        return all(f.exists() for f in self.files(image_id))
+
+    def exported(self, ids: Iterable[int], consistent: bool) -> list[int]:
+        """The images in the export, including those finished by an earlier run: all their files (consistent
+        sets), or any of them."""
+        if consistent:
+            return [i for i in ids if self.is_complete(i)]
+        return [i for i in ids if any(f.exists() for f in self.files(i))]
+
+    def file_counts(self) -> dict[str, int]:
+        """Files per variant folder (and ``fg_mask``)."""
+        counts = {n: _count(self.root / n, f"*{self.ext}") for n in self.variants}
+        if self.masks:
+            counts[MASK_FOLDER] = _count(self.root / MASK_FOLDER, "*.npy")
+        return counts
 
 
-def _mask_file(out: pathlib.Path, where: tuple[str, str, str]) -> pathlib.Path:
-    split, folder, stem = where
-    return out / MASK_FOLDER / split / folder / f"{stem}.npy"
+def export(index: DatasetIndex, out_dir: str | os.PathLike, run: RunConfig | None = None,
+           config: ExportConfig | None = None, *, pool: BackgroundPool | None = None,
+           **options: Any) -> ExportResult:
+    """Write the variants of an index in the IN-9 release layout (see the module docstring).
+
+    Args:
+        index: the loaded :class:`~bgsynth.index.DatasetIndex`; images need an IN-9 label.
+        out_dir: the release root to write.
+        run: the resolved run configuration (default: from ``options``; the CPU, 256 -> 224, paper tiling,
+            ``num_threads`` also the JPEG encoding threads, default ``min(8, cpu_count)``).
+        config: the export's :class:`ExportConfig` (default: from ``options``).
+        pool: backgrounds for Mixed-*; default: the Only-BG-T images of the exported images themselves (as the
+            release, whose Mixed-* backgrounds come from its own test set).
+        **options: run options (``seed`` of the Mixed-* background choice, ``geometry``/``resize``/``crop``,
+            ``backend``, ``kernel_backend``, ``device``, ``batch_size``, ``num_threads``, ``progress``, ``tiling``)
+            and :class:`ExportConfig` fields (``variants``, ``split``, ``jpeg_quality``, ``image_format``,
+            ``resume``, ``consistent``, ``masks``).
+
+    Returns:
+        An :class:`ExportResult`.
+
+    Raises:
+        ConfigError: bad arguments (unknown variant, quality out of range, non-IN-9 labels, a path for ``index``).
+    """
+    if not isinstance(index, DatasetIndex):
+        raise ConfigError(f"export: expected a DatasetIndex, got {type(index).__name__}; load an index file once "
+                          f"with bgsynth.index.DatasetIndex.load(path)")
+    run, config = resolve_options("export", run, config, ExportConfig, options, batch_kind="decode", device="cpu",
+                                  amp=None, progress=True)
+    return _Export(index, out_dir, run, config, pool).run()
 
 
-IMAGE_FORMATS = {"jpeg": ".JPEG", "png": ".png"}
+@dataclasses.dataclass
+class _Tally:
+    """What this run wrote and left out."""
+
+    written: int = 0
+    excluded: dict = dataclasses.field(default_factory=dict)
+    left_out: list = dataclasses.field(default_factory=list)
+
+    def exclude(self, image_id: int | None, file_name, reason: str) -> None:
+        self.excluded[reason] = self.excluded.get(reason, 0) + 1
+        self.left_out.append({"image_id": image_id, "file_name": file_name, "reason": reason})
+
+
+class _Writer:
+    """Encodes and writes files on a thread pool, a bounded number in flight; re-raises the first failure."""
+
+    def __init__(self, threads: int, image_format: str, quality: int):
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads)
+        self.pending: list[concurrent.futures.Future] = []
+        self.keep = 4 * threads
+        self.image_format, self.quality = image_format, quality
+
+    def image(self, path: pathlib.Path, hwc: np.ndarray) -> None:
+        self.pending.append(self.pool.submit(_write, path, hwc, self.image_format, self.quality))
+
+    def mask(self, path: pathlib.Path, mask: np.ndarray) -> None:
+        self.pending.append(self.pool.submit(_write_mask, path, mask))
+
+    def drain(self, keep: int | None = None) -> None:
+        _drain(self.pending, self.keep if keep is None else keep)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+class _Export:
+    """One :func:`export` call: the pool, the images to write, the writing, then backgrounds.csv and the manifest."""
+
+    def __init__(self, index: DatasetIndex, out_dir, run: RunConfig, config: ExportConfig,
+                 pool: BackgroundPool | None):
+        self.index, self.run_cfg, self.config = index, run, config
+        self.sub = index.select(split=config.split) if config.split is not None else index
+        self.layout = ReleaseLayout.create(out_dir, self.sub, config)
+        self.threads = run.num_threads or max(1, min(8, os.cpu_count() or 1))
+        self.pool = self._pool(pool)
+        self.tally = _Tally()
+
+    def run(self) -> ExportResult:
+        todo = [i for i in self.sub.ids if not (self.config.resume and self.layout.is_complete(i))]
+        self._write_images(todo)
+        exported = self.layout.exported(self.sub.ids, self.config.consistent)
+        _write_backgrounds(self.layout, self.sub, exported, self.pool, self.run_cfg.seed)
+        counts = self.layout.file_counts()
+        atomic_write_json(self.layout.manifest, self._manifest(exported, counts), indent=1)
+        return ExportResult(self.layout.root, len(exported), self.tally.written, self.tally.excluded, counts,
+                            self.layout.manifest, self.layout.backgrounds)
+
+    def _pool(self, pool: BackgroundPool | None) -> BackgroundPool | None:
+        r = self.run_cfg
+        if pool is None and any(n in MIXED_VARIANTS for n in self.config.variants):
+            pool = build_background_pool(self.sub, geometry=r.geometry, backend=r.backend, device=r.device,
+                                         batch_size=r.batch_size, num_threads=self.threads, progress=r.progress,
+                                         tiling=r.tiling, kernel_backend=r.kernel_backend)
+        return None if pool is None else pool.to(r.device)
+
+    def _write_images(self, todo: list[int]) -> None:
+        r, c = self.run_cfg, self.config
+        writer = _Writer(self.threads, c.image_format, c.jpeg_quality)
+        bar = _progress(r.progress, len(todo))
+        try:
+            if todo:
+                loader = create_loader(self.sub, backend=r.backend, geometry=r.geometry, batch_size=r.batch_size,
+                                       device=r.device, ids=todo, num_threads=self.threads, tiling=r.tiling,
+                                       only_bg_t="only_bg_t" in c.variants)
+                try:
+                    for batch in loader:
+                        self._write_batch(batch, writer)
+                        if bar is not None:
+                            bar.update(len(batch))
+                    for rej in loader.rejects:
+                        self.tally.exclude(None, rej["path"], f"decode: {rej['reason']}")
+                finally:
+                    loader.close()
+            writer.drain(0)
+        finally:
+            writer.close()
+            if bar is not None:
+                bar.close()
+
+    def _write_batch(self, batch: Batch, writer: _Writer) -> None:
+        """Synthesize a batch's variants and queue the files of every image that is written (consistent sets:
+        only images for which every requested variant, and the mask, exist)."""
+        c = self.config
+        outs = synthesize(batch, list(c.variants), pool=self.pool, seed=self.run_cfg.seed,
+                          backend=self.run_cfg.kernel_backend)
+        host = {n: o.images.permute(0, 2, 3, 1).contiguous().cpu().numpy() for n, o in outs.items()}
+        valid = {n: o.valid.cpu().numpy() for n, o in outs.items()}
+        has_mask = batch.has_mask.cpu().numpy()
+        masks = batch.masks[:, 0].cpu().numpy() if c.masks else None
+        for k, i in enumerate(batch.image_ids.cpu().tolist()):
+            missing = [f"no {n}" for n in c.variants if not valid[n][k]]
+            if c.masks and not has_mask[k]:
+                missing.append("no mask")
+            if missing and c.consistent:
+                self.tally.exclude(i, self.sub.image(i).get("file_name"), ", ".join(missing))
+                continue
+            for n in c.variants:
+                if valid[n][k]:
+                    writer.image(self.layout.variant_file(n, i), host[n][k])
+            if c.masks and has_mask[k]:
+                writer.mask(self.layout.mask_file(i), masks[k])
+            self.tally.written += 1
+        writer.drain()
+
+    def _manifest(self, exported: list[int], counts: dict) -> dict:
+        r, c = self.run_cfg, self.config
+        d = {
+            "format": "bgsynth-export",
+            "layout": self.layout.description,
+            "index": str(self.index.path) if self.index.path else None,
+            "variants": list(c.variants),
+            "display_names": {n: VARIANTS[n].display for n in c.variants},
+            "seed": int(r.seed),
+            "image_format": c.image_format,
+            "jpeg_quality": c.jpeg_quality if c.image_format == "jpeg" else None,
+            "geometry": r.geometry.to_dict(),
+            "tiling": r.tiling,
+            "split": c.split,
+            "consistent": c.consistent,
+            "images": len(exported),
+            "files": counts,
+            "excluded_this_run": self.tally.excluded,
+            "left_out_this_run": self.tally.left_out,
+            "pool_size": 0 if self.pool is None else len(self.pool),
+        }
+        # the rest of the run's settings, but not the batch size: it changes no file, and an export resumed with
+        # another batch size must end with the same manifest
+        extra = {k: v for k, v in r.to_dict().items() if k not in d and k != "batch_size"}
+        return {**d, **extra, "masks": c.masks}
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm  # tqdm only for a visible bar
+
+    return tqdm(total=total, desc="export", unit="img")
 
 
 def _image_bytes(hwc: np.ndarray, image_format: str, quality: int) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     if image_format == "png":
         Image.fromarray(hwc).save(buf, format="PNG", compress_level=1)  # lossless; level 1 is the fast one
@@ -143,183 +425,6 @@ def _npy_bytes(mask: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, mask, allow_pickle=False)
     return buf.getvalue()
-
-
-def export(
-    index: DatasetIndex | str | os.PathLike,
-    out_dir: str | os.PathLike,
-    variants: str | Iterable[str] = "all",
-    seed: int = 0,
-    jpeg_quality: int = 95,
-    geometry: CropGeometry | None = None,
-    backend: str = "auto",
-    kernel_backend: str = "auto",
-    device: str | torch.device = "cpu",
-    split: str | None = None,
-    pool: BackgroundPool | None = None,
-    batch_size: int = 64,
-    resume: bool = True,
-    consistent: bool = True,
-    masks: bool = True,
-    num_threads: int | None = None,
-    progress: bool = True,
-    image_format: str = "jpeg",
-    tiling: str = "paper",
-) -> ExportResult:
-    """Write the variants of an index in the IN-9 release layout (see the module docstring).
-
-    Args:
-        index: the dataset index (or the path of its JSON); images need an IN-9 label.
-        out_dir: the release root to write.
-        variants: ``'all'`` or a selection (see :func:`bgsynth.variants.resolve_variants`).
-        seed: seed of the Mixed-* background choice.
-        jpeg_quality: JPEG quality (1..100).
-        geometry: crop geometry (default 256 -> 224).
-        backend: decode backend (see :func:`bgsynth.pipeline.create_loader`).
-        kernel_backend: variant kernels backend (``'auto'``, ``'torch'``, ``'triton'``).
-        device: where decoding and synthesis run.
-        split: export only this split (default: every image of the index).
-        pool: backgrounds for Mixed-*; default: the Only-BG-T images of the exported images themselves (as the
-            release, whose Mixed-* backgrounds come from its own test set).
-        batch_size: decode batch size.
-        resume: skip images whose files already all exist (otherwise rewrite everything).
-        consistent: write an image only if all requested variants exist for it.
-        masks: also write ``fg_mask/`` (images without a mask are then left out).
-        num_threads: JPEG encoding/decoding threads (default ``min(8, cpu_count)``).
-        progress: show a progress bar.
-        image_format: ``"jpeg"`` (``<stem>.JPEG`` at ``jpeg_quality``, as released) or ``"png"`` (``<stem>.png``,
-            lossless).
-        tiling: ``"paper"`` or ``"crop"`` Only-BG-T (see the module docstring).
-
-    Returns:
-        An :class:`ExportResult`.
-
-    Raises:
-        ConfigError: bad arguments (unknown variant, quality out of range, non-IN-9 labels).
-    """
-    from .pipeline import create_loader
-    from .pool import build_background_pool
-
-    if not isinstance(index, DatasetIndex):
-        index = DatasetIndex.load(index)
-    names = resolve_variants(variants)
-    if isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, int) or not 1 <= jpeg_quality <= 100:
-        raise ConfigError(f"export: expected jpeg_quality an integer in 1..100, got {jpeg_quality!r}")
-    if image_format not in IMAGE_FORMATS:
-        raise ConfigError(f"export: expected image_format in {tuple(IMAGE_FORMATS)}, got {image_format!r}")
-    if tiling not in TILINGS:
-        raise ConfigError(f"export: expected tiling in {TILINGS}, got {tiling!r}")
-    ext = IMAGE_FORMATS[image_format]
-    geometry = CropGeometry() if geometry is None else geometry
-    out = pathlib.Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    sub = index.select(split=split) if split is not None else index
-    where = release_paths(sub, sub.ids)
-    dev = torch.device(device)
-    threads = num_threads or max(1, min(8, os.cpu_count() or 1))
-    need_pool = any(n in MIXED_VARIANTS for n in names)
-    if need_pool and pool is None:
-        pool = build_background_pool(sub, geometry=geometry, backend=backend, device=dev, batch_size=batch_size,
-                                     num_threads=threads, progress=progress, tiling=tiling)
-    if pool is not None:
-        pool = pool.to(dev)
-
-    def files_of(i: int) -> list[pathlib.Path]:
-        fs = [_variant_file(out, n, where[i], ext) for n in names]
-        return fs + ([_mask_file(out, where[i])] if masks else [])
-
-    todo = [i for i in sub.ids if not (resume and all(f.exists() for f in files_of(i)))]
-    excluded: dict[str, int] = {}
-    left_out: list[dict] = []
-    written = 0
-
-    def exclude(i: int, reason: str) -> None:
-        excluded[reason] = excluded.get(reason, 0) + 1
-        left_out.append({"image_id": i, "file_name": sub.image(i).get("file_name"), "reason": reason})
-
-    def reasons(o_valid: dict, has_mask: bool) -> list[str]:
-        r = [f"no {n}" for n in names if not o_valid[n]]
-        if masks and not has_mask:
-            r.append("no mask")
-        return r
-
-    pending: list[concurrent.futures.Future] = []
-    pool_exec = concurrent.futures.ThreadPoolExecutor(max_workers=threads)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc="export", unit="img")
-    try:
-        if todo:
-            loader = create_loader(sub, backend=backend, geometry=geometry, batch_size=batch_size, device=dev,
-                                   ids=todo, num_threads=threads, tiling=tiling, only_bg_t="only_bg_t" in names)
-            try:
-                for batch in loader:
-                    outs = synthesize(batch, names, pool=pool, seed=seed, backend=kernel_backend)
-                    host = {n: o.images.permute(0, 2, 3, 1).contiguous().cpu().numpy() for n, o in outs.items()}
-                    valid = {n: o.valid.cpu().numpy() for n, o in outs.items()}
-                    ids = batch.image_ids.cpu().tolist()
-                    has_mask = batch.has_mask.cpu().numpy()
-                    mask_np = batch.masks[:, 0].cpu().numpy() if masks else None
-                    for k, i in enumerate(ids):
-                        bad = reasons({n: bool(valid[n][k]) for n in names}, bool(has_mask[k]))
-                        if bad and consistent:
-                            exclude(i, ", ".join(bad))
-                            continue
-                        for n in names:
-                            if valid[n][k]:
-                                f = _variant_file(out, n, where[i], ext)
-                                pending.append(pool_exec.submit(_write, f, host[n][k], image_format, jpeg_quality))
-                        if masks and has_mask[k]:
-                            f = _mask_file(out, where[i])
-                            pending.append(pool_exec.submit(_write_mask, f, mask_np[k]))
-                        written += 1
-                    _drain(pending, keep=4 * threads)
-                    if bar is not None:
-                        bar.update(len(ids))
-                for r in loader.rejects:
-                    excluded[f"decode: {r['reason']}"] = excluded.get(f"decode: {r['reason']}", 0) + 1
-                    left_out.append({"image_id": None, "file_name": r["path"], "reason": f"decode: {r['reason']}"})
-            finally:
-                loader.close()
-        _drain(pending, keep=0)
-    finally:
-        pool_exec.shutdown(wait=True)
-        if bar is not None:
-            bar.close()
-
-    # the manifest covers every exported image, including those finished by an earlier run
-    if consistent:
-        exported = [i for i in sub.ids if all(f.exists() for f in files_of(i))]
-    else:
-        exported = [i for i in sub.ids if any(f.exists() for f in files_of(i))]
-    bg_csv = out / "backgrounds.csv"
-    _write_backgrounds(bg_csv, sub, exported, names, pool, seed, where, out, ext)
-    counts = {n: _count(out / n, f"*{ext}") for n in names}
-    if masks:
-        counts[MASK_FOLDER] = _count(out / MASK_FOLDER, "*.npy")
-    manifest = out / "manifest.json"
-    atomic_write_json(manifest, {
-        "format": "bgsynth-export",
-        "layout": f"<variant>/<split>/<NN_name>/<stem>{ext}; fg_mask/<split>/<NN_name>/<stem>.npy",
-        "index": str(index.path) if index.path else None,
-        "variants": names,
-        "display_names": {n: VARIANTS[n].display for n in names},
-        "seed": int(seed),
-        "image_format": image_format,
-        "jpeg_quality": jpeg_quality if image_format == "jpeg" else None,
-        "geometry": geometry.to_dict(),
-        "tiling": tiling,
-        "split": split,
-        "consistent": consistent,
-        "images": len(exported),
-        "files": counts,
-        "excluded_this_run": excluded,
-        "left_out_this_run": left_out,
-        "pool_size": 0 if pool is None else len(pool),
-    }, indent=1)
-    return ExportResult(out, len(exported), written, excluded, counts, manifest, bg_csv)
 
 
 def _write(path: pathlib.Path, hwc: np.ndarray, image_format: str, quality: int) -> None:
@@ -340,11 +445,10 @@ def _count(folder: pathlib.Path, pattern: str = "*.JPEG") -> int:
     return sum(1 for _ in folder.rglob(pattern)) if folder.is_dir() else 0
 
 
-def _write_backgrounds(path, index: DatasetIndex, ids: list[int], names: list[str], pool, seed: int, where, out,
-                       ext: str):
+def _write_backgrounds(layout: ReleaseLayout, index: DatasetIndex, ids: list[int], pool, seed: int) -> None:
     """``backgrounds.csv``: variant, image, its file, the background image id/label/file (Mixed-* only)."""
     rows = []
-    mixed = [n for n in names if n in MIXED_VARIANTS]
+    mixed = [n for n in layout.variants if n in MIXED_VARIANTS]
     if mixed and ids and pool is not None:
         dev = pool.device
         t_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
@@ -352,16 +456,16 @@ def _write_backgrounds(path, index: DatasetIndex, ids: list[int], names: list[st
         for n in mixed:
             _, bg_ids, bg_labels = choose_backgrounds(t_ids, t_lab, n, pool, seed)
             for i, b, bl in zip(ids, bg_ids.cpu().tolist(), bg_labels.cpu().tolist()):
-                f = _variant_file(out, n, where[i], ext)
+                f = layout.variant_file(n, i)
                 if not f.exists():
                     continue
                 bg_file = index.image(b).get("file_name", "") if b >= 0 and _has(index, b) else ""
-                rows.append([n, i, f.relative_to(out).as_posix(), b, bl, bg_file])
+                rows.append([n, i, f.relative_to(layout.root).as_posix(), b, bl, bg_file])
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["variant", "image_id", "file", "bg_image_id", "bg_label", "bg_source_file"])
     w.writerows(rows)
-    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+    atomic_write_bytes(layout.backgrounds, buf.getvalue().encode("utf-8"))
 
 
 def _has(index: DatasetIndex, image_id: int) -> bool:

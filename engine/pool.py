@@ -18,12 +18,15 @@ from .errors import ConfigError
 from .geometry import CropGeometry
 from .index import DatasetIndex
 from .pipeline import create_loader
-from .types import BackgroundPool
+from .types import BackgroundPool, Batch
 from .variants import background_pool_from_batch
 
-__all__ = ["build_background_pool", "build_background_pool_sharded", "gather_background_pool"]
+__all__ = ["build_background_pool", "build_background_pool_sharded", "gather_background_pool", "pool_from_batches",
+           "empty_pool"]
 
 
+# The one pool builder, called positionally (index, geometry, backend, ...) by consumers, tests and benchmarks.
+# size: a stable public signature: the selection (split, per_class, seed) and the run's decode settings, one for one
 def build_background_pool(
     index: DatasetIndex | str,
     geometry: CropGeometry | None = None,
@@ -69,48 +72,85 @@ def build_background_pool(
     Shape:
         - pool.images: ``uint8 [N, 3, C, C]``; pool.labels, pool.image_ids: ``int64 [N]``
     """
-    if isinstance(index, (str, bytes)) or hasattr(index, "__fspath__"):
-        index = DatasetIndex.load(index)
+    sub = _selection(index, split, per_class, seed)
     geometry = CropGeometry() if geometry is None else geometry
     dev = torch.device(device)
-    sub = index.select(split=split, per_class=per_class, seed=seed) if (split is not None or per_class is not None) else index
-    n = len(sub)
-    c = geometry.crop
-    BackgroundPool.check_fits(n, c, dev)
-
+    BackgroundPool.check_fits(len(sub), geometry.crop, dev)
     loader = create_loader(sub, backend=backend, geometry=geometry, batch_size=batch_size, device=dev,
                            num_threads=num_threads, tiling=tiling)
-    # one preallocated buffer (a list of parts + torch.cat would hold the pool twice at its peak)
-    images = torch.empty((n, 3, c, c), dtype=torch.uint8, device=loader.device)
+    try:
+        pool = _fill(loader, len(sub), geometry.crop, progress, kernel_backend)
+    finally:
+        loader.close()
+    if len(pool) == 0:
+        warnings.warn(
+            f"build_background_pool: none of the {len(sub)} images has an Only-BG-T (or all were rejected); the pool "
+            f"is empty",
+            stacklevel=2,
+        )
+    return pool
+
+
+def _selection(index, split, per_class, seed) -> DatasetIndex:
+    """The images a pool is made of (an index path is loaded here)."""
+    if isinstance(index, (str, bytes)) or hasattr(index, "__fspath__"):
+        index = DatasetIndex.load(index)
+    if split is None and per_class is None:
+        return index
+    return index.select(split=split, per_class=per_class, seed=seed)
+
+
+def _fill(loader, n: int, crop: int, progress: bool, kernel_backend: str) -> BackgroundPool:
+    """Every batch's Only-BG-T rows, in one preallocated buffer (a list of parts + torch.cat would hold the pool
+    twice at its peak)."""
+    images = torch.empty((n, 3, crop, crop), dtype=torch.uint8, device=loader.device)
     labels = torch.empty(n, dtype=torch.int64, device=loader.device)
     ids = torch.empty(n, dtype=torch.int64, device=loader.device)
     count = 0
     batches = loader
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # tqdm only for a visible bar
 
         batches = tqdm(loader, desc="background pool", unit="batch")
-    try:
-        for batch in batches:
-            part = background_pool_from_batch(batch, backend=kernel_backend)
-            k = len(part)
-            images[count : count + k] = part.images
-            labels[count : count + k] = part.labels
-            ids[count : count + k] = part.image_ids
-            count += k
-    finally:
-        loader.close()
-    if count == 0:
-        warnings.warn(
-            f"build_background_pool: none of the {n} images has an Only-BG-T (or all were rejected); the pool is empty",
-            stacklevel=2,
-        )
+    for batch in batches:
+        part = background_pool_from_batch(batch, backend=kernel_backend)
+        k = len(part)
+        images[count : count + k] = part.images
+        labels[count : count + k] = part.labels
+        ids[count : count + k] = part.image_ids
+        count += k
     if count < n:  # leading rows are contiguous views; copy only when much of the buffer would be wasted
         images, labels, ids = images[:count], labels[:count], ids[:count]
         if count < 0.9 * n:
             images, labels, ids = images.clone(), labels.clone(), ids.clone()
     # the loader yields batches in sorted id order and each part is sorted, so the pool is sorted by id
     return BackgroundPool(images=images, labels=labels, image_ids=ids)
+
+
+def empty_pool(crop: int, device: torch.device | str) -> BackgroundPool:
+    """A pool without backgrounds (``uint8 [0, 3, crop, crop]``): a rank without images still joins the gather."""
+    z = torch.empty(0, dtype=torch.int64, device=device)
+    return BackgroundPool(torch.empty((0, 3, crop, crop), dtype=torch.uint8, device=device), z, z.clone())
+
+
+def pool_from_batches(batches: Sequence[Batch], crop: int, device: torch.device | str,
+                      backend: str = "auto") -> BackgroundPool:
+    """The pool of batches already decoded (e.g. kept by an evaluation pass, so that each JPEG is decoded once):
+    each batch's Only-BG-T rows (:func:`bgsynth.variants.background_pool_from_batch`), sorted by image id.
+
+    Args:
+        batches: decoded batches of distinct images (with ``bgt`` under ``tiling="paper"``).
+        crop: crop size of an empty pool (no batch, or no Only-BG-T at all).
+        device: device of an empty pool (otherwise the batches').
+        backend: kernel backend of the crop-space tiling (``tiling="crop"``).
+    """
+    parts = [background_pool_from_batch(b, backend=backend) for b in batches]
+    if not parts:
+        return empty_pool(crop, device)
+    ids = torch.cat([p.image_ids for p in parts])
+    order = torch.argsort(ids)
+    return BackgroundPool(torch.cat([p.images for p in parts])[order].contiguous(),
+                          torch.cat([p.labels for p in parts])[order], ids[order])
 
 
 def gather_background_pool(pool, ctx: DistContext | None = None):
@@ -161,16 +201,12 @@ def build_background_pool_sharded(
         **kwargs: ``geometry``, ``backend``, ``device``, ``batch_size``, ``tile_fn``, ``num_threads``,
             ``progress`` (shown on rank 0 only).
     """
-    from .index import DatasetIndex
-    from .pool import build_background_pool
     ctx = current() if ctx is None else ctx
     if not ctx.enabled:
         return build_background_pool(index, split=split, per_class=per_class, seed=seed, **kwargs)
-    if isinstance(index, (str, bytes)) or hasattr(index, "__fspath__"):
-        index = DatasetIndex.load(index)
-    sub = index.select(split=split, per_class=per_class, seed=seed) if (split is not None or per_class is not None) else index
+    sub = _selection(index, split, per_class, seed)
     geometry = kwargs.get("geometry")
-    crop = 224 if geometry is None else geometry.crop
+    crop = (CropGeometry() if geometry is None else geometry).crop
     device = torch.device(kwargs.get("device", "cpu"))
     BackgroundPool.check_fits(len(sub), crop, device)  # the gathered pool, not only this rank's part
     kwargs["progress"] = bool(kwargs.get("progress", False)) and ctx.is_main
@@ -181,9 +217,7 @@ def build_background_pool_sharded(
             warnings.filterwarnings("ignore", message="build_background_pool: none of")
             part = build_background_pool(sub.select(ids=mine), **kwargs)
     else:
-        part = BackgroundPool(torch.empty((0, 3, crop, crop), dtype=torch.uint8, device=device),
-                              torch.empty(0, dtype=torch.int64, device=device),
-                              torch.empty(0, dtype=torch.int64, device=device))
+        part = empty_pool(crop, device)
     pool = gather_background_pool(part, ctx)
     if len(pool) == 0:
         warnings.warn(

@@ -1,4 +1,5 @@
-"""bgsynth.evaluate: identical predictions to a slow independent per-image path, records/metrics, shards, schema."""
+"""bgsynth.evaluate and bgsynth.results: identical predictions to a slow independent per-image path, records/metrics,
+shards, schema, the run/job configuration."""
 
 from __future__ import annotations
 
@@ -12,19 +13,20 @@ from PIL import Image
 from torch import nn
 
 from bgsynth.classes import IN9_MEAN, IN9_STD, NUM_IN9
+from bgsynth.config import resolve_run
 from bgsynth.errors import ConfigError
-from bgsynth.evaluate import (
+from bgsynth.evaluate import EvalConfig, evaluate
+from bgsynth.models import LoadedModel, Predictor, create_model
+from bgsynth.results import (
     RECORD_COLUMNS,
     SCHEMA,
     VARIANT_ORDER,
     EvalRecords,
     EvalResult,
-    evaluate,
     load_result,
     merge_results,
     metrics_from_records,
 )
-from bgsynth.models import LoadedModel, Predictor, create_model
 from fixtures import calibrate_batchnorm
 from reference import reference_background, reference_tiled, reference_variant
 
@@ -327,6 +329,10 @@ def test_result_json_schema_and_csv(full_run, tmp_path):
     assert d["records"] is None and d["variants"] == list(VARIANT_ORDER)
     assert set(d["config"]) >= {"index", "split", "seed", "geometry", "backend", "device", "batch_size", "pool"}
     assert d["config"]["geometry"] == {"resize": 72, "crop": 64} and d["config"]["seed"] == SEED
+    # the run's and the job's settings (RunConfig.to_dict, EvalConfig.to_dict) are recorded too
+    assert d["config"]["geometry_source"] == "arguments" and d["config"]["tiling"] == "paper"
+    assert d["config"]["kernel_backend"] == "auto" and d["config"]["amp"] is None
+    assert d["config"]["examples_per_class"] == 1 and d["config"]["record_provenance"] is True
     assert d["model"]["spec"] == "test-net" and d["model"]["predictor"]["label_protocol"] == "official"
     assert set(d["metrics"]["mixed_rand"]) == {"accuracy", "correct", "total", "invalid", "unmapped", "per_class",
                                                "confusion", "by_bg_class", "pred_is_bg_class"}
@@ -380,3 +386,25 @@ def test_errors(setup):
         evaluate(index, _loaded(net), shard_id=2, num_shards=2, **kw)
     with pytest.raises(ConfigError, match="LoadedModel or Predictor"):
         evaluate(index, net, **kw)
+    with pytest.raises(ConfigError, match="DatasetIndex.load"):  # the index is loaded once, by the caller
+        evaluate(str(index.path), _loaded(net), **kw)
+    with pytest.raises(ConfigError, match="unknown option.*'varients'.*EvalConfig fields"):
+        evaluate(index, _loaded(net), varients="all", **kw)
+    with pytest.raises(ConfigError, match="examples_per_class"):
+        EvalConfig(examples_per_class=-1)
+
+
+def test_run_and_job_config_objects(setup, full_run):
+    """A resolved RunConfig and an EvalConfig give the same run as the keyword options they stand for."""
+    index, geometry, net = setup
+    cfg = EvalConfig(variants="Mixed-Rand, original", split="val", examples_per_class=0)
+    assert cfg.variants == ("original", "mixed_rand")  # resolved, in the paper's order
+    run = resolve_run(geometry=geometry, device="cpu", backend="pil", batch_size=27, seed=SEED)
+    r = evaluate(index, _loaded(net), run, cfg)
+    assert r.config["batch_size"] == 27 and r.config["examples_per_class"] == 0
+    for v in cfg.variants:
+        assert r.metrics[v] == full_run.metrics[v]
+    # options override the given objects
+    r2 = evaluate(index, _loaded(net), run, cfg, variants="original", batch_size=9)
+    assert r2.variants == ["original"] and r2.config["batch_size"] == 9
+    assert np.array_equal(r2.records.pred, full_run.records.of_variant("original").pred)

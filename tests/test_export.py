@@ -15,7 +15,8 @@ from PIL import Image
 import bgsynth.export as export_mod
 from bgsynth.classes import IN9_FOLDERS
 from bgsynth.errors import ConfigError
-from bgsynth.export import export, release_paths, safe_stem
+from bgsynth.config import resolve_run
+from bgsynth.export import ExportConfig, export, release_paths, safe_stem
 from bgsynth.pipeline import create_loader
 from bgsynth.pool import build_background_pool
 from bgsynth.types import Batch
@@ -167,6 +168,14 @@ def test_subset_of_variants_and_consistency(val_index, tiny_geometry, tmp_path):
         export(idx, tmp_path / "c", jpeg_quality=0)
     with pytest.raises(ConfigError, match="unknown variant"):
         export(idx, tmp_path / "c", variants=["bogus"])
+    with pytest.raises(ConfigError, match="DatasetIndex.load"):  # the index is loaded once, by the caller
+        export(str(idx.path), tmp_path / "c")
+    # a resolved RunConfig and an ExportConfig stand for the keyword options: the same files
+    run = resolve_run(geometry=tiny_geometry, backend="pil", device="cpu", progress=False)
+    again = export(idx, tmp_path / "d", run, ExportConfig(variants="original,no_fg", consistent=False, masks=False))
+    assert again.files == part.files
+    for f in (tmp_path / "b").rglob("*.JPEG"):
+        assert f.read_bytes() == (tmp_path / "d" / f.relative_to(tmp_path / "b")).read_bytes()
 
 
 def test_safe_names():

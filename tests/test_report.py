@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from bgsynth.evaluate import EvalRecords, EvalResult, load_result, metrics_from_records
 from bgsynth.report import write_report
 from bgsynth.report.plots import prediction_sheet
 from bgsynth.report.tables import (
@@ -20,6 +19,7 @@ from bgsynth.report.tables import (
     markdown_table,
     paper_table,
 )
+from bgsynth.results import EvalRecords, EvalResult, load_result, metrics_from_records
 
 VARIANTS = ("original", "only_bg_b", "only_bg_t", "no_fg", "only_fg", "mixed_same", "mixed_rand", "mixed_next")
 
@@ -154,3 +154,14 @@ def test_cli_eval_and_report(builtin_root, tmp_path):
     assert main(["eval", str(builtin_root), "--model", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x")]) == 2
     assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "y")]) == 2
 
+
+
+def test_no_matplotlib_without_a_plot():
+    """matplotlib is imported by the plotting functions only: evaluating, exporting or drawing a contact sheet
+    (PIL) never loads it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bgsynth.evaluate, bgsynth.export, bgsynth.show, bgsynth.report, bgsynth.cli.eval; "
+            "sys.exit('matplotlib' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._args import add_model_args, add_tiling_arg, geometry_from_args, positive_int, predictor_from_args, resolve_index
+from ._args import add_model_args, add_tiling_arg, positive_int, predictor_from_args, resolve_index
 
 __all__ = ["register", "run"]
 
@@ -60,19 +60,19 @@ def register(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..distributed import init_distributed
     from ..evaluate import evaluate_to_dir
+    from ..index import DatasetIndex
     from ..report.tables import format_summary
 
     ctx = init_distributed()  # a no-op without torchrun
     device = ctx.device(None if args.device == "auto" else args.device)
     progress = args.progress and ctx.is_main
-    index = resolve_index(args.index, ctx, progress=progress)
-    loaded, predictor = predictor_from_args(args, device)
-    geometry = geometry_from_args(args, loaded)
-    batch_size = args.batch_size or (256 if device.type == "cuda" else 64)
+    index = DatasetIndex.load(resolve_index(args.index, ctx, progress=progress))  # loaded once, here
+    _loaded, predictor = predictor_from_args(args, device)
+    # --resize/--crop over the checkpoint's geometry, batch size by device: resolved by bgsynth.config in evaluate
     result, paths = evaluate_to_dir(
         index, predictor, args.out, provenance=args.provenance, report=args.report, name=args.name,
         variants=args.variants, split=None if args.split == "all" else args.split, seed=args.seed,
-        geometry=geometry, backend=args.backend, device=device, batch_size=batch_size, progress=progress,
+        resize=args.resize, crop=args.crop, backend=args.backend, batch_size=args.batch_size, progress=progress,
         per_class=args.per_class, examples_per_class=args.examples_per_class, dist=ctx, tiling=args.tiling,
     )
     if not ctx.is_main:

@@ -48,16 +48,17 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from ..export import export
-    from ..geometry import CropGeometry
+    from ..index import DatasetIndex
 
-    index = args.index
-    if index == "builtin":
+    path = args.index
+    if path == "builtin":
         from ..sources.synthetic import build_builtin_dataset
 
-        index = build_builtin_dataset(progress=not args.quiet)
+        path = build_builtin_dataset(progress=not args.quiet)
+    index = DatasetIndex.load(path)  # loaded once, here
     res = export(
         index, args.out, variants=args.variants, seed=args.seed, jpeg_quality=args.quality,
-        geometry=CropGeometry(args.resize, args.crop), backend=args.backend, kernel_backend=args.kernels,
+        resize=args.resize, crop=args.crop, backend=args.backend, kernel_backend=args.kernels,
         device=args.device, split=None if args.split == "all" else args.split, batch_size=args.batch_size,
         resume=not args.no_resume, consistent=not args.partial, masks=not args.no_masks, num_threads=args.threads,
         progress=not args.quiet, image_format=args.image_format, tiling=args.tiling,

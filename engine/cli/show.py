@@ -1,4 +1,4 @@
-"""``bgsynth show INDEX --out sheet.png``: a contact sheet of the variants (see :mod:`bgsynth.report.sheets`)."""
+"""``bgsynth show INDEX --out sheet.png``: a contact sheet of the variants (see :func:`bgsynth.show.show_index`)."""
 
 from __future__ import annotations
 
@@ -38,17 +38,19 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from ..report.sheets import show_index
+    from ..index import DatasetIndex
+    from ..show import show_index
 
-    index = args.index
-    if index == "builtin":
+    path = args.index
+    if path == "builtin":
         from ..sources.synthetic import build_builtin_dataset
 
-        index = build_builtin_dataset(progress=False)
-    path, n = show_index(
+        path = build_builtin_dataset(progress=False)
+    index = DatasetIndex.load(path)  # loaded once, here
+    out, n = show_index(
         index, args.out, n=args.images, per_class=args.per_class, variants=args.variants,
         split=None if args.split == "all" else args.split, seed=args.seed, resize=args.resize, crop=args.crop,
         tile=args.tile, decoded=args.decoded, backend=args.backend, device=args.device, tiling=args.tiling,
     )
-    print(f"wrote {path} ({n} images)")
+    print(f"wrote {out} ({n} images)")
     return 0

@@ -1,8 +1,11 @@
 """Reports of evaluation runs: ``report.md`` with the paper's table, plots and a contact sheet.
 
+Pure reporting: everything here reads :class:`~bgsynth.results.EvalResult` objects (or the run folders that hold
+them) and writes text and figures; nothing decodes an image or runs a model.
+
 * :func:`write_report` writes one run's report, or several runs side by side (one table, one grouped chart).
 * :mod:`bgsynth.report.tables` (Markdown/CSV tables) and :mod:`bgsynth.report.plots` (matplotlib/PIL figures) hold
-  the pieces; ``bgsynth.report.sheets`` holds contact sheets of variants.
+  the pieces; :mod:`bgsynth.report.sheets` draws contact sheets of variants (made by :mod:`bgsynth.show`).
 
 >>> write_report("runs/resnet50", "runs/resnet50")                       # doctest: +SKIP
 >>> write_report(["runs/a", "runs/b"], "runs/compare", names=["A", "B"])  # doctest: +SKIP
@@ -15,13 +18,16 @@ import pathlib
 import shutil
 from typing import Sequence
 
+from ..errors import ConfigError
+from ..fileio import atomic_write_bytes
+from ..results import EvalResult, load_result
+from . import plots, tables
+
 __all__ = ["write_report", "load_results"]
 
 
-def load_results(sources) -> list:
-    """Results from :class:`~bgsynth.evaluate.EvalResult` objects, run folders or ``results.json`` paths."""
-    from ..evaluate import EvalResult, load_result
-
+def load_results(sources) -> list[EvalResult]:
+    """Results from :class:`~bgsynth.results.EvalResult` objects, run folders or ``results.json`` paths."""
     if isinstance(sources, (EvalResult, str, os.PathLike)):
         sources = [sources]
     out = []
@@ -94,7 +100,7 @@ def write_report(
     """Write ``report.md`` and its figures into ``out_dir``.
 
     Args:
-        result_or_dir: an :class:`~bgsynth.evaluate.EvalResult`, a run folder / ``results.json``, or a list of
+        result_or_dir: an :class:`~bgsynth.results.EvalResult`, a run folder / ``results.json``, or a list of
             them; several runs are put side by side (one table, one grouped chart, then each run's details).
         out_dir: output folder (created).
         names: display names of the runs (default: each model's name).
@@ -104,21 +110,10 @@ def write_report(
         The path of ``report.md``. Figures: ``accuracy.png``, ``per_class.png`` and ``bg_class.png`` (one run; the
         last only with Mixed-*), ``examples.png`` when example composites are available.
     """
-    from ..fileio import atomic_write_bytes
-    from . import plots, tables
-
     single = not isinstance(result_or_dir, (list, tuple))
     sources = [result_or_dir] if single else list(result_or_dir)
     results = load_results(sources)
-    if names is None:
-        names = [r.name for r in results]
-        if len(set(names)) < len(names):
-            names = [f"{n} ({i + 1})" for i, n in enumerate(names)]
-    names = list(names)
-    if len(names) != len(results):
-        from ..errors import ConfigError
-
-        raise ConfigError(f"write_report: expected {len(results)} names, got {len(names)}")
+    names = _names(results, names)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -129,33 +124,50 @@ def write_report(
     md += ["![accuracy per variant](accuracy.png)", ""]
     if len(results) > 1:
         atomic_write_bytes(out / "comparison.csv", tables.comparison_csv(results, names).encode("utf-8"))
-
     for k, (name, r, src) in enumerate(zip(names, results, sources)):
         suffix = "" if len(results) == 1 else f"_{k + 1}"
-        md += [f"## {name}" if len(results) > 1 else "## Run", ""] + _header(r) + [""]
-        notes = _notes(r)
-        if notes:
-            md += ["### Findings", ""] + notes + [""]
-        md += ["### Counts", "", tables.counts_table(r), ""]
-        md += ["### Accuracy per class (%)", "", tables.per_class_table(r), ""]
-        plots.per_class_heatmap(r, out / f"per_class{suffix}.png", title=f"{name}: accuracy per class (%)")
-        md += [f"![per-class accuracy](per_class{suffix}.png)", ""]
-        bgt = tables.bg_class_table(r)
-        if bgt is not None:
-            md += ["### Mixed-* accuracy by background class (%)", "", bgt, ""]
-            if plots.bg_class_heatmap(r, out / f"bg_class{suffix}.png", title=f"{name}: accuracy by background class (%)"):
-                md += [f"![accuracy by background class](bg_class{suffix}.png)", ""]
-        sheet = out / f"examples{suffix}.png"
-        src_dir = _source_dir(src)
-        if r.example_images:
-            plots.prediction_sheet(r.example_images, sheet)
-        elif src_dir is not None and (src_dir / "examples.png").is_file() and (src_dir / "examples.png").resolve() != sheet.resolve():
-            shutil.copyfile(src_dir / "examples.png", sheet)
-        if sheet.is_file():
-            md += ["### Examples", "", "Rows: one image per class; columns: variants. Green frame: correct, red: wrong, "
-                   "grey: variant undefined for the image; the prediction is written under each tile.", "",
-                   f"![examples](examples{suffix}.png)", ""]
+        md += _run_section(name, r, src, out, suffix, several=len(results) > 1)
     md += ["---", f"Generated by bgsynth {results[0].versions.get('bgsynth', '')} (schema {results[0].schema}).", ""]
     path = out / "report.md"
     atomic_write_bytes(path, "\n".join(md).encode("utf-8"))
     return path
+
+
+def _names(results: list[EvalResult], names: Sequence[str] | None) -> list[str]:
+    """Display names of the runs: given, or each model's name (numbered when two agree)."""
+    if names is None:
+        names = [r.name for r in results]
+        if len(set(names)) < len(names):
+            names = [f"{n} ({i + 1})" for i, n in enumerate(names)]
+    names = list(names)
+    if len(names) != len(results):
+        raise ConfigError(f"write_report: expected {len(results)} names, got {len(names)}")
+    return names
+
+
+def _run_section(name: str, r: EvalResult, src, out: pathlib.Path, suffix: str, several: bool) -> list[str]:
+    """One run's part of the report: header, findings, tables, heatmaps and its example sheet."""
+    md = [f"## {name}" if several else "## Run", ""] + _header(r) + [""]
+    notes = _notes(r)
+    if notes:
+        md += ["### Findings", ""] + notes + [""]
+    md += ["### Counts", "", tables.counts_table(r), ""]
+    md += ["### Accuracy per class (%)", "", tables.per_class_table(r), ""]
+    plots.per_class_heatmap(r, out / f"per_class{suffix}.png", title=f"{name}: accuracy per class (%)")
+    md += [f"![per-class accuracy](per_class{suffix}.png)", ""]
+    bgt = tables.bg_class_table(r)
+    if bgt is not None:
+        md += ["### Mixed-* accuracy by background class (%)", "", bgt, ""]
+        if plots.bg_class_heatmap(r, out / f"bg_class{suffix}.png", title=f"{name}: accuracy by background class (%)"):
+            md += [f"![accuracy by background class](bg_class{suffix}.png)", ""]
+    sheet = out / f"examples{suffix}.png"
+    src_dir = _source_dir(src)
+    if r.example_images:
+        plots.prediction_sheet(r.example_images, sheet)
+    elif src_dir is not None and (src_dir / "examples.png").is_file() and (src_dir / "examples.png").resolve() != sheet.resolve():
+        shutil.copyfile(src_dir / "examples.png", sheet)
+    if sheet.is_file():
+        md += ["### Examples", "", "Rows: one image per class; columns: variants. Green frame: correct, red: wrong, "
+               "grey: variant undefined for the image; the prediction is written under each tile.", "",
+               f"![examples](examples{suffix}.png)", ""]
+    return md

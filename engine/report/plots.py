@@ -15,6 +15,7 @@ import pathlib
 from typing import Sequence
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from ..classes import IN9_CLASSES, NUM_IN9
 from .tables import _columns, variant_label
@@ -25,6 +26,8 @@ CHANCE = 1.0 / NUM_IN9
 
 
 def _plt():
+    """matplotlib.pyplot on the Agg backend, imported here: a command that draws no chart never imports matplotlib
+    (it is heavy to import and optional for everything but figures)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -45,7 +48,7 @@ def accuracy_bars(results, path: str | os.PathLike, names: Sequence[str] | None 
     """Bar chart of variant accuracies (%), one group per variant and one bar per run, with the chance line.
 
     Args:
-        results: one or several :class:`~bgsynth.evaluate.EvalResult`.
+        results: one or several :class:`~bgsynth.results.EvalResult`.
         path: output PNG.
         names: legend labels (default: each result's name).
         title: figure title.
@@ -133,8 +136,6 @@ def prediction_sheet(examples: dict, path: str | os.PathLike, tile: int = 96, ti
     Returns:
         The path written. Invalid composites (variant undefined for the image) are drawn grey and crossed.
     """
-    from PIL import Image, ImageDraw, ImageFont
-
     imgs = examples["images"]
     imgs = imgs.numpy() if hasattr(imgs, "numpy") else np.asarray(imgs)
     n, V = imgs.shape[:2]

@@ -1,5 +1,8 @@
 """Contact sheets (PNG, drawn with PIL): the variants of a batch like the paper's figure, and decoded inputs.
 
+Drawing only: the functions take a decoded :class:`~bgsynth.types.Batch` (ids, labels, crops, masks, boxes) and
+uint8 variant outputs; decoding and synthesis are :mod:`bgsynth.show`'s (``bgsynth show``).
+
 * :func:`variant_sheet`: one row per image, one column per variant, labelled with the paper's names; composites
   that do not exist for an image (no mask, no margin, no background) are drawn crossed out.
 * :func:`decoded_sheet`: decoded crops with the foreground mask overlaid and the union box drawn: what the
@@ -17,11 +20,13 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 from ..classes import IN9_CLASSES, NUM_IN9
 from ..errors import ConfigError
+from ..variants import VARIANTS
 
-__all__ = ["variant_sheet", "decoded_sheet", "show_index", "sheet_size", "PAD", "TOP", "LEFT"]
+__all__ = ["variant_sheet", "decoded_sheet", "sheet_size", "PAD", "TOP", "LEFT"]
 
 PAD = 4  # pixels between tiles
 TOP = 30  # title band + column headers
@@ -48,8 +53,6 @@ def _label(label: int) -> str:
 
 
 def _canvas(rows: int, cols: int, tile: int, title: str, headers: list[str]):
-    from PIL import Image, ImageDraw, ImageFont
-
     w, h = sheet_size(rows, cols, tile)
     sheet = Image.new("RGB", (w, h), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
@@ -99,10 +102,6 @@ def variant_sheet(
     Shape:
         ``outputs[name].images``: ``uint8 [B, 3, C, C]``; the sheet is :func:`sheet_size` ``(rows, V, tile)``.
     """
-    from PIL import Image
-
-    from ..variants import VARIANTS
-
     if not outputs:
         raise ConfigError("variant_sheet: expected at least one variant output, got none")
     names = list(outputs)
@@ -156,8 +155,6 @@ def decoded_sheet(
     Returns:
         The path written; the sheet is :func:`sheet_size` ``(ceil(n / columns), columns, tile)``.
     """
-    from PIL import Image
-
     n = len(batch) if max_images is None else min(len(batch), int(max_images))
     if columns < 1:
         raise ConfigError(f"decoded_sheet: expected columns >= 1, got {columns}")
@@ -195,72 +192,3 @@ def decoded_sheet(
                            outline=(255, 220, 0), width=1)
         draw.text((x + 2, y + 2), f"{ids[k]} {_label(labels[k])}"[: tile // 6], fill=(255, 255, 255), font=font)
     return _save(sheet, out_path)
-
-
-def show_index(
-    index,
-    out_path: str | os.PathLike,
-    n: int = 8,
-    per_class: bool = False,
-    variants="all",
-    split: str | None = "val",
-    seed: int = 0,
-    resize: int = 256,
-    crop: int = 224,
-    tile: int | None = None,
-    decoded: bool = False,
-    backend: str = "auto",
-    device: str = "cpu",
-    tiling: str = "paper",
-) -> tuple[pathlib.Path, int]:
-    """Decode a few images of an index and draw their variants (or, ``decoded=True``, the decoded crops).
-
-    Args:
-        index: a :class:`~bgsynth.index.DatasetIndex` or the path of its JSON.
-        out_path: PNG to write.
-        n: number of images: the first ``n`` by id, or with ``per_class`` about ``n / 9`` of each class.
-        variants: ``'all'`` or a selection; Mixed-* draw their backgrounds from the Only-BG-T images of ``split``.
-        split: split to draw from (``None``: every image).
-        seed, resize, crop, tile, backend, device: as in :func:`bgsynth.export.export`.
-        tiling: Only-BG-T construction, ``"paper"`` or ``"crop"`` (see :mod:`bgsynth.variants`).
-
-    Returns:
-        ``(path written, number of images drawn)``.
-    """
-    from ..geometry import CropGeometry
-    from ..index import DatasetIndex
-    from ..pipeline import create_loader
-    from ..pool import build_background_pool
-    from ..types import Batch
-    from ..variants import MIXED_VARIANTS, resolve_variants, synthesize
-
-    if not isinstance(index, DatasetIndex):
-        index = DatasetIndex.load(index)
-    if int(n) < 1:
-        raise ConfigError(f"show: expected at least one image, got n={n}")
-    geometry = CropGeometry(resize, crop)
-    pool_index = index.select(split=split) if split is not None else index
-    if per_class:
-        sub = pool_index.select(per_class=-(-int(n) // NUM_IN9), seed=seed)
-        ids = sub.ids[: int(n)]
-    else:
-        ids = pool_index.ids[: int(n)]
-    if not ids:
-        raise ConfigError(f"show: no images in split {split!r} of {index.path or 'the index'}")
-    loader = create_loader(index, backend=backend, geometry=geometry, batch_size=len(ids), device=device, ids=ids,
-                           prefetch=0, tiling=tiling)
-    try:
-        batches = list(loader)
-    finally:
-        loader.close()
-    if not batches:
-        raise ConfigError(f"show: none of the {len(ids)} images could be decoded: {loader.rejects[:3]}")
-    batch = Batch.cat(batches)
-    if decoded:
-        return decoded_sheet(batch, out_path, tile=tile), len(batch)
-    names = resolve_variants(variants)
-    pool = None
-    if any(v in MIXED_VARIANTS for v in names):
-        pool = build_background_pool(pool_index, geometry=geometry, backend=backend, device=device, tiling=tiling)
-    outs = synthesize(batch, names, pool=pool, seed=seed)
-    return variant_sheet(batch, outs, out_path, tile=tile), len(batch)

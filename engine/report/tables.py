@@ -1,6 +1,6 @@
 """Tables of evaluation results: the paper's variant table, counts, per-class and per-background-class accuracy.
 
-Every function takes :class:`~bgsynth.evaluate.EvalResult` objects and returns text (Markdown or CSV); nothing is
+Every function takes :class:`~bgsynth.results.EvalResult` objects and returns text (Markdown or CSV); nothing is
 printed or written here.
 
 >>> markdown_table(["a", "b"], [[1, 2.5]])
@@ -14,6 +14,7 @@ import io
 from typing import Any, Sequence
 
 from ..classes import IN9_CLASSES
+from ..variants import VARIANTS
 
 __all__ = [
     "VARIANT_LABELS",
@@ -31,16 +32,9 @@ __all__ = [
     "format_summary",
 ]
 
-VARIANT_LABELS = {
-    "original": "Original",
-    "only_bg_b": "Only-BG-B",
-    "only_bg_t": "Only-BG-T",
-    "no_fg": "No-FG",
-    "only_fg": "Only-FG",
-    "mixed_same": "Mixed-Same",
-    "mixed_rand": "Mixed-Rand",
-    "mixed_next": "Mixed-Next",
-}
+#: the paper's name of every registered variant (``'mixed_rand'`` -> ``'Mixed-Rand'``), from the one registry
+VARIANT_LABELS = {name: spec.display for name, spec in VARIANTS.items()}
+#: the paper's table order: the registry's (Original, Only-BG-B, Only-BG-T, No-FG, Only-FG, Mixed-Same, -Rand, -Next)
 PAPER_COLUMNS = tuple(VARIANT_LABELS)
 
 
