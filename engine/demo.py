@@ -196,7 +196,7 @@ def run_demo(
         chal.save(out_dir / "challenge")
         ckpt_path.unlink(missing_ok=True)  # the finished result is in challenge.json
 
-    from .report.sheets import show_index
+    from .show import show_index
 
     show_index(index, out_dir / "variants.png", n=9, per_class=True, split="val", seed=seed,
                resize=geometry.resize, crop=geometry.crop, tile=96, backend=backend, tiling=tiling)
