@@ -483,6 +483,26 @@ def test_prepare_per_class_balanced_subset(tmp_path):
     assert p["not_selected"] == 8 - p["processed"] and one.data["info"]["skipped"]["not_selected"] == p["not_selected"]
 
 
+def test_prepare_takes_the_resolved_configuration(tmp_path):
+    from bgsynth.config import resolve_run
+    from bgsynth.prepare import PrepareConfig
+
+    idx = _make_index(tmp_path / "data", n_per_class=1, classes=(0, 1))
+    kw = prepare(idx, workers=1, progress=False, geometry=CropGeometry(72, 64), seed=4, max_side=48)
+    run = resolve_run(geometry=CropGeometry(72, 64), seed=4, device="cpu")
+    cfg = PrepareConfig(workers=1, max_side=48)
+    assert _strip_timing(prepare(idx, run, cfg).data) == _strip_timing(kw.data)
+    settings = kw.data["info"]["prepare"]["settings"]
+    assert settings["seed"] == 4 and settings["geometry"] == {"resize": 72, "crop": 64} and settings["max_side"] == 48
+    # the index is loaded once, at the edge; unknown options name the valid ones
+    with pytest.raises(ConfigError, match="DatasetIndex.load"):
+        prepare(str(idx.path), workers=1, progress=False)
+    with pytest.raises(ConfigError, match="unknown option.*per_class"):
+        prepare(idx, run, cfg, per_klass=3)
+    with pytest.raises(ConfigError, match="per_class"):
+        PrepareConfig(per_class=0)
+
+
 def test_cli_prepare_prints_the_summary(tmp_path, capsys):
     from bgsynth.cli import main
 
