@@ -763,7 +763,8 @@ class Predictor:
         self.config = config
         self.device = resolve_device(device)
         self.amp = resolve_amp(amp, self.device)
-        self.channels_last = (self.device.type == "cuda") if config.channels_last is None else bool(config.channels_last)
+        cl = config.channels_last
+        self.channels_last = (self.device.type == "cuda") if cl is None else bool(cl)
         self.label_protocol = config.label_protocol
         self.output_space = loaded.output_space
         self.num_outputs = loaded.num_outputs

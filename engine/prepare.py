@@ -785,7 +785,9 @@ def _execute(plan: _Plan, ctx: DistContext, out, config: PrepareConfig, n_worker
         # only what came from the ranks' journals, not every gathered result
         loop.n_resumed = sum(1 for it in loop.processed if it.kind == "grabcut" and it.id in rank_resumed)
         return loop
-    journal = _Journal(journal_path(out), plan.header, config.resume, config.checkpoint_every) if out else None
+    journal = None
+    if out is not None:
+        journal = _Journal(journal_path(out), plan.header, config.resume, config.checkpoint_every)
     loop = _Loop(plan, journal.results if journal is not None else {}, journal, window=max(4, 4 * n_workers))
     try:
         loop.executor = _executor(n_workers)

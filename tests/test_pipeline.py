@@ -535,7 +535,8 @@ def test_loader_from_resolved_settings(tiny_index, tiny_geometry):
     # keyword options override the given objects; the default batch size is the decode kind's
     c = create_loader(tiny_index, run, DecodeOptions(ids=ids), batch_size=3, shard_id=1, num_shards=2)
     assert c.batch_size == 3 and c.ids == ids[1::2]
-    assert create_loader(tiny_index, backend="pil").batch_size == resolve_run(device="cpu", batch_kind="decode").batch_size
+    default = resolve_run(device="cpu", batch_kind="decode").batch_size
+    assert create_loader(tiny_index, backend="pil").batch_size == default
 
 
 def test_index_loaded_at_the_edge_and_auto_backend(builtin_root, tiny_geometry):
