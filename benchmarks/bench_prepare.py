@@ -1,4 +1,4 @@
-"""GrabCut masks per second: ``bgsynth.masks.prepare`` vs a reference loop written from PAPER.md.
+"""GrabCut masks per second: ``bgsynth.prepare.prepare`` vs a reference loop written from PAPER.md.
 
 * **reference**: the authors' generation script as PAPER.md describes it, one image at a time in this process:
   decode (PIL), parse the ILSVRC VOC XML and check its width/height against the image, exactly one box, paint the
@@ -44,7 +44,8 @@ import numpy as np
 
 from bgsynth.geometry import CropGeometry  # noqa: E402
 from bgsynth.index import DatasetIndex, inclusive_to_bbox, mask_extent, rle_encode  # noqa: E402
-from bgsynth.masks import image_seed, mask_iou, prepare  # noqa: E402
+from bgsynth.masks import image_seed, mask_iou  # noqa: E402
+from bgsynth.prepare import prepare  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- data

@@ -264,6 +264,53 @@ def _shutdown_at_exit() -> None:
             pass
 
 
+def _timeout(timeout_s: float | None) -> float:
+    """The collective timeout: ``timeout_s``, else ``$BGSYNTH_DIST_TIMEOUT``, else :data:`DEFAULT_TIMEOUT_S`."""
+    if timeout_s is None:
+        raw = os.environ.get("BGSYNTH_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
+        try:
+            timeout_s = float(raw)
+        except ValueError:
+            raise ConfigError(f"init_distributed: expected seconds in $BGSYNTH_DIST_TIMEOUT, got {raw!r}") from None
+    if not timeout_s > 0:
+        raise ConfigError(f"init_distributed: expected a timeout > 0 seconds, got {timeout_s}")
+    return timeout_s
+
+
+def _check_launcher(world: int, rank: int) -> None:
+    """The torchrun environment of a multi-rank job is complete and consistent."""
+    if not torch.distributed.is_available():
+        raise BackendUnavailableError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    if not 0 <= rank < world:
+        raise ConfigError(f"init_distributed: expected 0 <= RANK < WORLD_SIZE={world}, got RANK={os.environ.get('RANK')!r}")
+    if not torch.distributed.is_initialized():
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+        if missing:
+            raise ConfigError(
+                f"init_distributed: WORLD_SIZE={world} but {' and '.join(missing)} not set; launch with torchrun "
+                f"(e.g. torchrun --nproc_per_node=N -m bgsynth.cli ...)"
+            )
+
+
+def _backend(backend: str | None, local_rank: int, local_world: int) -> str:
+    """The process group backend (NCCL on GPUs, gloo on CPUs, or as asked); selects this rank's GPU for NCCL."""
+    if backend is None:
+        backend = os.environ.get("BGSYNTH_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend not in ("nccl", "gloo"):
+        raise ConfigError(f"init_distributed: expected backend 'nccl' or 'gloo', got {backend!r}")
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise BackendUnavailableError("init_distributed: backend 'nccl' needs CUDA, which is not available")
+        gpus = torch.cuda.device_count()
+        if local_world > gpus:
+            raise ConfigError(
+                f"init_distributed: {local_world} ranks on this node but {gpus} GPU(s); NCCL needs one GPU per rank: "
+                f"launch with --nproc_per_node={gpus}, or set BGSYNTH_DIST_BACKEND=gloo"
+            )
+        torch.cuda.set_device(local_rank % gpus)
+    return backend
+
+
 def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> DistContext:
     """Start the process group when launched by torchrun with ``WORLD_SIZE > 1`` (idempotent).
 
@@ -285,47 +332,15 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
     if _CURRENT is not None:
         return _CURRENT
     world = _env_int("WORLD_SIZE", 1)
-    if timeout_s is None:
-        raw = os.environ.get("BGSYNTH_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
-        try:
-            timeout_s = float(raw)
-        except ValueError:
-            raise ConfigError(f"init_distributed: expected seconds in $BGSYNTH_DIST_TIMEOUT, got {raw!r}") from None
-    if not timeout_s > 0:
-        raise ConfigError(f"init_distributed: expected a timeout > 0 seconds, got {timeout_s}")
+    timeout_s = _timeout(timeout_s)
     if world < 1:
         raise ConfigError(f"init_distributed: expected WORLD_SIZE >= 1, got {world}")
     if world == 1:
         _CURRENT = DistContext(timeout_s=timeout_s)
         return _CURRENT
-    if not torch.distributed.is_available():
-        raise BackendUnavailableError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-    rank = _env_int("RANK", -1)
-    local_rank = _env_int("LOCAL_RANK", 0)
-    local_world = _env_int("LOCAL_WORLD_SIZE", 1)
-    if not 0 <= rank < world:
-        raise ConfigError(f"init_distributed: expected 0 <= RANK < WORLD_SIZE={world}, got RANK={os.environ.get('RANK')!r}")
-    if not torch.distributed.is_initialized():
-        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
-        if missing:
-            raise ConfigError(
-                f"init_distributed: WORLD_SIZE={world} but {' and '.join(missing)} not set; launch with torchrun "
-                f"(e.g. torchrun --nproc_per_node=N -m bgsynth.cli ...)"
-            )
-    if backend is None:
-        backend = os.environ.get("BGSYNTH_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend not in ("nccl", "gloo"):
-        raise ConfigError(f"init_distributed: expected backend 'nccl' or 'gloo', got {backend!r}")
-    if backend == "nccl":
-        if not torch.cuda.is_available():
-            raise BackendUnavailableError("init_distributed: backend 'nccl' needs CUDA, which is not available")
-        gpus = torch.cuda.device_count()
-        if local_world > gpus:
-            raise ConfigError(
-                f"init_distributed: {local_world} ranks on this node but {gpus} GPU(s); NCCL needs one GPU per rank: "
-                f"launch with --nproc_per_node={gpus}, or set BGSYNTH_DIST_BACKEND=gloo"
-            )
-        torch.cuda.set_device(local_rank % gpus)
+    rank, local_rank, local_world = _env_int("RANK", -1), _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", 1)
+    _check_launcher(world, rank)
+    backend = _backend(backend, local_rank, local_world)
     ctx = DistContext(rank, world, local_rank, backend, float(timeout_s), local_world)
     if not torch.distributed.is_initialized():
         with ctx._guard("init_process_group (rendezvous)"):

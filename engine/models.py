@@ -38,7 +38,9 @@ import torch
 from torch import nn
 
 from .classes import IMAGENET_MEAN, IMAGENET_STD, IN9_MEAN, IN9_STD, NUM_IN9, in1k_to_in9
+from .config import AMP_DTYPES, resolve_amp, resolve_device
 from .errors import CheckpointError, ConfigError
+from .fileio import atomic_write_bytes
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -47,6 +49,7 @@ __all__ = [
     "BgsynthCNN",
     "LoadedModel",
     "Predictor",
+    "PredictorConfig",
     "create_model",
     "list_models",
     "load_model",
@@ -57,7 +60,6 @@ __all__ = [
 CHECKPOINT_FORMAT = "bgsynth-checkpoint"
 LABEL_PROTOCOLS = ("official", "restricted")
 OUTPUT_SPACES = ("in9", "in1k")
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -121,11 +123,29 @@ class BgsynthCNN(nn.Module):
 _OWN_MODELS: dict[str, Callable[..., nn.Module]] = {"bgsynth_cnn": BgsynthCNN}
 
 
+def _torchvision_models():
+    import torchvision  # imported when a model outside bgsynth's own is asked for (bgsynth_cnn needs none)
+
+    return torchvision.models
+
+
+def _timm():
+    """timm, or ``None`` when it is not installed.
+
+    timm is a heavy optional dependency: it is imported only when a name that is neither bgsynth's nor
+    torchvision's is asked for (a timm architecture, or an unknown name that gets close matches).
+    """
+    try:
+        import timm  # heavy, optional: imported only here (see above)
+    except ImportError:
+        return None
+    return timm
+
+
 def list_models() -> list[str]:
     """Architecture names :func:`create_model` accepts: bgsynth's own, then torchvision's (timm's are many more)."""
-    import torchvision
-
-    return sorted(_OWN_MODELS) + sorted(torchvision.models.list_models(module=torchvision.models))
+    models = _torchvision_models()
+    return sorted(_OWN_MODELS) + sorted(models.list_models(module=models))
 
 
 def create_model(arch: str, num_classes: int = NUM_IN9, **kwargs: Any) -> nn.Module:
@@ -151,19 +171,19 @@ def create_model(arch: str, num_classes: int = NUM_IN9, **kwargs: Any) -> nn.Mod
         raise ConfigError(f"create_model: expected num_classes to be a positive int, got {num_classes!r}")
     if arch in _OWN_MODELS:
         return _OWN_MODELS[arch](num_classes=num_classes, **kwargs)
-    import torchvision
-
-    tv_names = torchvision.models.list_models(module=torchvision.models)
+    models = _torchvision_models()
+    tv_names = models.list_models(module=models)
     if arch in tv_names:
-        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
-    import timm
-
-    if timm.is_model(arch):
+        return models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+    timm = _timm()
+    if timm is not None and timm.is_model(arch):
         return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
-    close = difflib.get_close_matches(arch, list(_OWN_MODELS) + list(tv_names) + timm.list_models(), n=5)
+    timm_names = timm.list_models() if timm is not None else []
+    close = difflib.get_close_matches(arch, list(_OWN_MODELS) + list(tv_names) + timm_names, n=5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ConfigError(
-        f"create_model: unknown architecture {arch!r} (not bgsynth's, torchvision's or timm's){hint} "
+        f"create_model: unknown architecture {arch!r} (not bgsynth's, torchvision's or timm's"
+        f"{'' if timm is not None else ', which is not installed'}){hint} "
         f"A checkpoint path that does not exist is also reported this way."
     )
 
@@ -425,6 +445,112 @@ def _triple(v, name: str) -> tuple[float, float, float] | None:
     return t
 
 
+@dataclasses.dataclass
+class _Built:
+    """A module on its way to a :class:`LoadedModel`, with what its file said about it."""
+
+    module: nn.Module
+    arch: str | None = None
+    width: int | None = None  # known without a probe when bgsynth built the module
+    mean: tuple | None = None
+    std: tuple | None = None
+    geometry: Any = None
+    output_space: str | None = None
+
+
+def _read_weights(path: pathlib.Path, trust: bool, prov: dict) -> tuple[Any, dict, str]:
+    """Read a checkpoint file and find the weights in it -> (state_dict or module, the outer dict, where found);
+    records the file, its hash, how it was read and the layout in ``prov``."""
+    obj, how = _read_file(path, trust)
+    prov.update(file=str(path.resolve()), sha256=_sha256(path), read_as=how)
+    found, outer, where = _unwrap(obj, path)
+    prov["layout"] = "torchscript" if how == "torchscript" and isinstance(found, nn.Module) else where
+    return found, outer, where
+
+
+def _bgsynth_extras(outer: Mapping, built: _Built) -> _Built:
+    """The normalisation and crop geometry a bgsynth checkpoint (:func:`save_checkpoint`) stores."""
+    if outer.get("format") == CHECKPOINT_FORMAT:
+        built.mean = _triple(outer.get("mean"), "mean") or built.mean
+        built.std = _triple(outer.get("std"), "std") or built.std
+        built.geometry = outer.get("geometry")
+    return built
+
+
+def _from_checkpoint(path: pathlib.Path, trust: bool, num_classes: int | None, prov: dict) -> _Built:
+    """A checkpoint file given as ``--model``: a bgsynth checkpoint, a dict with ``'arch'`` (plain or official
+    layout), a TorchScript archive or a pickled module."""
+    found, outer, _where = _read_weights(path, trust, prov)
+    if isinstance(found, nn.Module):  # TorchScript or a (trusted) pickled module
+        built = _Built(found, outer.get("arch") if isinstance(outer.get("arch"), str) else None)
+    else:
+        arch = outer.get("arch")
+        if not isinstance(arch, str):
+            raise CheckpointError(
+                f"{path}: a plain state_dict does not say which architecture it belongs to; pass the "
+                f"architecture as --model and the file as --weights (e.g. --model resnet50 --weights {path})"
+            )
+        module, width, (mean, std) = _build_and_load(arch, found, outer.get("num_classes", num_classes), path, prov)
+        built = _Built(module, arch, width, mean, std)
+    if outer.get("format") == CHECKPOINT_FORMAT:
+        _bgsynth_extras(outer, built)
+        if outer.get("output_space") in OUTPUT_SPACES:
+            built.output_space = outer["output_space"]
+        for k in ("epoch", "train", "metrics"):
+            if k in outer:
+                prov[k] = outer[k]
+    return built
+
+
+def _from_arch(spec: str, path: pathlib.Path, num_classes: int | None, prov: dict) -> _Built:
+    """An architecture name without weights: randomly initialised."""
+    if any(sep in spec for sep in ("/", "\\")) or path.suffix in (".pt", ".pth", ".bin", ".ckpt", ".safetensors"):
+        raise CheckpointError(f"{spec}: checkpoint file not found")
+    width = NUM_IN9 if num_classes is None else int(num_classes)
+    module = create_model(spec, width)
+    prov.update(layout="random_init")
+    return _Built(module, spec, width)
+
+
+def _from_weights(arch: str, weights: str | os.PathLike, trust: bool, num_classes: int | None, prov: dict) -> _Built:
+    """An architecture name with a weights file (plain state_dict, nested, prefixed, official layout, bgsynth)."""
+    wpath = pathlib.Path(os.fspath(weights))
+    if not wpath.is_file():
+        raise CheckpointError(f"{wpath}: weights file not found")
+    found, outer, _where = _read_weights(wpath, trust, prov)
+    if isinstance(found, nn.Module):
+        raise CheckpointError(
+            f"{wpath}: holds a whole module, not weights for {arch!r}; pass it as --model {wpath} instead"
+        )
+    n = num_classes if num_classes is not None else outer.get("num_classes")
+    module, width, (mean, std) = _build_and_load(arch, found, n, wpath, prov)
+    return _bgsynth_extras(outer, _Built(module, arch, width, mean, std))
+
+
+def _finish(built: _Built, output_space: str | None, mean, std, probe_size: int, prov: dict) -> LoadedModel:
+    """Eval mode, float32, the output width and space, the normalisation; the provenance record completed."""
+    module = built.module.eval()
+    if not isinstance(module, torch.jit.ScriptModule):
+        module = module.float()
+    geometry = built.geometry if isinstance(built.geometry, Mapping) else None
+    crop = int(geometry["crop"]) if geometry is not None and "crop" in geometry else int(probe_size)
+    width = _output_width(module, crop) if built.width is None else built.width
+    if output_space in (None, "auto") and built.output_space is not None:
+        output_space = built.output_space
+    space = _resolve_space(width, output_space, prov.get("file", prov["spec"]))
+    dm, ds = default_normalization(space)
+    m = _triple(mean, "mean") or built.mean or dm
+    s = _triple(std, "std") or built.std or ds
+    prov.update(arch=built.arch, num_outputs=width, output_space=space, mean=list(m), std=list(s))
+    if built.mean is not None:
+        prov["normalization_from_checkpoint"] = True
+    try:
+        prov["parameters"] = int(sum(p.numel() for p in module.parameters()))
+    except Exception:  # noqa: BLE001 - some scripted modules do not expose parameters
+        pass
+    return LoadedModel(module, width, space, m, s, built.arch, dict(geometry) if geometry is not None else None, prov)
+
+
 def load_model(
     spec: str | os.PathLike,
     weights: str | os.PathLike | None = None,
@@ -471,86 +597,13 @@ def load_model(
     spec_s = os.fspath(spec)
     path = pathlib.Path(spec_s)
     prov: dict[str, Any] = {"spec": spec_s, "trust_checkpoint": bool(trust_checkpoint)}
-    mean_ck = std_ck = None
-    geometry = None
-    arch: str | None = None
-    module: nn.Module
-    width: int | None = None  # known without a probe when bgsynth built the module
-
-    if weights is None and path.is_file():
-        obj, how = _read_file(path, trust_checkpoint)
-        prov.update(file=str(path.resolve()), sha256=_sha256(path), read_as=how)
-        found, outer, where = _unwrap(obj, path)
-        prov["layout"] = where
-        if isinstance(found, nn.Module):
-            module = found
-            arch = outer.get("arch") if isinstance(outer.get("arch"), str) else None
-            if how == "torchscript":
-                prov["layout"] = "torchscript"
-        else:
-            arch = outer.get("arch")
-            if not isinstance(arch, str):
-                raise CheckpointError(
-                    f"{path}: a plain state_dict does not say which architecture it belongs to; pass the "
-                    f"architecture as --model and the file as --weights (e.g. --model resnet50 --weights {path})"
-                )
-            n = outer.get("num_classes", num_classes)
-            module, width, (mean_ck, std_ck) = _build_and_load(arch, found, n, path, prov)
-        if outer.get("format") == CHECKPOINT_FORMAT:
-            mean_ck = _triple(outer.get("mean"), "mean") or mean_ck
-            std_ck = _triple(outer.get("std"), "std") or std_ck
-            geometry = outer.get("geometry")
-            if output_space in (None, "auto") and outer.get("output_space") in OUTPUT_SPACES:
-                output_space = outer["output_space"]
-            for k in ("epoch", "train", "metrics"):
-                if k in outer:
-                    prov[k] = outer[k]
-    elif weights is None:
-        if any(sep in spec_s for sep in ("/", "\\")) or path.suffix in (".pt", ".pth", ".bin", ".ckpt", ".safetensors"):
-            raise CheckpointError(f"{spec_s}: checkpoint file not found")
-        arch = spec_s
-        width = NUM_IN9 if num_classes is None else int(num_classes)
-        module = create_model(arch, width)
-        prov.update(layout="random_init")
+    if weights is not None:
+        built = _from_weights(spec_s, weights, trust_checkpoint, num_classes, prov)
+    elif path.is_file():
+        built = _from_checkpoint(path, trust_checkpoint, num_classes, prov)
     else:
-        wpath = pathlib.Path(os.fspath(weights))
-        if not wpath.is_file():
-            raise CheckpointError(f"{wpath}: weights file not found")
-        arch = spec_s
-        obj, how = _read_file(wpath, trust_checkpoint)
-        prov.update(file=str(wpath.resolve()), sha256=_sha256(wpath), read_as=how)
-        found, outer, where = _unwrap(obj, wpath)
-        prov["layout"] = where
-        if isinstance(found, nn.Module):
-            raise CheckpointError(
-                f"{wpath}: holds a whole module, not weights for {arch!r}; pass it as --model {wpath} instead"
-            )
-        n = num_classes if num_classes is not None else outer.get("num_classes")
-        module, width, (mean_ck, std_ck) = _build_and_load(arch, found, n, wpath, prov)
-        if outer.get("format") == CHECKPOINT_FORMAT:
-            mean_ck = _triple(outer.get("mean"), "mean") or mean_ck
-            std_ck = _triple(outer.get("std"), "std") or std_ck
-            geometry = outer.get("geometry")
-
-    module = module.eval()
-    if not isinstance(module, torch.jit.ScriptModule):
-        module = module.float()
-    crop = int(geometry["crop"]) if isinstance(geometry, Mapping) and "crop" in geometry else int(probe_size)
-    if width is None:
-        width = _output_width(module, crop)
-    where = prov.get("file", spec_s)
-    space = _resolve_space(width, output_space, where)
-    dm, ds = default_normalization(space)
-    m = _triple(mean, "mean") or mean_ck or dm
-    s = _triple(std, "std") or std_ck or ds
-    prov.update(arch=arch, num_outputs=width, output_space=space, mean=list(m), std=list(s))
-    if mean_ck is not None:
-        prov["normalization_from_checkpoint"] = True
-    try:
-        prov["parameters"] = int(sum(p.numel() for p in module.parameters()))
-    except Exception:  # noqa: BLE001 - some scripted modules do not expose parameters
-        pass
-    return LoadedModel(module, width, space, m, s, arch, dict(geometry) if isinstance(geometry, Mapping) else None, prov)
+        built = _from_arch(spec_s, path, num_classes, prov)
+    return _finish(built, output_space, mean, std, probe_size, prov)
 
 
 def _build_and_load(arch: str, sd: Mapping[str, torch.Tensor], num_classes: int | None, path: pathlib.Path, prov: dict):
@@ -595,8 +648,6 @@ def save_checkpoint(
     Returns:
         The path written.
     """
-    from .fileio import atomic_write_bytes
-
     net = model
     while True:
         if hasattr(net, "_orig_mod"):
@@ -639,6 +690,45 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
 
 
+@dataclasses.dataclass(frozen=True)
+class PredictorConfig:
+    """How a :class:`Predictor` runs its model (the device and autocast are resolved by :mod:`bgsynth.config`).
+
+    Attributes:
+        channels_last: memory format; ``None`` = on for CUDA, off on CPU.
+        compile: wrap the module in ``torch.compile`` (falls back to eager with a warning if compiling fails).
+        label_protocol: ``'official'`` (top-1 over all outputs, an unmapped ImageNet class counts as -1 = wrong)
+            or ``'restricted'`` (for 1000-class models: argmax over the 370 mapped classes only).
+        mean, std: override the loaded model's normalisation.
+        max_batch: largest chunk per forward (``None``: the whole input); halved on out-of-memory.
+    """
+
+    channels_last: bool | None = None
+    compile: bool = False
+    label_protocol: str = "official"
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    max_batch: int | None = None
+
+    def __post_init__(self):
+        if self.label_protocol not in LABEL_PROTOCOLS:
+            raise ConfigError(f"Predictor: expected label_protocol in {LABEL_PROTOCOLS}, got {self.label_protocol!r}")
+        if self.max_batch is not None and (not isinstance(self.max_batch, int) or self.max_batch < 1):
+            raise ConfigError(f"Predictor: expected max_batch >= 1 or None, got {self.max_batch!r}")
+
+
+def _predictor_config(config: PredictorConfig | None, options: Mapping[str, Any]) -> PredictorConfig:
+    """``config`` (default :class:`PredictorConfig`) with the keyword ``options`` applied; unknown names are an
+    error that lists the valid ones."""
+    fields = {f.name for f in dataclasses.fields(PredictorConfig)}
+    unknown = sorted(k for k in options if k not in fields)
+    if unknown:
+        raise ConfigError(f"Predictor: unknown option(s) {unknown}; expected device, amp, config or PredictorConfig "
+                          f"fields {sorted(fields)}")
+    config = PredictorConfig() if config is None else config
+    return dataclasses.replace(config, **options) if options else config
+
+
 class Predictor:
     """Batched inference for a :class:`LoadedModel`, returning IN-9 class ids.
 
@@ -647,15 +737,13 @@ class Predictor:
 
     Args:
         loaded: the model; its module is moved to ``device`` (and to channels_last) in place, not copied.
-        device: where to run it.
+        device: where to run it (:func:`bgsynth.config.resolve_device`: ``'cpu'``, ``'cuda'``, ``'cuda:1'``,
+            ``'auto'``).
         amp: ``None``/``'none'`` (full precision), ``'bf16'``, ``'fp16'`` or ``'auto'`` (bf16 on CUDA when
-            supported, else off).
-        channels_last: memory format; ``None`` = on for CUDA, off on CPU.
-        compile: wrap the module in ``torch.compile`` (falls back to eager with a warning if compiling fails).
-        label_protocol: ``'official'`` (top-1 over all outputs, an unmapped ImageNet class counts as -1 = wrong)
-            or ``'restricted'`` (for 1000-class models: argmax over the 370 mapped classes only).
-        mean, std: override the loaded model's normalisation.
-        max_batch: largest chunk per forward (``None``: the whole input); halved on out-of-memory.
+            supported, else off; :func:`bgsynth.config.resolve_amp`).
+        config: how to run it (:class:`PredictorConfig`).
+        **options: :class:`PredictorConfig` fields by name (``channels_last=``, ``compile=``,
+            ``label_protocol=``, ``mean=``, ``std=``, ``max_batch=``), overriding ``config``.
 
     Attributes:
         forwards: number of images forwarded so far.
@@ -666,48 +754,34 @@ class Predictor:
     (torch.int64, torch.Size([3]), 3)
     """
 
-    def __init__(
-        self,
-        loaded: LoadedModel,
-        device: str | torch.device = "cpu",
-        amp: str | None = None,
-        channels_last: bool | None = None,
-        compile: bool = False,
-        label_protocol: str = "official",
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        max_batch: int | None = None,
-    ):
+    def __init__(self, loaded: LoadedModel, device: str | torch.device = "cpu", amp: str | None = None,
+                 config: PredictorConfig | None = None, **options):
         if not isinstance(loaded, LoadedModel):
             raise ConfigError(f"Predictor: expected a LoadedModel, got {type(loaded).__name__}")
-        if label_protocol not in LABEL_PROTOCOLS:
-            raise ConfigError(f"Predictor: expected label_protocol in {LABEL_PROTOCOLS}, got {label_protocol!r}")
-        if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
-            raise ConfigError(f"Predictor: expected max_batch >= 1 or None, got {max_batch!r}")
+        config = _predictor_config(config, options)
         self.loaded = loaded
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            from .errors import BackendUnavailableError
-
-            raise BackendUnavailableError("Predictor: device 'cuda' requested but CUDA is not available")
-        if amp in ("none", ""):
-            amp = None
-        if amp == "auto":
-            amp = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-        if amp is not None and amp not in _AMP_DTYPES:
-            raise ConfigError(f"Predictor: expected amp in (None, 'auto', 'bf16', 'fp16'), got {amp!r}")
-        self.amp = amp
-        self.channels_last = (self.device.type == "cuda") if channels_last is None else bool(channels_last)
-        self.label_protocol = label_protocol
+        self.config = config
+        self.device = resolve_device(device)
+        self.amp = resolve_amp(amp, self.device)
+        cl = config.channels_last
+        self.channels_last = (self.device.type == "cuda") if cl is None else bool(cl)
+        self.label_protocol = config.label_protocol
         self.output_space = loaded.output_space
         self.num_outputs = loaded.num_outputs
-        self.mean = _triple(mean, "mean") or tuple(loaded.mean)
-        self.std = _triple(std, "std") or tuple(loaded.std)
-        self.max_batch = max_batch
+        self.mean = _triple(config.mean, "mean") or tuple(loaded.mean)
+        self.std = _triple(config.std, "std") or tuple(loaded.std)
+        self.max_batch = config.max_batch
         self.forwards = 0
         self.oom_backoffs = 0
+        self._place_module(loaded.module, config.compile)
+        param = next((p for p in self._eager.parameters() if p.is_floating_point()), None)
+        self.param_dtype = param.dtype if param is not None else torch.float32
+        self.input_dtype = AMP_DTYPES[self.amp] if self.amp is not None else self.param_dtype
+        self._label_maps()
 
-        module = loaded.module.to(self.device).eval()
+    def _place_module(self, module: nn.Module, compile: bool) -> None:
+        """The module on the device, in eval mode and its memory format, compiled when asked."""
+        module = module.to(self.device).eval()
         if self.channels_last and not isinstance(module, torch.jit.ScriptModule):
             module = module.to(memory_format=torch.channels_last)
         self.module = module
@@ -718,13 +792,10 @@ class Predictor:
                 self.module = torch.compile(module)
                 self._compiled = True
             except Exception as e:  # noqa: BLE001 - compile support varies by platform
-                warnings.warn(f"torch.compile unavailable ({e}); running eagerly", stacklevel=2)
+                warnings.warn(f"torch.compile unavailable ({e}); running eagerly", stacklevel=3)
 
-        param = next((p for p in self._eager.parameters() if p.is_floating_point()), None)
-        self.param_dtype = param.dtype if param is not None else torch.float32
-        self.input_dtype = _AMP_DTYPES[amp] if amp is not None else self.param_dtype
-
-        # label maps on the device: output index -> IN-9 id (-1 = unmapped)
+    def _label_maps(self) -> None:
+        """Output index -> IN-9 id (-1 = unmapped), on the device."""
         if self.output_space == "in1k":
             lut = torch.from_numpy(in1k_to_in9())
         else:
@@ -767,7 +838,7 @@ class Predictor:
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.amp is not None:
-            with torch.autocast(device_type=self.device.type, dtype=_AMP_DTYPES[self.amp]):
+            with torch.autocast(device_type=self.device.type, dtype=AMP_DTYPES[self.amp]):
                 y = self.module(x)
         else:
             y = self.module(x)

@@ -510,6 +510,14 @@ def test_coco_box_from_mask_and_threshold(tmp_path):
         ingest_coco(path, imgs, cmap, progress=False, box_from="tight")
     with pytest.raises(IngestError, match="min_mask_inside"):
         ingest_coco(path, imgs, cmap, progress=False, min_mask_inside=1.5)
+    # the settings as one object (keyword options override it); unknown names list the valid ones
+    from bgsynth.sources import CocoIngestConfig
+
+    cfg = CocoIngestConfig(box_from="mask", progress=False, workers=1)
+    assert ingest_coco(path, imgs, cmap, cfg).data == idx.data
+    assert ingest_coco(path, imgs, cmap, cfg, min_mask_inside=0.1, box_from="bbox").data == loose.data
+    with pytest.raises(IngestError, match="unknown option.*box_from"):
+        ingest_coco(path, imgs, cmap, cfg, box_form="mask")
 
 
 def test_cli_ingest_coco_box_from(tmp_path, capsys):

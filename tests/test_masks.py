@@ -1,4 +1,5 @@
-"""Tests of bgsynth.masks: selection filters, GrabCut with the acceptance rule, and the resumable prepare step."""
+"""Tests of bgsynth.masks (selection filters, GrabCut with the acceptance rule) and bgsynth.prepare (the resumable
+prepare job)."""
 
 from __future__ import annotations
 
@@ -23,10 +24,9 @@ from bgsynth.masks import (
     check_selection_many,
     grabcut_mask,
     image_seed,
-    journal_path,
     mask_iou,
-    prepare,
 )
+from bgsynth.prepare import journal_path, prepare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -483,6 +483,26 @@ def test_prepare_per_class_balanced_subset(tmp_path):
     assert p["not_selected"] == 8 - p["processed"] and one.data["info"]["skipped"]["not_selected"] == p["not_selected"]
 
 
+def test_prepare_takes_the_resolved_configuration(tmp_path):
+    from bgsynth.config import resolve_run
+    from bgsynth.prepare import PrepareConfig
+
+    idx = _make_index(tmp_path / "data", n_per_class=1, classes=(0, 1))
+    kw = prepare(idx, workers=1, progress=False, geometry=CropGeometry(72, 64), seed=4, max_side=48)
+    run = resolve_run(geometry=CropGeometry(72, 64), seed=4, device="cpu")
+    cfg = PrepareConfig(workers=1, max_side=48)
+    assert _strip_timing(prepare(idx, run, cfg).data) == _strip_timing(kw.data)
+    settings = kw.data["info"]["prepare"]["settings"]
+    assert settings["seed"] == 4 and settings["geometry"] == {"resize": 72, "crop": 64} and settings["max_side"] == 48
+    # the index is loaded once, at the edge; unknown options name the valid ones
+    with pytest.raises(ConfigError, match="DatasetIndex.load"):
+        prepare(str(idx.path), workers=1, progress=False)
+    with pytest.raises(ConfigError, match="unknown option.*per_class"):
+        prepare(idx, run, cfg, per_klass=3)
+    with pytest.raises(ConfigError, match="per_class"):
+        PrepareConfig(per_class=0)
+
+
 def test_cli_prepare_prints_the_summary(tmp_path, capsys):
     from bgsynth.cli import main
 
@@ -508,14 +528,14 @@ def test_cli_prepare_prints_the_summary(tmp_path, capsys):
 
 
 def test_prepare_journal_resume_and_guards(tmp_path, monkeypatch):
-    import bgsynth.masks as masks
+    import bgsynth.prepare as prepare_mod
 
     idx = _make_index(tmp_path / "data", n_per_class=1, classes=(0, 1, 2))
     full = prepare(idx, out=tmp_path / "full.json", workers=1, progress=False)
     out = tmp_path / "out.json"
     jp = journal_path(out)
     # interrupt a run after its first image (in-process, so the journal is closed as on Ctrl-C)
-    real, calls = masks._grabcut_task, []
+    real, calls = prepare_mod._grabcut_task, []
 
     def interrupted(task):
         calls.append(task["id"])
@@ -523,10 +543,10 @@ def test_prepare_journal_resume_and_guards(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(task)
 
-    monkeypatch.setattr(masks, "_grabcut_task", interrupted)
+    monkeypatch.setattr(prepare_mod, "_grabcut_task", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare(idx, out=out, workers=1, progress=False, checkpoint_every=1)
-    monkeypatch.setattr(masks, "_grabcut_task", real)
+    monkeypatch.setattr(prepare_mod, "_grabcut_task", real)
     assert not out.exists()
     lines = jp.read_bytes().splitlines()
     assert len(lines) == 2 and json.loads(lines[1])["id"] == calls[0]  # header + the one finished image
@@ -586,7 +606,7 @@ def test_prepare_resumes_after_sigkill(builtin_root, tmp_path):
     assert report["timing"]["resumed_from_journal"] < report["timing"]["grabcut_images"]
     # an uninterrupted run through the Python API with the same settings
     clean_out = tmp_path / "clean.json"
-    prepare(builtin_root, out=clean_out, recompute=True, split="val", max_side=96, progress=False,
+    prepare(DatasetIndex.load(builtin_root), out=clean_out, recompute=True, split="val", max_side=96, progress=False,
             geometry=CropGeometry(72, 64), workers=1)
     a = json.loads(killed_out.read_text())
     b = json.loads(clean_out.read_text())

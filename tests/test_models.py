@@ -330,3 +330,32 @@ def test_predictor_device_settings(device):
     assert got.dtype == torch.float32 and got.device.type == device
     tol = 0.1 if p.amp else 1e-4
     assert torch.allclose(got.cpu(), ref_logits, atol=tol, rtol=tol)
+
+
+def test_predictor_config_and_resolved_device():
+    from bgsynth.config import resolve_amp, resolve_device
+    from bgsynth.models import PredictorConfig
+
+    lm = load_model("bgsynth_cnn")
+    p = Predictor(lm, device="auto", amp="auto", max_batch=4, label_protocol="restricted")
+    # one device and autocast resolver (bgsynth.config), not the predictor's own
+    assert p.device == resolve_device("auto") and p.amp == resolve_amp("auto", p.device)
+    assert p.config == PredictorConfig(max_batch=4, label_protocol="restricted") and p.max_batch == 4
+    q = Predictor(lm, config=PredictorConfig(max_batch=2), max_batch=3)  # keyword options override the config
+    assert q.max_batch == 3 and q.describe()["device"] == "cpu"
+    with pytest.raises(ConfigError, match="unknown option.*max_batch"):
+        Predictor(lm, max_batches=2)
+    with pytest.raises(ConfigError, match="amp"):
+        Predictor(lm, amp="fp8")
+    with pytest.raises(ConfigError, match="max_batch"):
+        PredictorConfig(max_batch=0)
+
+
+def test_timm_is_imported_only_for_a_timm_architecture():
+    import subprocess
+    import sys
+
+    code = ("import sys; from bgsynth.models import load_model, Predictor; "
+            "Predictor(load_model('bgsynth_cnn')); print('timm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

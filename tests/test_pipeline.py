@@ -510,7 +510,8 @@ def test_argument_errors(tiny_index, tiny_geometry):
     with pytest.raises(ConfigError, match="unknown decode backend"):
         create_loader(tiny_index, backend="nope")
     for kw in (dict(batch_size=0), dict(shard_id=3, num_shards=3), dict(prefetch=-1), dict(on_error="ignore"),
-               dict(num_threads=0), dict(geometry=(72, 64)), dict(device="mps")):
+               dict(num_threads=0), dict(geometry="72x64"), dict(device="mps"), dict(tiling="full"),
+               dict(shards=2)):
         with pytest.raises(ConfigError):
             create_loader(tiny_index, backend="pil", **kw)
     empty = create_loader(tiny_index, backend="pil", ids=[])
@@ -521,8 +522,27 @@ def test_argument_errors(tiny_index, tiny_geometry):
         create_loader({"images": []}, backend="pil")
 
 
-def test_index_path_and_auto_backend(builtin_root, tiny_geometry):
-    loader = create_loader(str(builtin_root), geometry=tiny_geometry, batch_size=8)
+def test_loader_from_resolved_settings(tiny_index, tiny_geometry):
+    from bgsynth.config import resolve_run
+    from bgsynth.pipeline import DecodeOptions
+
+    ids = tiny_index.ids[:6]
+    run = resolve_run(geometry=tiny_geometry, backend="pil", batch_size=4, device="cpu", batch_kind="decode")
+    a = create_loader(tiny_index, run, DecodeOptions(ids=reversed(ids), prefetch=0))
+    b = create_loader(tiny_index, backend="pil", geometry=tiny_geometry, batch_size=4, ids=ids, prefetch=0)
+    assert a.run == b.run and a.options == b.options and a.ids == b.ids == ids and len(a) == 2
+    assert torch.equal(collect(a).images, collect(b).images)
+    # keyword options override the given objects; the default batch size is the decode kind's
+    c = create_loader(tiny_index, run, DecodeOptions(ids=ids), batch_size=3, shard_id=1, num_shards=2)
+    assert c.batch_size == 3 and c.ids == ids[1::2]
+    default = resolve_run(device="cpu", batch_kind="decode").batch_size
+    assert create_loader(tiny_index, backend="pil").batch_size == default
+
+
+def test_index_loaded_at_the_edge_and_auto_backend(builtin_root, tiny_geometry):
+    with pytest.raises(ConfigError, match="DatasetIndex.load"):
+        create_loader(str(builtin_root), geometry=tiny_geometry, batch_size=8)
+    loader = create_loader(DatasetIndex.load(builtin_root), geometry=tiny_geometry, batch_size=8)
     assert loader.name == auto_backend("cpu") == next(b for b in AUTO_ORDER["cpu"] if b in available_backends())
     assert len(next(iter(loader))) == 8
 
@@ -623,7 +643,7 @@ def test_only_bg_t_full_equals_the_tiling_kernel():
 
     from bgsynth import kernels
     from bgsynth.geometry import tile_strips
-    from bgsynth.pipeline.common import only_bg_t_full
+    from bgsynth.pipeline.host import only_bg_t_full
 
     rng = np.random.default_rng(1)
     checked = 0
@@ -651,7 +671,7 @@ def test_dali_paste_plan_tiles_the_image_exactly_once():
     from types import SimpleNamespace
 
     from bgsynth.geometry import tile_strips
-    from bgsynth.pipeline.common import only_bg_t_full
+    from bgsynth.pipeline.host import only_bg_t_full
     from bgsynth.pipeline.dali import paste_plan
 
     rng = np.random.default_rng(2)

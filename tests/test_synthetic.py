@@ -16,6 +16,7 @@ from bgsynth.index import DatasetIndex, mask_extent, rle_decode
 from bgsynth.sources.imagenet import parse_voc_xml
 from bgsynth.sources.synthetic import (
     BUILTIN_WNIDS,
+    BuiltinSpec,
     SCENE_FAMILIES,
     build_builtin_dataset,
     dataset_dir_name,
@@ -194,7 +195,11 @@ def test_build_is_cached_and_atomic(tiny_build, monkeypatch):
     root = tiny_build.parent.parent
     mtime = tiny_build.stat().st_mtime_ns
     assert build_builtin_dataset(root=root, progress=False, **TINY) == tiny_build
+    assert build_builtin_dataset(root, BuiltinSpec(**TINY), progress=False) == tiny_build  # the same spec
+    assert BuiltinSpec(**TINY).dir_name() == dataset_dir_name(**TINY) == tiny_build.parent.name
     assert tiny_build.stat().st_mtime_ns == mtime  # not rebuilt
+    with pytest.raises(ConfigError, match="unknown option.*train_per_class"):
+        build_builtin_dataset(root=root, trains_per_class=3)
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary folders left
 
     # a build that dies half way leaves nothing behind

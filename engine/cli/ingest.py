@@ -91,7 +91,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..sources import ingest_coco, ingest_imagenet, ingest_in9_release
+    from ..sources import CocoIngestConfig, ingest_coco, ingest_imagenet, ingest_in9_release
 
     common = dict(out=args.out, workers=args.workers, verify=args.verify, progress=args.progress)
     if args.format == "imagenet":
@@ -100,9 +100,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.format == "in9":
         index = ingest_in9_release(args.root, variant=args.variant, split=args.split, masks=args.masks, **common)
     else:
-        index = ingest_coco(args.annotations, args.images, args.category_map, split=args.split,
-                            mask_source=args.mask_source, box_from=args.box_from,
-                            min_mask_inside=args.min_mask_inside, **common)
+        config = CocoIngestConfig(split=args.split, mask_source=args.mask_source, box_from=args.box_from,
+                                  min_mask_inside=args.min_mask_inside, workers=args.workers, verify=args.verify,
+                                  progress=args.progress)
+        index = ingest_coco(args.annotations, args.images, args.category_map, config, out=args.out)
     summary = index.summary()
     if args.json:
         print(json.dumps({"index": str(args.out), **summary, "reject_list": index.rejects[: args.show_rejects]},

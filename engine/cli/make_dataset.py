@@ -38,13 +38,11 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..index import DatasetIndex
-    from ..sources.synthetic import build_builtin_dataset
+    from ..sources.synthetic import BuiltinSpec, build_builtin_dataset
 
-    path = build_builtin_dataset(
-        root=args.out, seed=args.seed, train_per_class=args.train_per_class, val_per_class=args.val_per_class,
-        correlation=args.correlation, force=args.force, progress=args.progress, workers=args.workers,
-        two_object_rate=args.two_object_rate,
-    )
+    spec = BuiltinSpec(seed=args.seed, train_per_class=args.train_per_class, val_per_class=args.val_per_class,
+                       correlation=args.correlation, two_object_rate=args.two_object_rate)
+    path = build_builtin_dataset(args.out, spec, force=args.force, progress=args.progress, workers=args.workers)
     summary = DatasetIndex.load(path).summary()
     if args.json:
         print(json.dumps({"index": str(path), **summary}, indent=2))

@@ -1,4 +1,4 @@
-"""``bgsynth prepare INDEX``: the paper's selection filters and GrabCut masks (see :func:`bgsynth.masks.prepare`)."""
+"""``bgsynth prepare INDEX``: the paper's selection filters and GrabCut masks (see :func:`bgsynth.prepare.prepare`)."""
 
 from __future__ import annotations
 
@@ -87,10 +87,31 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _filters(args: argparse.Namespace):
+    from ..masks import SelectionFilters
+
+    on = args.filters  # --no-filters switches every one off
+    return SelectionFilters(single_object=on and args.single_object, box_size=on and args.box_size,
+                            box_inside=on and args.box_inside, bgt_margin=on and args.bgt_margin,
+                            mask_size=on and args.mask_size, max_box_fraction=args.max_box_fraction,
+                            min_inside_fraction=args.min_inside_fraction)
+
+
+def _config(args: argparse.Namespace):
+    from ..prepare import PrepareConfig
+
+    split = None if not args.split else (args.split[0] if len(args.split) == 1 else args.split)
+    return PrepareConfig(filters=_filters(args), recompute=args.recompute, per_class=args.per_class, split=split,
+                         iterations=args.iterations, attempts=args.attempts, min_fraction=args.min_fraction,
+                         max_side=args.max_side, workers=args.workers, resume=args.resume,
+                         checkpoint_every=args.checkpoint_every, show=args.show, show_count=args.show_count)
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..config import resolve_run
     from ..distributed import init_distributed
-    from ..geometry import CropGeometry
-    from ..masks import SelectionFilters, format_prepare_summary, prepare
+    from ..index import DatasetIndex
+    from ..prepare import format_prepare_summary, prepare
 
     ctx = init_distributed()  # under torchrun each rank runs GrabCut on its share; a no-op otherwise
     if args.filter_existing and ctx.is_main:
@@ -101,37 +122,9 @@ def run(args: argparse.Namespace) -> int:
     if out is None:
         src = pathlib.Path(args.index)
         out = src.with_name(f"{src.stem}.prepared.json")
-    split = None if not args.split else (args.split[0] if len(args.split) == 1 else args.split)
-    index = prepare(
-        args.index,
-        out=out,
-        geometry=CropGeometry(resize=args.resize, crop=args.crop),
-        filters=SelectionFilters(
-            single_object=args.filters and args.single_object,
-            box_size=args.filters and args.box_size,
-            box_inside=args.filters and args.box_inside,
-            bgt_margin=args.filters and args.bgt_margin,
-            mask_size=args.filters and args.mask_size,
-            max_box_fraction=args.max_box_fraction,
-            min_inside_fraction=args.min_inside_fraction,
-        ),
-        tiling=args.tiling,
-        recompute=args.recompute,
-        per_class=args.per_class,
-        seed=args.seed,
-        workers=args.workers,
-        max_side=args.max_side,
-        resume=args.resume,
-        progress=args.progress and ctx.is_main,
-        show=args.show,
-        split=split,
-        iterations=args.iterations,
-        attempts=args.attempts,
-        min_fraction=args.min_fraction,
-        checkpoint_every=args.checkpoint_every,
-        show_count=args.show_count,
-        dist=ctx,
-    )
+    run_cfg = resolve_run(resize=args.resize, crop=args.crop, tiling=args.tiling, seed=args.seed, device="cpu",
+                          progress=args.progress and ctx.is_main)
+    index = prepare(DatasetIndex.load(args.index), run_cfg, _config(args), out=out, dist=ctx)
     if not ctx.is_main:
         return 0
     report = index.data["info"]["prepare"]

@@ -16,19 +16,16 @@ True
 
 from __future__ import annotations
 
-import os
-from typing import Iterable
-
 import torch
 
-from ..config import resolve_device
+from ..config import RunConfig, resolve_options
 from ..errors import BackendUnavailableError, ConfigError
-from ..geometry import CropGeometry
 from ..index import DatasetIndex
-from .common import BACKENDS, BackendSpec, DecodeLoader, backend_available, register_backend
+from .common import BACKENDS, BackendSpec, DecodeLoader, DecodeOptions, backend_available, register_backend
 
 __all__ = [
     "DecodeLoader",
+    "DecodeOptions",
     "BACKENDS",
     "BackendSpec",
     "register_backend",
@@ -74,20 +71,10 @@ def auto_backend(device: torch.device | str = "cpu") -> str:
 
 
 def create_loader(
-    index: DatasetIndex | str | os.PathLike,
-    backend: str = "auto",
-    geometry: CropGeometry | None = None,
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-    shard_id: int = 0,
-    num_shards: int = 1,
-    ids: Iterable[int] | None = None,
-    prefetch: int = 2,
-    num_threads: int | None = None,
-    require_mask: bool = False,
-    on_error: str = "reject",
-    tiling: str = "paper",
-    only_bg_t: bool = True,
+    index: DatasetIndex,
+    run: RunConfig | None = None,
+    options: DecodeOptions | None = None,
+    **kwargs,
 ) -> DecodeLoader:
     """Create a decode loader: a re-iterable of :class:`Batch` over (a shard of) an index.
 
@@ -99,59 +86,41 @@ def create_loader(
     thread while batch ``k`` is consumed (``prefetch`` batches ahead).
 
     Args:
-        index: a :class:`DatasetIndex` or the path of its JSON.
-        backend: ``"auto"``, ``"dali"``, ``"torchvision"`` or ``"pil"`` (see :data:`BACKENDS`).
-        geometry: crop geometry (default ``CropGeometry()``: 256 -> 224).
-        batch_size: images per batch.
-        device: device of the yielded batches (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
-        shard_id, num_shards: shard of the sorted ids this process reads.
-        ids: restrict to these image ids.
-        prefetch: batches decoded ahead (0: decode synchronously in the consumer's thread).
-        num_threads: decoder threads (default ``min(8, cpu_count)``).
-        require_mask: skip (or, with ``on_error="raise"``, fail on) images without a foreground mask.
-        on_error: ``"reject"``: undecodable images are skipped, listed in ``loader.rejects`` and warned about;
-            ``"raise"``: :class:`~bgsynth.errors.DecodeError` naming the file.
-        tiling: how Only-BG-T is defined (:mod:`bgsynth.variants`): ``"paper"`` (default; tiled on the stored
-            image at full resolution, then resized and cropped like the image: ``Batch.bgt``) or ``"crop"``
-            (tiled inside the crop by the variants; the faster approximation).
-        only_bg_t: with ``"paper"``, make the Only-BG-T crops (``Batch.bgt``); ``False`` when no consumer needs
-            them (``has_bgt`` is still computed).
+        index: the :class:`DatasetIndex` (load an index file once, at the edge, with ``DatasetIndex.load``).
+        run: the resolved run settings (:class:`~bgsynth.config.RunConfig`): ``backend`` (``"auto"``, ``"dali"``,
+            ``"torchvision"`` or ``"pil"``, see :data:`BACKENDS`), ``geometry`` (default 256 -> 224),
+            ``batch_size`` (default :data:`bgsynth.config.BATCH_SIZES` ``["decode"]``), ``device`` of the yielded
+            batches (default ``"cpu"``), ``tiling`` (``"paper"``, default: Only-BG-T tiled on the stored image at
+            full resolution, then resized and cropped like the image, ``Batch.bgt``; ``"crop"``: tiled inside the
+            crop by the variants, the faster approximation) and ``num_threads`` (decoder threads, default
+            ``min(8, cpu_count)``).
+        options: shard, ids, prefetch, require_mask, on_error, only_bg_t (:class:`DecodeOptions`).
+        **kwargs: any of those by name (``backend=``, ``geometry=``, ``batch_size=``, ``device=``, ``tiling=``,
+            ``num_threads=``, ``shard_id=``, ``num_shards=``, ``ids=``, ``prefetch=``, ``require_mask=``,
+            ``on_error=``, ``only_bg_t=``), overriding ``run`` and ``options``.
 
     Returns:
         A :class:`DecodeLoader` (``len()`` = number of batches; attributes ``ids``, ``rejects``, ``fallbacks``).
 
     Raises:
         BackendUnavailableError: the backend (or CUDA) is not installed; the message has the pip command.
-        ConfigError: unknown backend or out-of-range argument.
+        ConfigError: not a :class:`DatasetIndex`, unknown backend or option, or an out-of-range argument.
 
-    >>> loader = create_loader("index.json", backend="pil", batch_size=32)   # doctest: +SKIP
-    >>> for batch in loader:                                                  # doctest: +SKIP
+    >>> loader = create_loader(DatasetIndex.load("index.json"), backend="pil", batch_size=32)   # doctest: +SKIP
+    >>> for batch in loader:                                                                    # doctest: +SKIP
     ...     batch.images.shape, batch.masks.shape                             # [B,3,224,224], [B,1,224,224]
     """
     if not isinstance(index, DatasetIndex):
-        if isinstance(index, (str, os.PathLike)):
-            index = DatasetIndex.load(index)
-        else:
-            raise ConfigError(f"create_loader: expected a DatasetIndex or an index path, got {type(index).__name__}")
-    dev = resolve_device(device)
-    if not isinstance(backend, str):
-        raise ConfigError(f"create_loader: expected a backend name, got {backend!r}")
-    name = auto_backend(dev) if backend == "auto" else backend
+        raise ConfigError(
+            f"create_loader: expected a DatasetIndex, got {type(index).__name__}; load an index file once, at the "
+            f"edge: create_loader(DatasetIndex.load(path), ...)"
+        )
+    run, options = resolve_options("create_loader", run, options, DecodeOptions, kwargs, batch_kind="decode",
+                                   device="cpu")
+    if not isinstance(run.backend, str):
+        raise ConfigError(f"create_loader: expected a backend name, got {run.backend!r}")
+    name = auto_backend(run.device) if run.backend == "auto" else run.backend
     if name not in BACKENDS:
-        raise ConfigError(f"create_loader: unknown decode backend {backend!r}; expected 'auto' or one of {sorted(BACKENDS)}")
-    cls = BACKENDS[name].load()
-    return cls(
-        index,
-        CropGeometry() if geometry is None else geometry,
-        batch_size,
-        dev,
-        shard_id=shard_id,
-        num_shards=num_shards,
-        ids=ids,
-        prefetch=prefetch,
-        num_threads=num_threads,
-        require_mask=require_mask,
-        on_error=on_error,
-        tiling=tiling,
-        only_bg_t=only_bg_t,
-    )
+        raise ConfigError(f"create_loader: unknown decode backend {run.backend!r}; expected 'auto' or one of "
+                          f"{sorted(BACKENDS)}")
+    return BACKENDS[name].load()(index, run, options)

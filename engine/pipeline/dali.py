@@ -31,7 +31,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .common import DecodeLoader, HostSample, SampleError, check_decoded_size
+from ..probe import SampleError
+from .common import DecodeLoader
+from .host import HostSample, check_decoded_size
 
 __all__ = ["DALILoader", "crop_window", "paste_plan"]
 
@@ -99,6 +101,7 @@ def paste_plan(height: int, width: int, box, strip) -> tuple[np.ndarray, np.ndar
 
 
 def _build_pipeline(batch_size: int, num_threads: int, device_id: int | None, crop: int, bgt: bool = False):
+    # nvidia.dali: a heavy optional dependency, imported only when a DALI pipeline is built
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
@@ -189,7 +192,7 @@ class DALILoader(DecodeLoader):
             self._feed_pastes(pipe, samples)
         c = self.geometry.crop
         if self.device.type == "cuda":
-            from nvidia.dali.plugin.pytorch import feed_ndarray
+            from nvidia.dali.plugin.pytorch import feed_ndarray  # optional dependency (see _build_pipeline)
 
             stream = torch.cuda.current_stream(self.device)
             outs = pipe.run(stream)

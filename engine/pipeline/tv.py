@@ -18,7 +18,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .common import DecodeLoader, HostSample, SampleError, check_decoded_size, only_bg_t_full
+from ..probe import SampleError
+from .common import DecodeLoader
+from .host import HostSample, check_decoded_size, only_bg_t_full
 
 __all__ = ["TorchvisionLoader", "tv_resize_crop"]
 
@@ -29,7 +31,7 @@ def tv_resize_crop(image: torch.Tensor, plan) -> torch.Tensor:
     Returns:
         ``uint8 [3, C, C]`` on the input's device.
     """
-    from torchvision.transforms.v2 import functional as F
+    from torchvision.transforms.v2 import functional as F  # optional backend: imported when it runs
 
     rh, rw = plan.resized
     top, left = plan.offset
@@ -56,7 +58,7 @@ class TorchvisionLoader(DecodeLoader):
         return crop, tv_resize_crop(only_bg_t_full(img, sample), sample.plan)
 
     def _decode_one_cpu(self, sample: HostSample) -> tuple | SampleError:
-        from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.io import ImageReadMode, decode_jpeg  # optional backend, looked up at call time
 
         try:
             img = decode_jpeg(_as_tensor(sample.data), mode=ImageReadMode.RGB, apply_exif_orientation=False)
@@ -68,7 +70,7 @@ class TorchvisionLoader(DecodeLoader):
             return SampleError("decoder_refused", f"torchvision.io.decode_jpeg: {str(e).splitlines()[-1]}")
 
     def _decode_cuda(self, samples: Sequence[HostSample]) -> list[tuple | SampleError]:
-        from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.io import ImageReadMode, decode_jpeg  # optional backend, looked up at call time
 
         datas = [_as_tensor(s.data) for s in samples]
         kw = dict(mode=ImageReadMode.RGB, apply_exif_orientation=False, device=self.device)

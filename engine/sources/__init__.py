@@ -11,10 +11,10 @@ crash; an ingest fails (:class:`IngestError`) only when nothing valid remains.
 
 from ..probe import ProbeResult, probe_file
 from ._probe import IngestError, WorkerPoolError
-from .coco import ingest_coco, read_category_map
+from .coco import CocoIngestConfig, ingest_coco, read_category_map
 from .imagenet import ingest_imagenet, read_labels_file
 from .in9_release import ingest_in9_release
-from .synthetic import build_builtin_dataset, default_cache_dir, load_builtin_index
+from .synthetic import BuiltinSpec, build_builtin_dataset, default_cache_dir, load_builtin_index
 
 __all__ = [
     "IngestError",
@@ -25,8 +25,10 @@ __all__ = [
     "read_labels_file",
     "ingest_in9_release",
     "ingest_coco",
+    "CocoIngestConfig",
     "read_category_map",
     "build_builtin_dataset",
+    "BuiltinSpec",
     "default_cache_dir",
     "load_builtin_index",
 ]

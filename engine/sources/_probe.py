@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import multiprocessing
 import os
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..errors import BgsynthError
 
-__all__ = ["run_pool", "pool_context", "IngestError", "WorkerPoolError"]
-
+__all__ = ["run_pool", "pool_context", "IngestError", "WorkerPoolError", "summarize_rejects", "with_options"]
 
 
 class IngestError(BgsynthError, ValueError):
@@ -27,7 +28,7 @@ class WorkerPoolError(IngestError):
 
 def _init_worker() -> None:
     try:
-        import cv2
+        import cv2  # OpenCV: only in the pool's workers
 
         cv2.setNumThreads(1)  # one process per core already
     except ImportError:  # pragma: no cover - cv2 is a dependency
@@ -102,8 +103,6 @@ def run_pool(fn: Callable[[Any], Any], tasks: Sequence, workers: int | None = No
 
 def summarize_rejects(rejects: Iterable[dict], limit: int = 5) -> str:
     """A short text: counts per reason and the first few rejected paths."""
-    import collections
-
     rejects = list(rejects)
     counts = collections.Counter(r["reason"] for r in rejects)
     parts = [f"{reason}: {n}" for reason, n in sorted(counts.items())]
@@ -114,4 +113,14 @@ def summarize_rejects(rejects: Iterable[dict], limit: int = 5) -> str:
     return text
 
 
-__all__ += ["summarize_rejects"]
+
+def with_options(owner: str, config, config_cls: type, options: Mapping[str, Any], error: type = IngestError):
+    """``config`` (default ``config_cls()``) with the keyword ``options`` applied (validated again by the frozen
+    dataclass); unknown names are an ``error`` (:class:`IngestError`) that lists the valid ones."""
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(k for k in options if k not in fields)
+    if unknown:
+        raise error(f"{owner}: unknown option(s) {unknown}; expected {config_cls.__name__} fields {sorted(fields)}")
+    if config is None:
+        return config_cls(**options)
+    return dataclasses.replace(config, **options) if options else config

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -62,9 +63,9 @@ from ..index import (
     rle_encode,
 )
 from ..probe import VERIFY_MODES, probe_file
-from ._probe import IngestError, run_pool, summarize_rejects
+from ._probe import IngestError, run_pool, summarize_rejects, with_options
 
-__all__ = ["ingest_coco", "read_category_map", "decode_segmentation", "BOX_SOURCES", "MIN_MASK_INSIDE_BOX"]
+__all__ = ["ingest_coco", "CocoIngestConfig", "read_category_map", "decode_segmentation", "BOX_SOURCES", "MIN_MASK_INSIDE_BOX"]
 
 UNMAPPED_CATEGORY = "unmapped_category_annotations"
 NO_MAPPED_CATEGORY = "images_without_mapped_category"
@@ -136,7 +137,7 @@ def decode_segmentation(seg: Any, height: int, width: int) -> np.ndarray:
     Raises:
         ValueError: when the segmentation is malformed or its RLE size differs from ``(height, width)``.
     """
-    from pycocotools import mask as mask_utils
+    from pycocotools import mask as mask_utils  # pycocotools: imported by the ingest that needs it
 
     if isinstance(seg, list):
         if not seg:
@@ -237,58 +238,46 @@ def _coco_task(task: tuple) -> dict:
             "empty": empty}
 
 
-def ingest_coco(
-    annotations: str | os.PathLike | Mapping,
-    images_root: str | os.PathLike,
-    category_map: Mapping | str | os.PathLike,
-    split: str = "val",
-    mask_source: str = "external",
-    out: str | os.PathLike | None = None,
-    workers: int | None = None,
-    verify: str = "full",
-    progress: bool = True,
-    box_from: str = "bbox",
-    min_mask_inside: float = MIN_MASK_INSIDE_BOX,
-) -> DatasetIndex:
-    """Index a COCO-format instance-mask dataset with a user-given category -> IN-9 map.
+@dataclasses.dataclass(frozen=True)
+class CocoIngestConfig:
+    """The COCO ingest's settings.
 
-    Args:
-        annotations: the COCO JSON file (or its already-loaded dict).
-        images_root: folder that the images' ``file_name`` fields are relative to.
-        category_map: source category (name or id) -> IN-9 class; see the module docstring.
+    Attributes:
         split: split name recorded for every image.
         mask_source: provenance recorded on the masks (one of :data:`bgsynth.index.MASK_SOURCES`).
-        out: if given, the index is also saved there.
+        box_from: ``"bbox"`` (default): the annotations' COCO ``bbox`` is the box (clipped to the image; the
+            mask's tight box only where ``bbox`` is missing, malformed or empty); ``"mask"``: the tight box of each
+            mask. See the module docstring.
+        min_mask_inside: with ``box_from="bbox"``, an annotation with less than this fraction of its mask pixels
+            inside its bbox makes its image a ``box_mask_mismatch`` reject (default 0.5; 0 switches it off).
         workers: probing processes (default: CPU count).
         verify: ``'full'`` or ``'header'`` image verification.
         progress: show a progress bar.
-        box_from: ``"bbox"`` (default): the annotations' COCO ``bbox`` is the box (clipped to the image; the mask's
-            tight box only where ``bbox`` is missing, malformed or empty); ``"mask"``: the tight box of each mask.
-            See the module docstring.
-        min_mask_inside: with ``box_from="bbox"``, an annotation with less than this fraction of its mask pixels
-            inside its bbox makes its image a ``box_mask_mismatch`` reject (default 0.5; 0 switches it off).
-
-    Returns:
-        The :class:`~bgsynth.index.DatasetIndex` (image ids follow the source image ids' order).
-
-    Raises:
-        IngestError: unreadable JSON, bad category map, bad option, or nothing valid remaining.
     """
-    if box_from not in BOX_SOURCES:
-        raise IngestError(f"COCO ingest: expected box_from in {BOX_SOURCES}, got {box_from!r}")
-    if isinstance(min_mask_inside, bool) or not isinstance(min_mask_inside, (int, float)) \
-            or not 0.0 <= float(min_mask_inside) <= 1.0:
-        raise IngestError(f"COCO ingest: expected min_mask_inside in [0, 1], got {min_mask_inside!r}")
-    if verify not in VERIFY_MODES:
-        raise IngestError(f"COCO ingest: expected verify in {VERIFY_MODES}, got {verify!r}")
-    if mask_source not in MASK_SOURCES:
-        raise IngestError(f"COCO ingest: expected mask_source in {MASK_SOURCES}, got {mask_source!r}")
-    root = pathlib.Path(images_root).expanduser()
-    if not root.is_dir():
-        raise IngestError(f"COCO ingest: images root {root} is not a folder")
-    cmap = read_category_map(category_map)
 
-    from pycocotools.coco import COCO
+    split: str = "val"
+    mask_source: str = "external"
+    box_from: str = "bbox"
+    min_mask_inside: float = MIN_MASK_INSIDE_BOX
+    workers: int | None = None
+    verify: str = "full"
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.box_from not in BOX_SOURCES:
+            raise IngestError(f"COCO ingest: expected box_from in {BOX_SOURCES}, got {self.box_from!r}")
+        v = self.min_mask_inside
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+            raise IngestError(f"COCO ingest: expected min_mask_inside in [0, 1], got {v!r}")
+        if self.verify not in VERIFY_MODES:
+            raise IngestError(f"COCO ingest: expected verify in {VERIFY_MODES}, got {self.verify!r}")
+        if self.mask_source not in MASK_SOURCES:
+            raise IngestError(f"COCO ingest: expected mask_source in {MASK_SOURCES}, got {self.mask_source!r}")
+
+
+def _load_coco(annotations: str | os.PathLike | Mapping):
+    """The annotations as a ``pycocotools`` COCO object, and how to name them in messages."""
+    from pycocotools.coco import COCO  # pycocotools: imported by the ingest that needs it
 
     where = "<dict>" if isinstance(annotations, Mapping) else str(annotations)
     try:
@@ -306,28 +295,30 @@ def ingest_coco(
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco.dataset.get(key), list):
             raise IngestError(f"COCO ingest: {where}: expected a list under '{key}'")
+    return coco, where
 
+
+def _category_labels(categories: list[dict], cmap: Mapping[str, int], where: str) -> tuple[dict[int, int], list[str]]:
+    """Source category id -> IN-9 label (by name first, then by id), and the map keys no category has."""
     cat_label: dict[int, int] = {}
-    for cat in coco.dataset["categories"]:
+    for cat in categories:
         name, cid = str(cat.get("name", "")), cat.get("id")
         if name in cmap:
             cat_label[cid] = cmap[name]
         elif str(cid) in cmap:
             cat_label[cid] = cmap[str(cid)]
-    known = {str(c.get("name")) for c in coco.dataset["categories"]} | {str(c.get("id")) for c in
-                                                                        coco.dataset["categories"]}
-    missing = sorted(k for k in cmap if k not in known)
+    known = {str(c.get("name")) for c in categories} | {str(c.get("id")) for c in categories}
     if not cat_label:
         raise IngestError(
             f"COCO ingest: no category of {where} is in the category map (map keys: {sorted(cmap)[:10]}; "
-            f"categories: {[c.get('name') for c in coco.dataset['categories']][:10]})"
+            f"categories: {[c.get('name') for c in categories][:10]})"
         )
+    return cat_label, sorted(k for k in cmap if k not in known)
 
-    index = DatasetIndex.empty(image_root=str(root.resolve()), description=f"COCO masks from {where}")
-    index.data["info"]["source"] = {"kind": "coco", "annotations": where, "images_root": str(root),
-                                    "category_map": {str(k): v for k, v in cmap.items()},
-                                    "unknown_map_keys": missing, "box_from": box_from,
-                                    "min_mask_inside": float(min_mask_inside)}
+
+def _coco_tasks(coco, cat_label: Mapping[int, int], root: pathlib.Path, config: CocoIngestConfig,
+                index: DatasetIndex) -> tuple[list[tuple], list]:
+    """One probe task per image with a mapped annotation (the others are counted or rejected in ``index``)."""
     tasks, src_ids = [], []
     for im in sorted(coco.dataset["images"], key=lambda d: d.get("id", 0)):
         anns = coco.imgToAnns.get(im.get("id"), [])
@@ -348,10 +339,13 @@ def ingest_coco(
         if not fn or os.path.isabs(fn) or ".." in pathlib.PurePath(fn).parts:
             index.add_reject(fn, Reject.BAD_ANNOTATION, f"image entry {im.get('id')}: unusable file_name {fn!r}")
             continue
-        tasks.append((str(root / fn), fn, w, h, mapped, verify, box_from, float(min_mask_inside)))
+        tasks.append((str(root / fn), fn, w, h, mapped, config.verify, config.box_from, float(config.min_mask_inside)))
         src_ids.append(im.get("id"))
+    return tasks, src_ids
 
-    results = run_pool(_coco_task, tasks, workers, desc="ingest coco", progress=progress)
+
+def _add_results(index: DatasetIndex, src_ids: list, results: list[dict], config: CocoIngestConfig) -> None:
+    """The probed images (or their rejects) into ``index``, with the box sources and empty masks counted."""
     empty = 0
     boxes = collections.Counter({"bbox": 0, "mask": 0, "mask_fallback": 0, "clipped": 0})
     for src_id, res in zip(src_ids, results):
@@ -359,12 +353,12 @@ def ingest_coco(
         if res["reason"] is not None:
             index.add_reject(res["rel"], res["reason"], res["detail"])
             continue
-        entry = {"file_name": res["rel"], "label": res["label"], "split": split, "wnid": None,
+        entry = {"file_name": res["rel"], "label": res["label"], "split": config.split, "wnid": None,
                  "in1k_class": None, "source_id": src_id}
         entry.update(res["probe"])
         anns = []
         for a in res["anns"]:
-            a = dict(a, category_id=res["label"], mask_source=mask_source)
+            a = dict(a, category_id=res["label"], mask_source=config.mask_source)
             boxes[a["box_source"]] += 1
             boxes["clipped"] += int(a.pop("_clipped"))
             anns.append(a)
@@ -372,6 +366,49 @@ def ingest_coco(
     index.data["info"]["source"]["boxes"] = dict(boxes)
     if empty:
         index.count_skipped(EMPTY_MASK, empty)
+
+
+def ingest_coco(
+    annotations: str | os.PathLike | Mapping,
+    images_root: str | os.PathLike,
+    category_map: Mapping | str | os.PathLike,
+    config: CocoIngestConfig | None = None,
+    *,
+    out: str | os.PathLike | None = None,
+    **options,
+) -> DatasetIndex:
+    """Index a COCO-format instance-mask dataset with a user-given category -> IN-9 map.
+
+    Args:
+        annotations: the COCO JSON file (or its already-loaded dict).
+        images_root: folder that the images' ``file_name`` fields are relative to.
+        category_map: source category (name or id) -> IN-9 class; see the module docstring.
+        config: the ingest's settings (:class:`CocoIngestConfig`: split, mask_source, box_from, min_mask_inside,
+            workers, verify, progress).
+        out: if given, the index is also saved there.
+        **options: :class:`CocoIngestConfig` fields by name, overriding ``config``.
+
+    Returns:
+        The :class:`~bgsynth.index.DatasetIndex` (image ids follow the source image ids' order).
+
+    Raises:
+        IngestError: unreadable JSON, bad category map, bad option, or nothing valid remaining.
+    """
+    config = with_options("COCO ingest", config, CocoIngestConfig, options)
+    root = pathlib.Path(images_root).expanduser()
+    if not root.is_dir():
+        raise IngestError(f"COCO ingest: images root {root} is not a folder")
+    cmap = read_category_map(category_map)
+    coco, where = _load_coco(annotations)
+    cat_label, missing = _category_labels(coco.dataset["categories"], cmap, where)
+    index = DatasetIndex.empty(image_root=str(root.resolve()), description=f"COCO masks from {where}")
+    index.data["info"]["source"] = {"kind": "coco", "annotations": where, "images_root": str(root),
+                                    "category_map": {str(k): v for k, v in cmap.items()},
+                                    "unknown_map_keys": missing, "box_from": config.box_from,
+                                    "min_mask_inside": float(config.min_mask_inside)}
+    tasks, src_ids = _coco_tasks(coco, cat_label, root, config, index)
+    results = run_pool(_coco_task, tasks, config.workers, desc="ingest coco", progress=config.progress)
+    _add_results(index, src_ids, results, config)
     if len(index) == 0:
         raise IngestError(
             f"COCO ingest: nothing valid under {root} ({len(tasks)} candidate images; "

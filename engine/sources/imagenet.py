@@ -205,6 +205,99 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
+def _labelled_candidates(root: pathlib.Path, labels_file, index: DatasetIndex) -> list[tuple[str, str]]:
+    """``(file, wnid)`` of a flat folder with a labels file; listed files that are missing become rejects."""
+    labels = read_labels_file(labels_file)
+    on_disk = {}
+    for entry in os.scandir(root):
+        if entry.is_file() and _is_image(entry.name):
+            on_disk[entry.name] = entry.name
+            on_disk.setdefault(os.path.splitext(entry.name)[0], entry.name)
+    used = set()
+    candidates = []
+    for key, wnid in labels.items():
+        name = on_disk.get(key) or on_disk.get(os.path.splitext(key)[0])
+        if name is None:
+            index.add_reject(key, Reject.MISSING_FILE, f"listed in {labels_file} but not found in {root}")
+            continue
+        used.add(name)
+        candidates.append((name, wnid))
+    unlabelled = len({v for v in on_disk.values()} - used)
+    if unlabelled:
+        index.count_skipped(NO_LABEL, unlabelled)
+    return candidates
+
+
+def _folder_candidates(root: pathlib.Path) -> list[tuple[str, str]]:
+    """``(<wnid>/<file>, wnid)`` of class folders (folders that are not ImageNet-1k wnids are warned about)."""
+    subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    loose = [e.name for e in os.scandir(root) if e.is_file() and _is_image(e.name)]
+    if not subdirs and loose:
+        raise IngestError(
+            f"ImageNet ingest: {root} holds {len(loose)} images but no class folders; "
+            f"a flat folder needs labels_file"
+        )
+    candidates, unknown = [], []
+    for wnid in subdirs:
+        files = sorted(e.name for e in os.scandir(root / wnid) if e.is_file() and _is_image(e.name))
+        candidates.extend((f"{wnid}/{f}", wnid) for f in files)
+        if wnid_to_in1k(wnid) is None:
+            unknown.append(wnid)
+    if unknown:
+        warnings.warn(
+            f"ImageNet ingest: {len(unknown)} folder(s) of {root} are not ImageNet-1k wnids and are skipped: "
+            f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}",
+            stacklevel=3,
+        )
+    return candidates
+
+
+def _probe_tasks(candidates: list[tuple[str, str]], root: pathlib.Path, ann_root: pathlib.Path | None, verify: str,
+                 index: DatasetIndex) -> tuple[list[tuple], list[tuple[str, int, int]]]:
+    """One probe task per candidate of an IN-9 class (the others are counted in ``index``), with its
+    ``(wnid, in1k class, IN-9 label)``."""
+    tasks, meta = [], []
+    for rel, wnid in sorted(candidates):
+        in1k = wnid_to_in1k(wnid)
+        if in1k is None:
+            index.count_skipped(UNKNOWN_CLASS)
+            continue
+        label = wnid_to_in9(wnid)
+        if label is None:
+            index.count_skipped(Reject.UNMAPPED_CLASS)
+            continue
+        stem = os.path.splitext(os.path.basename(rel))[0]
+        xmls = None
+        if ann_root is not None:
+            xmls = [str(ann_root / wnid / f"{stem}.xml"), str(ann_root / f"{stem}.xml")]
+        tasks.append((str(root / rel), rel, xmls, verify))
+        meta.append((wnid, in1k, label))
+    return tasks, meta
+
+
+def _add_probed(index: DatasetIndex, meta: list[tuple[str, int, int]], results: list[dict], split: str) -> None:
+    for (wnid, in1k, label), res in zip(meta, results):
+        if res["reason"] is not None:
+            index.add_reject(res["rel"], res["reason"], res["detail"])
+            continue
+        entry = {"file_name": res["rel"], "label": label, "split": split, "wnid": wnid, "in1k_class": in1k}
+        entry.update(res["probe"])
+        anns = [{"bbox": inclusive_to_bbox(b), "category_id": label} for b in (res["boxes"] or [])]
+        index.add_image(entry, anns)
+
+
+def _imagenet_roots(images_root, annotations_root, verify: str) -> tuple[pathlib.Path, pathlib.Path | None]:
+    root = pathlib.Path(images_root).expanduser()
+    if not root.is_dir():
+        raise IngestError(f"ImageNet ingest: images root {root} is not a folder")
+    if verify not in VERIFY_MODES:
+        raise IngestError(f"ImageNet ingest: expected verify in {VERIFY_MODES}, got {verify!r}")
+    ann_root = None if annotations_root is None else pathlib.Path(annotations_root).expanduser()
+    if ann_root is not None and not ann_root.is_dir():
+        raise IngestError(f"ImageNet ingest: annotations root {ann_root} is not a folder")
+    return root, ann_root
+
+
 def ingest_imagenet(
     images_root: str | os.PathLike,
     annotations_root: str | os.PathLike | None = None,
@@ -238,86 +331,18 @@ def ingest_imagenet(
 
     >>> idx = ingest_imagenet("/data/imagenet/train", "/data/imagenet/bbox/train")   # doctest: +SKIP
     """
-    root = pathlib.Path(images_root).expanduser()
-    if not root.is_dir():
-        raise IngestError(f"ImageNet ingest: images root {root} is not a folder")
-    if verify not in VERIFY_MODES:
-        raise IngestError(f"ImageNet ingest: expected verify in {VERIFY_MODES}, got {verify!r}")
-    ann_root = None if annotations_root is None else pathlib.Path(annotations_root).expanduser()
-    if ann_root is not None and not ann_root.is_dir():
-        raise IngestError(f"ImageNet ingest: annotations root {ann_root} is not a folder")
+    root, ann_root = _imagenet_roots(images_root, annotations_root, verify)
     index = DatasetIndex.empty(image_root=str(root.resolve()), description=f"ImageNet {split} from {root}")
     index.data["info"]["source"] = {"kind": "imagenet", "images_root": str(root), "split": split,
                                     "annotations_root": None if ann_root is None else str(ann_root),
                                     "labels_file": None if labels_file is None else str(labels_file)}
-
-    candidates: list[tuple[str, str]] = []  # (relative path, wnid)
     if labels_file is not None:
-        labels = read_labels_file(labels_file)
-        on_disk = {}
-        for entry in os.scandir(root):
-            if entry.is_file() and _is_image(entry.name):
-                on_disk[entry.name] = entry.name
-                on_disk.setdefault(os.path.splitext(entry.name)[0], entry.name)
-        used = set()
-        for key, wnid in labels.items():
-            name = on_disk.get(key) or on_disk.get(os.path.splitext(key)[0])
-            if name is None:
-                index.add_reject(key, Reject.MISSING_FILE, f"listed in {labels_file} but not found in {root}")
-                continue
-            used.add(name)
-            candidates.append((name, wnid))
-        unlabelled = len({v for v in on_disk.values()} - used)
-        if unlabelled:
-            index.count_skipped(NO_LABEL, unlabelled)
+        candidates = _labelled_candidates(root, labels_file, index)
     else:
-        subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-        loose = [e.name for e in os.scandir(root) if e.is_file() and _is_image(e.name)]
-        if not subdirs and loose:
-            raise IngestError(
-                f"ImageNet ingest: {root} holds {len(loose)} images but no class folders; "
-                f"a flat folder needs labels_file"
-            )
-        unknown = []
-        for wnid in subdirs:
-            files = sorted(e.name for e in os.scandir(root / wnid) if e.is_file() and _is_image(e.name))
-            candidates.extend((f"{wnid}/{f}", wnid) for f in files)
-            if wnid_to_in1k(wnid) is None:
-                unknown.append(wnid)
-        if unknown:
-            warnings.warn(
-                f"ImageNet ingest: {len(unknown)} folder(s) of {root} are not ImageNet-1k wnids and are skipped: "
-                f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}",
-                stacklevel=2,
-            )
-
-    tasks, meta = [], []
-    for rel, wnid in sorted(candidates):
-        in1k = wnid_to_in1k(wnid)
-        if in1k is None:
-            index.count_skipped(UNKNOWN_CLASS)
-            continue
-        label = wnid_to_in9(wnid)
-        if label is None:
-            index.count_skipped(Reject.UNMAPPED_CLASS)
-            continue
-        stem = os.path.splitext(os.path.basename(rel))[0]
-        xmls = None
-        if ann_root is not None:
-            xmls = [str(ann_root / wnid / f"{stem}.xml"), str(ann_root / f"{stem}.xml")]
-        tasks.append((str(root / rel), rel, xmls, verify))
-        meta.append((wnid, in1k, label))
-
+        candidates = _folder_candidates(root)
+    tasks, meta = _probe_tasks(candidates, root, ann_root, verify, index)
     results = run_pool(_probe_task, tasks, workers, desc=f"ingest imagenet {split}", progress=progress)
-    for (wnid, in1k, label), res in zip(meta, results):
-        if res["reason"] is not None:
-            index.add_reject(res["rel"], res["reason"], res["detail"])
-            continue
-        entry = {"file_name": res["rel"], "label": label, "split": split, "wnid": wnid, "in1k_class": in1k}
-        entry.update(res["probe"])
-        anns = [{"bbox": inclusive_to_bbox(b), "category_id": label} for b in (res["boxes"] or [])]
-        index.add_image(entry, anns)
-
+    _add_probed(index, meta, results, split)
     if len(index) == 0:
         skipped = index.data["info"].get("skipped", {})
         raise IngestError(

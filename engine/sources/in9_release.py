@@ -73,6 +73,60 @@ def _release_task(task: tuple) -> dict:
     return out
 
 
+def _mask_policy(masks: bool | None, variant: str) -> tuple[bool, bool]:
+    """``(attach masks, a missing mask is a reject)``: see :func:`ingest_in9_release`'s ``masks``."""
+    return (masks if masks is not None else True), (masks if masks is not None else (variant == "original"))
+
+
+def _release_tasks(images_dir: pathlib.Path, mask_dir: pathlib.Path, policy: tuple[bool, bool], verify: str,
+                   index: DatasetIndex) -> tuple[list[tuple], list[int]]:
+    """One probe task per image of the IN-9 class folders (other folders are counted and warned about), and the
+    images' labels."""
+    want_masks, mask_required = policy
+    if want_masks and mask_required and not mask_dir.is_dir():
+        warnings.warn(f"IN-9 ingest: mask folder {mask_dir} not found; every image will be rejected", stacklevel=3)
+    tasks, labels, unknown = [], [], []
+    for folder in sorted(e.name for e in os.scandir(images_dir) if e.is_dir()):
+        label = folder_to_in9(folder)
+        files = sorted(e.name for e in os.scandir(images_dir / folder) if e.is_file() and _is_image(e.name))
+        if label is None:
+            unknown.append(folder)
+            index.count_skipped(UNKNOWN_CLASS, len(files))
+            continue
+        for f in files:
+            stem = os.path.splitext(f)[0]
+            mask_path = str(mask_dir / folder / f"{stem}.npy") if want_masks else None
+            tasks.append((str(images_dir / folder / f), f"{folder}/{f}", mask_path, mask_required, verify))
+            labels.append(label)
+    if unknown:
+        warnings.warn(
+            f"IN-9 ingest: folder(s) {unknown[:5]} of {images_dir} are not IN-9 class folders {IN9_FOLDERS}; skipped",
+            stacklevel=3,
+        )
+    return tasks, labels
+
+
+def _add_release_results(index: DatasetIndex, labels: list[int], results: list[dict], split: str,
+                         variant: str) -> int:
+    """The probed images (or their rejects) into ``index``; returns how many carry no mask."""
+    no_mask = 0
+    for label, res in zip(labels, results):
+        if res["reason"] is not None:
+            index.add_reject(res["rel"], res["reason"], res["detail"])
+            continue
+        entry = {"file_name": res["rel"], "label": label, "split": split, "wnid": None, "in1k_class": None,
+                 "variant": variant}
+        entry.update(res["probe"])
+        anns = []
+        if res["rle"] is not None:
+            anns.append({"bbox": inclusive_to_bbox(res["box"]), "segmentation": res["rle"], "area": res["area"],
+                         "mask_source": "released"})
+        else:
+            no_mask += 1
+        index.add_image(entry, anns)
+    return no_mask
+
+
 def ingest_in9_release(
     root: str | os.PathLike,
     variant: str = "original",
@@ -110,50 +164,11 @@ def ingest_in9_release(
     if not images_dir.is_dir():
         found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         raise IngestError(f"IN-9 ingest: {images_dir} is not a folder (folders under {root}: {found or 'none'})")
-    mask_dir = root / "fg_mask" / split
-    want_masks = masks if masks is not None else True
-    mask_required = masks if masks is not None else (variant == "original")
-    if want_masks and mask_required and not mask_dir.is_dir():
-        warnings.warn(f"IN-9 ingest: mask folder {mask_dir} not found; every image will be rejected", stacklevel=2)
-
     index = DatasetIndex.empty(image_root=str(images_dir.resolve()), description=f"IN-9 release {variant}/{split}")
     index.data["info"]["source"] = {"kind": "in9_release", "root": str(root), "variant": variant, "split": split}
-    tasks, labels = [], []
-    unknown = []
-    for folder in sorted(e.name for e in os.scandir(images_dir) if e.is_dir()):
-        label = folder_to_in9(folder)
-        files = sorted(e.name for e in os.scandir(images_dir / folder) if e.is_file() and _is_image(e.name))
-        if label is None:
-            unknown.append(folder)
-            index.count_skipped(UNKNOWN_CLASS, len(files))
-            continue
-        for f in files:
-            stem = os.path.splitext(f)[0]
-            mask_path = str(mask_dir / folder / f"{stem}.npy") if want_masks else None
-            tasks.append((str(images_dir / folder / f), f"{folder}/{f}", mask_path, mask_required, verify))
-            labels.append(label)
-    if unknown:
-        warnings.warn(
-            f"IN-9 ingest: folder(s) {unknown[:5]} of {images_dir} are not IN-9 class folders {IN9_FOLDERS}; skipped",
-            stacklevel=2,
-        )
+    tasks, labels = _release_tasks(images_dir, root / "fg_mask" / split, _mask_policy(masks, variant), verify, index)
     results = run_pool(_release_task, tasks, workers, desc=f"ingest in9 {variant}/{split}", progress=progress)
-    no_mask = 0
-    for label, res in zip(labels, results):
-        if res["reason"] is not None:
-            index.add_reject(res["rel"], res["reason"], res["detail"])
-            continue
-        entry = {"file_name": res["rel"], "label": label, "split": split, "wnid": None, "in1k_class": None,
-                 "variant": variant}
-        entry.update(res["probe"])
-        anns = []
-        if res["rle"] is not None:
-            anns.append({"bbox": inclusive_to_bbox(res["box"]), "segmentation": res["rle"], "area": res["area"],
-                         "mask_source": "released"})
-        else:
-            no_mask += 1
-        index.add_image(entry, anns)
-    index.data["info"]["source"]["images_without_mask"] = no_mask
+    index.data["info"]["source"]["images_without_mask"] = _add_release_results(index, labels, results, split, variant)
     if len(index) == 0:
         raise IngestError(
             f"IN-9 ingest: nothing valid under {images_dir} ({len(tasks)} image files found; "

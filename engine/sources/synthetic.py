@@ -51,7 +51,8 @@ from ..classes import NUM_IN9
 from ..errors import ConfigError
 from ..fileio import atomic_write_json
 from ..index import DatasetIndex, mask_extent, rle_encode
-from ._probe import WorkerPoolError, run_pool
+from ._probe import WorkerPoolError, run_pool, with_options
+from .imagenet import ingest_imagenet
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -67,6 +68,7 @@ __all__ = [
     "sample_scene",
     "write_dataset",
     "build_builtin_dataset",
+    "BuiltinSpec",
     "load_builtin_index",
     "voc_xml",
 ]
@@ -882,6 +884,49 @@ def sample_scene(seed: int, split: str, label: int, n: int, correlation: float =
     return other + (other >= label)
 
 
+def _place_objects(kind: str, rng: np.random.Generator, h: int, w: int, short: int,
+                   two: bool) -> tuple[list[_Layer], list[np.ndarray]]:
+    """Draw the image's object(s): ``(layers, visible masks)``. Placements are retried (up to 8 times) until every
+    object covers at least 200 pixels and at least half of it stays visible under the objects drawn after it."""
+
+    def place(frac_lo, frac_hi, offset):
+        size = rng.uniform(frac_lo, frac_hi) * short / 2.0
+        cx = w / 2.0 + (offset[0] + rng.uniform(-0.22, 0.22)) * short
+        cy = h / 2.0 + (offset[1] + rng.uniform(-0.2, 0.2)) * short
+        return (cx, cy), size
+
+    for _attempt in range(8):
+        if two:
+            ang = rng.uniform(0, 2 * np.pi)
+            d = rng.uniform(0.18, 0.28)
+            plans = [place(0.3, 0.48, (d * math.cos(ang), d * math.sin(ang))),
+                     place(0.3, 0.48, (-d * math.cos(ang), -d * math.sin(ang)))]
+        else:
+            plans = [place(0.4, 0.8, (0.0, 0.0))]
+        layers = [_render_object(kind, rng, h, w, c, s) for c, s in plans]
+        full = [ly.full_mask(h, w) for ly in layers]
+        visible = [m.copy() for m in full]
+        for i in range(len(full)):
+            for j in range(i + 1, len(full)):
+                visible[i] &= 1 - full[j]
+        areas = [int(m.sum()) for m in full]
+        vis = [int(m.sum()) for m in visible]
+        if all(a >= 200 and v >= 0.5 * a for a, v in zip(areas, vis)):
+            return layers, visible
+    # 8 failed placements are vanishingly rare: fall back to one centred object
+    layers = [_render_object(kind, rng, h, w, (w / 2.0, h / 2.0), 0.3 * short)]
+    return layers, [layers[0].full_mask(h, w)]
+
+
+def _camera(img: np.ndarray, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Colour balance, exposure and sensor noise, then 8-bit quantisation."""
+    gain = (1.0 + rng.uniform(-0.06, 0.06, 3)) * rng.uniform(0.88, 1.1)
+    img = cv2.transform(img, np.diag(gain).astype(np.float32))
+    img += _c3(_grain(rng, h, w, 2.5))
+    np.clip(img, 0.0, 255.0, out=img)
+    return (img + 0.5).astype(np.uint8)
+
+
 def render_sample(seed: int, split: str, label: int, n: int, correlation: float = 0.8,
                   two_object_rate: float = 0.04) -> SyntheticSample:
     """Render image number ``n`` of class ``label`` in a split: a pure function of its arguments.
@@ -911,48 +956,14 @@ def render_sample(seed: int, split: str, label: int, n: int, correlation: float 
     long = int(rng.integers(short, min(_MAX_SIDE, int(short * 1.6)) + 1))
     h, w = (long, short) if rng.random() < 0.3 else (short, long)
     img = render_background(SCENE_FAMILIES[scene], rng, h, w)
-    kind = OBJECT_KINDS[label]
     two = rng.random() < two_object_rate
-
-    def place(frac_lo, frac_hi, offset):
-        size = rng.uniform(frac_lo, frac_hi) * short / 2.0
-        cx = w / 2.0 + (offset[0] + rng.uniform(-0.22, 0.22)) * short
-        cy = h / 2.0 + (offset[1] + rng.uniform(-0.2, 0.2)) * short
-        return (cx, cy), size
-
-    layers: list[_Layer] = []
-    for _attempt in range(8):
-        if two:
-            ang = rng.uniform(0, 2 * np.pi)
-            d = rng.uniform(0.18, 0.28)
-            plans = [place(0.3, 0.48, (d * math.cos(ang), d * math.sin(ang))),
-                     place(0.3, 0.48, (-d * math.cos(ang), -d * math.sin(ang)))]
-        else:
-            plans = [place(0.4, 0.8, (0.0, 0.0))]
-        layers = [_render_object(kind, rng, h, w, c, s) for c, s in plans]
-        full = [ly.full_mask(h, w) for ly in layers]
-        visible = [m.copy() for m in full]
-        for i in range(len(full)):
-            for j in range(i + 1, len(full)):
-                visible[i] &= 1 - full[j]
-        areas = [int(m.sum()) for m in full]
-        vis = [int(m.sum()) for m in visible]
-        if all(a >= 200 and v >= 0.5 * a for a, v in zip(areas, vis)):
-            break
-    else:  # pragma: no cover - 8 failed placements are vanishingly rare; fall back to one centred object
-        layers = [_render_object(kind, rng, h, w, (w / 2.0, h / 2.0), 0.3 * short)]
-        visible = [layers[0].full_mask(h, w)]
+    layers, visible = _place_objects(OBJECT_KINDS[label], rng, h, w, short, two)
     for ly in layers:
         hh, ww = ly.mask.shape
         region = img[ly.y0 : ly.y0 + hh, ly.x0 : ly.x0 + ww]
         cv2.copyTo(ly.rgb, ly.mask, region)
         img[ly.y0 : ly.y0 + hh, ly.x0 : ly.x0 + ww] = region
-    # camera: colour balance, exposure, sensor noise
-    gain = (1.0 + rng.uniform(-0.06, 0.06, 3)) * rng.uniform(0.88, 1.1)
-    img = cv2.transform(img, np.diag(gain).astype(np.float32))
-    img += _c3(_grain(rng, h, w, 2.5))
-    np.clip(img, 0.0, 255.0, out=img)
-    image = (img + 0.5).astype(np.uint8)
+    image = _camera(img, rng, h, w)
     objects = [SyntheticObject(m, mask_extent(m)) for m in visible]
     return SyntheticSample(image, int(label), int(scene), objects)
 
@@ -1112,7 +1123,7 @@ def dataset_dir_name(seed: int = 0, train_per_class: int = 200, val_per_class: i
 
 def _attach_masks(index: DatasetIndex, masks: dict, split: str, prefix: str, merged: DatasetIndex) -> None:
     """Copy the images of a per-split ingest into ``merged`` with file names under ``prefix`` and true masks."""
-    from pycocotools import mask as mask_utils
+    from pycocotools import mask as mask_utils  # pycocotools: imported where the masks are attached
 
     for image_id in index.ids:
         entry = dict(index.image(image_id))
@@ -1142,10 +1153,100 @@ def _attach_masks(index: DatasetIndex, masks: dict, split: str, prefix: str, mer
         merged.count_skipped(reason, n)
 
 
-def build_builtin_dataset(root: str | os.PathLike | None = None, seed: int = 0, train_per_class: int = 200,
-                          val_per_class: int = 50, correlation: float = 0.8, force: bool = False,
-                          progress: bool = True, workers: int | None = None,
-                          two_object_rate: float = 0.04) -> pathlib.Path:
+@dataclasses.dataclass(frozen=True)
+class BuiltinSpec:
+    """The parameters that define a built-in dataset (every byte is a function of them; they name its cache folder).
+
+    Attributes:
+        seed: dataset seed; the same seed gives the same bytes.
+        train_per_class, val_per_class: images per class in each split.
+        correlation: probability that an image's scene is its class's own family (1/9: independent).
+        two_object_rate: fraction of images with two objects.
+
+    >>> BuiltinSpec(seed=1, train_per_class=10, val_per_class=4).dir_name()
+    'builtin-v1-s1-c0.8-t10-v4'
+    """
+
+    seed: int = 0
+    train_per_class: int = 200
+    val_per_class: int = 50
+    correlation: float = 0.8
+    two_object_rate: float = 0.04
+
+    def check(self) -> "BuiltinSpec":
+        """Raise :class:`ConfigError` unless the spec can be built (a correlation in [0, 1], at least one image
+        per class and split)."""
+        if not 0.0 <= float(self.correlation) <= 1.0:
+            raise ConfigError(f"build_builtin_dataset: expected correlation in [0, 1], got {self.correlation}")
+        if int(self.train_per_class) < 1 or int(self.val_per_class) < 1:
+            raise ConfigError(
+                f"build_builtin_dataset: expected at least 1 image per class and split, "
+                f"got train_per_class={self.train_per_class}, val_per_class={self.val_per_class}"
+            )
+        return self
+
+    def dir_name(self) -> str:
+        """The cache folder name (:func:`dataset_dir_name`)."""
+        return dataset_dir_name(self.seed, self.train_per_class, self.val_per_class, self.correlation,
+                                self.two_object_rate)
+
+    def info(self) -> dict:
+        """``info.builtin`` of the dataset's index."""
+        return {
+            "generator_version": GENERATOR_VERSION,
+            "seed": int(self.seed),
+            "train_per_class": int(self.train_per_class),
+            "val_per_class": int(self.val_per_class),
+            "correlation": float(self.correlation),
+            "two_object_rate": float(self.two_object_rate),
+            "scene_families": list(SCENE_FAMILIES),
+            "object_kinds": list(OBJECT_KINDS),
+            "wnids": list(BUILTIN_WNIDS),
+        }
+
+
+def _render_and_index(tmp: pathlib.Path, spec: BuiltinSpec, workers: int | None, progress: bool) -> DatasetIndex:
+    """Render the dataset into ``tmp`` and write its index (ImageNet ingest of each split, true masks attached)."""
+    masks = write_dataset(tmp, spec.seed, spec.train_per_class, spec.val_per_class, spec.correlation,
+                          spec.two_object_rate, workers, progress)
+    merged = DatasetIndex.empty(image_root=".", description=(
+        f"bgsynth built-in dataset (generator v{GENERATOR_VERSION}, seed {spec.seed}, correlation "
+        f"{spec.correlation:g}, {spec.train_per_class} train / {spec.val_per_class} val images per class)"))
+    for split in ("train", "val"):
+        kw = dict(split=split, verify="header", progress=progress)
+        try:
+            part = ingest_imagenet(tmp / split, tmp / "annotations" / split, workers=workers, **kw)
+        except WorkerPoolError:  # see write_dataset: probe in this process instead
+            part = ingest_imagenet(tmp / split, tmp / "annotations" / split, workers=1, **kw)
+        _attach_masks(part, masks[split], split, split, merged)
+    merged.data["info"]["builtin"] = spec.info()
+    merged.save(tmp / "index.json")
+    return merged
+
+
+def _install(tmp: pathlib.Path, final: pathlib.Path, force: bool) -> bool:
+    """Rename the finished build into place; ``False`` when another process had finished the same build first
+    (its folder is kept: identical by construction)."""
+    index_path = final / "index.json"
+    if index_path.is_file() and not force:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    if final.exists():  # force, or a folder without index.json (not a finished build)
+        trash = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+        os.replace(final, trash / final.name)
+        shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not index_path.is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
+def build_builtin_dataset(root: str | os.PathLike | None = None, spec: BuiltinSpec | None = None, *,
+                          force: bool = False, progress: bool = True, workers: int | None = None,
+                          **params) -> pathlib.Path:
     """Build (or find in the cache) the built-in dataset and return the path of its index JSON.
 
     The dataset lives in ``<root>/<dataset_dir_name(...)>/`` (``root`` defaults to :func:`default_cache_dir`).
@@ -1154,29 +1255,20 @@ def build_builtin_dataset(root: str | os.PathLike | None = None, seed: int = 0, 
 
     Args:
         root: cache folder (default :func:`default_cache_dir`).
-        seed: dataset seed; the same seed gives the same bytes.
-        train_per_class, val_per_class: images per class in each split.
-        correlation: probability that an image's scene is its class's own family (1/9: independent).
+        spec: the dataset's parameters (:class:`BuiltinSpec`: seed, train_per_class, val_per_class, correlation,
+            two_object_rate).
         force: rebuild even if cached.
         progress: show progress bars.
         workers: processes (default: all CPUs).
-        two_object_rate: fraction of images with two objects.
+        **params: :class:`BuiltinSpec` fields by name (``seed=``, ``train_per_class=``, ...), overriding ``spec``.
 
     Returns:
         Path of ``index.json``: a :class:`~bgsynth.index.DatasetIndex` made by the ImageNet ingest (splits
         ``'train'`` and ``'val'``) with the true masks attached (``mask_source='synthetic'``).
     """
-    from .imagenet import ingest_imagenet
-
-    if not 0.0 <= float(correlation) <= 1.0:
-        raise ConfigError(f"build_builtin_dataset: expected correlation in [0, 1], got {correlation}")
-    if int(train_per_class) < 1 or int(val_per_class) < 1:
-        raise ConfigError(
-            f"build_builtin_dataset: expected at least 1 image per class and split, "
-            f"got train_per_class={train_per_class}, val_per_class={val_per_class}"
-        )
+    spec = with_options("build_builtin_dataset", spec, BuiltinSpec, params, error=ConfigError).check()
     cache = pathlib.Path(root).expanduser() if root is not None else default_cache_dir()
-    final = cache / dataset_dir_name(seed, train_per_class, val_per_class, correlation, two_object_rate)
+    final = cache / spec.dir_name()
     index_path = final / "index.json"
     if index_path.is_file() and not force:
         return index_path
@@ -1184,51 +1276,14 @@ def build_builtin_dataset(root: str | os.PathLike | None = None, seed: int = 0, 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=cache))
     t0 = time.perf_counter()
     try:
-        masks = write_dataset(tmp, seed, train_per_class, val_per_class, correlation, two_object_rate, workers,
-                              progress)
-        merged = DatasetIndex.empty(image_root=".", description=(
-            f"bgsynth built-in dataset (generator v{GENERATOR_VERSION}, seed {seed}, correlation {correlation:g}, "
-            f"{train_per_class} train / {val_per_class} val images per class)"))
-        for split in ("train", "val"):
-            kw = dict(split=split, verify="header", progress=progress)
-            try:
-                part = ingest_imagenet(tmp / split, tmp / "annotations" / split, workers=workers, **kw)
-            except WorkerPoolError:  # see write_dataset: probe in this process instead
-                part = ingest_imagenet(tmp / split, tmp / "annotations" / split, workers=1, **kw)
-            _attach_masks(part, masks[split], split, split, merged)
-        merged.data["info"]["builtin"] = {
-            "generator_version": GENERATOR_VERSION,
-            "seed": int(seed),
-            "train_per_class": int(train_per_class),
-            "val_per_class": int(val_per_class),
-            "correlation": float(correlation),
-            "two_object_rate": float(two_object_rate),
-            "scene_families": list(SCENE_FAMILIES),
-            "object_kinds": list(OBJECT_KINDS),
-            "wnids": list(BUILTIN_WNIDS),
-        }
-        merged.save(tmp / "index.json")
-        if index_path.is_file() and not force:
-            # another process finished the same build meanwhile: keep theirs (identical by construction)
-            shutil.rmtree(tmp, ignore_errors=True)
-            return index_path
-        if final.exists():  # force, or a folder without index.json (not a finished build)
-            trash = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=cache))
-            os.replace(final, trash / final.name)
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            # another process finished the same build first: keep theirs (identical by construction)
-            if not index_path.is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        merged = _render_and_index(tmp, spec, workers, progress)
+        installed = _install(tmp, final, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if progress:
-        n = len(merged)
-        print(f"bgsynth: built-in dataset with {n} images written to {final} in {time.perf_counter() - t0:.1f} s")
+    if progress and installed:
+        print(f"bgsynth: built-in dataset with {len(merged)} images written to {final} in "
+              f"{time.perf_counter() - t0:.1f} s")
     return index_path
 
 
