@@ -124,6 +124,7 @@ def run_demo(
             ``"paper"`` (the authors' full-resolution tiling) or ``"crop"`` (the crop-space approximation).
     """
     from . import masks
+    from .prepare import prepare
     from . import train as train_mod
     from .challenge import challenge_foregrounds, run_challenge
     from .evaluate import evaluate_to_dir
@@ -154,8 +155,8 @@ def run_demo(
     if prepared.exists() and not force:
         index = DatasetIndex.load(prepared)
     else:
-        index = masks.prepare(raw_index, out=prepared, geometry=geometry, filters=filters, tiling=tiling, seed=seed,
-                              progress=progress)
+        index = prepare(DatasetIndex.load(raw_index), out=prepared, geometry=geometry, filters=filters, tiling=tiling,
+                        seed=seed, progress=progress)
     summ = index.summary()
     prep = index.data["info"]["prepare"]
     dropped = prep["filtered"]

@@ -123,7 +123,7 @@ def _rank_main(rank: int, world: int, port: int, job: dict) -> None:
     from bgsynth.evaluate import evaluate
     from bgsynth.geometry import CropGeometry
     from bgsynth.index import DatasetIndex
-    from bgsynth.masks import prepare
+    from bgsynth.prepare import prepare
     from bgsynth.models import Predictor, load_model
     from bgsynth.train import train
 
@@ -172,9 +172,9 @@ def _rank_main(rank: int, world: int, port: int, job: dict) -> None:
     out["prepare"] = idx.data
     # prepare killed on both ranks after 4 GrabCut images each, then resumed from the ranks' journals (plus the
     # journal of a rank beyond this world, as an earlier run with more ranks would leave)
-    import bgsynth.masks
+    import bgsynth.prepare
 
-    real, calls = bgsynth.masks._grabcut_task, [0]
+    real, calls = bgsynth.prepare._grabcut_task, [0]
 
     def crashing(task):
         if calls[0] >= 4:
@@ -182,13 +182,13 @@ def _rank_main(rank: int, world: int, port: int, job: dict) -> None:
         calls[0] += 1
         return real(task)
 
-    bgsynth.masks._grabcut_task = crashing
+    bgsynth.prepare._grabcut_task = crashing
     try:
         prepare(index, out=d / "resumed.json", checkpoint_every=1, **_prepare_kwargs(geom))
     except RuntimeError as e:
         out["prepare_crash"] = str(e)
     finally:
-        bgsynth.masks._grabcut_task = real
+        bgsynth.prepare._grabcut_task = real
     ctx.barrier()
     out["journals"] = sorted(p.name for p in d.glob("resumed.json.journal*"))
     if ctx.is_main:
@@ -412,7 +412,7 @@ def test_challenge_two_ranks_equal_one_process(group, builtin_root, tiny_index, 
 
 def test_prepare_two_ranks_same_index(group, tiny_index, tiny_geometry, tmp_path):
     from bgsynth.index import DatasetIndex
-    from bgsynth.masks import prepare
+    from bgsynth.prepare import prepare
 
     d, outs = group
     single = prepare(tiny_index, out=tmp_path / "single.json", **_prepare_kwargs(tiny_geometry))

@@ -94,7 +94,7 @@ def _engine(index_path: str, backend: str, resize: int, crop: int, tiling: str):
     """
     geom = CropGeometry(resize, crop)
     pool = _build_pool(index_path, geometry=geom, backend=backend, device="cpu", split="val", tiling=tiling)
-    loader = create_loader(index_path, backend=backend, geometry=geom, batch_size=BATCH, device="cpu",
+    loader = create_loader(DatasetIndex.load(index_path), backend=backend, geometry=geom, batch_size=BATCH, device="cpu",
                            tiling=tiling, num_threads=2)
     batches, outs = [], []
     try:
