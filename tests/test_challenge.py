@@ -552,7 +552,9 @@ def test_cli_sigkill_then_resume_matches_uninterrupted(builtin_root, tiny_geomet
     torch.manual_seed(0)
     model = tmp_path / "cnn.pt"
     save_checkpoint(create_model("bgsynth_cnn"), model, "bgsynth_cnn", 9, extra={"geometry": tiny_geometry})
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    # the subprocess imports the bgsynth this process imports (a PYTHONPATH shim of a worktree, or the install)
+    pythonpath = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=pythonpath)
     common = [builtin_root, "--model", model, "--backend", "pil", "--device", "cpu", "--fg-per-class", 2,
               "--bg-per-class", 2, "--full-matrix", "--store-predictions", "--batch-size", 1, "--no-progress",
               "--no-plots", "--checkpoint-every", 0]
