@@ -187,7 +187,8 @@ def _check_inputs(index, predictor) -> None:
                           f"{type(index).__name__}")
     for name in _PREDICTOR_API:
         if not hasattr(predictor, name):
-            raise ConfigError(f"run_challenge: expected a Predictor-like object with .{name}, got {type(predictor).__name__}")
+            raise ConfigError(f"run_challenge: expected a Predictor-like object with .{name}, got "
+                              f"{type(predictor).__name__}")
 
 
 def _background_pool(index: DatasetIndex, run: RunConfig, config: ChallengeConfig, dist) -> BackgroundPool:
@@ -236,7 +237,8 @@ def challenge_to_dir(index: DatasetIndex, predictor, out_dir: str | os.PathLike,
                                      checkpoint=out / f"challenge.ckpt.rank{ctx.rank}.npz")
         result = merge_results(ctx.all_gather_object(run_challenge(index, predictor, run, config, dist=ctx)))
     else:
-        result = run_challenge(index, predictor, run, dataclasses.replace(config, checkpoint=out / "challenge.ckpt.npz"))
+        config = dataclasses.replace(config, checkpoint=out / "challenge.ckpt.npz")
+        result = run_challenge(index, predictor, run, config)
     paths: dict[str, pathlib.Path] = {}
     if ctx.is_main:
         paths.update(result.save(out))

@@ -544,6 +544,13 @@ class ChallengeSearch:
     >>> search.run()                                                                # doctest: +SKIP
     >>> result = search.result(wall_s=time.monotonic() - t0)                         # doctest: +SKIP
 
+    or a step at a time (what :meth:`run` does, without checkpoints and order sharing):
+
+    >>> search.admit()                                                              # doctest: +SKIP
+    >>> while len(search.state.window):                                             # doctest: +SKIP
+    ...     search.step(); search.admit()
+    >>> search.close()                                                              # doctest: +SKIP
+
     Args:
         index: the dataset index (the foregrounds are decoded from it).
         predictor: a :class:`bgsynth.models.Predictor` or any object with ``mean``, ``std``, ``input_dtype``,
@@ -646,7 +653,9 @@ class ChallengeSearch:
     # ------------------------------------------------------------------------------------------ the search
     def admit(self) -> int:
         """Fill the window with pending foregrounds (in id order); an undecodable one is left out with a warning.
-        Returns the number admitted."""
+        Returns the number admitted. The first call starts decoding (and re-decodes a resumed window)."""
+        if self.window is None:
+            self._open()
         st = self.state
         new = []
         while len(st.window) + len(new) < self.tile and st.next_pos < len(st.fg_ids):
@@ -714,19 +723,22 @@ class ChallengeSearch:
         path = None if self.config.checkpoint is None else pathlib.Path(self.config.checkpoint)
         if path is not None:
             _remove_stale_temporaries(path)
-        if self.window is None:
-            self._open()
         progress = _Progress(self) if self.run_config.progress else None
         try:
             self.admit()
             while self._turn(progress, path):
                 pass
         finally:
-            self.window.close()
+            self.close()
             if progress is not None:
                 progress.close()
         if path is not None:
             self.save(path)
+
+    def close(self) -> None:
+        """Stop decoding foregrounds (the state, the pool and the window's pixels stay)."""
+        if self.window is not None:
+            self.window.close()
 
     def _turn(self, progress: "_Progress | None", path: pathlib.Path | None) -> bool:
         """One iteration of the loop; False when the search is over. When sharing, every rank makes the same
@@ -757,6 +769,7 @@ class ChallengeSearch:
             raise RuntimeError("run_challenge: internal error: the search ended with undecided foregrounds")
         vul = st.status[ok] == VULNERABLE
         done = st.forwards - self.forwards_at_start
+        model_done = int(getattr(self.predictor, "forwards", 0)) - self.model_forwards_at_start
         result = ChallengeResult(
             fg_ids=st.fg_ids[ok].copy(),
             fg_labels=st.labels[ok].copy(),
@@ -776,7 +789,7 @@ class ChallengeSearch:
                 "wall_s": wall_s,
                 "forwards_this_process": int(done),
                 "forwards_per_s": done / wall_s if wall_s > 0 else None,
-                "model_forwards_this_process": int(getattr(self.predictor, "forwards", 0)) - self.model_forwards_at_start,
+                "model_forwards_this_process": model_done,
                 "resumed": self.resumed,
                 "checkpoints_written": self.checkpoints_written,
                 "steps": int(st.steps),
