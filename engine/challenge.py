@@ -16,9 +16,10 @@ here does far less work than the official loop for the identical answer:
   the model's dtype and memory format in one pass) and fed straight to the model;
 * **active set**: a foreground leaves the search the moment one background fools it;
 * **tiling**: every forward batch holds many (foreground, background) pairs; each active foreground contributes
-  a chunk of its next untried backgrounds, whose size doubles with the number it has already survived (1, 1, 2,
-  4, ...), so a foreground fooled at its ``j``-th background costs at most about ``2 j`` forwards while a
-  robust one costs exactly the number of backgrounds;
+  a chunk of its next untried backgrounds that grows by half of the number it has already survived (1, 1, 1, 2,
+  3, 4, 6, ...), so a foreground fooled at its ``j``-th background costs at most about ``1.5 j`` forwards while
+  a robust one costs exactly the number of backgrounds; the first batches ramp up (8, 16, 32, ... pairs) so the
+  order learns before many foregrounds are probed;
 * **adaptive order** (``order='adaptive'``): each foreground tries first the backgrounds with the highest
   estimated fooling rate *for its class* (target class): fooled / tried pairs of that class, shrunk towards
   the rate at which the background pushed foregrounds of the other classes to a third class (a background that
@@ -47,8 +48,6 @@ reported (see :meth:`ChallengeResult.reference_forwards_bounds`).
 >>> res = run_challenge(DatasetIndex.load("index.json"), predictor, split="val")    # doctest: +SKIP
 >>> print(f"{res.accuracy:.1%}  ({res.num_vulnerable}/{res.num_foregrounds} vulnerable)")  # doctest: +SKIP
 """
-
-from __future__ import annotations
 
 from __future__ import annotations
 

@@ -142,7 +142,7 @@ class ChallengeConfig:
         if self.full_matrix:
             object.__setattr__(self, "order", "reference")  # every pair, in the fixed order
         if self.store_predictions and not self.full_matrix:
-            warnings.warn("run_challenge: store_predictions only applies with full_matrix=True; ignored", stacklevel=4)
+            warnings.warn("run_challenge: store_predictions only applies with full_matrix=True; ignored", stacklevel=3)
             object.__setattr__(self, "store_predictions", False)
 
     def tile(self, batch_size: int) -> int:
