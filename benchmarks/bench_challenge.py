@@ -1,8 +1,8 @@
 """The Backgrounds Challenge: bgsynth's search vs the official loop's method, same model, same data, one run.
 
 * **ours**: :func:`bgsynth.challenge.run_challenge`: backgrounds decoded once and resident, foreground x
-  background pairs composited in batches by :func:`bgsynth.kernels.composite`, a foreground leaves the search when it is
-  fooled, adaptive order (most fooling backgrounds for the foreground's class first). Timed from the index to the
+  background pairs composited in batches by :func:`bgsynth.variants.composite`, a foreground leaves the search when
+  it is fooled, adaptive order (most fooling backgrounds for the foreground's class first). Timed from the index to the
   result (background pool and foreground decode included). Also run with ``order='reference'`` (fixed order,
   same batching and early stop) as an ablation of the adaptive order.
 * **reference**, written here from PAPER.md ("How the reference tools work") and the official

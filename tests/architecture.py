@@ -34,7 +34,8 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("functional", ("bgsynth.variants", "bgsynth.augment", "bgsynth.masks", "bgsynth.results")),
     ("stateful", ("bgsynth.pipeline", "bgsynth.pool", "bgsynth.models", "bgsynth.distributed",
                   "bgsynth.trainloader")),
-    ("consumers", ("bgsynth.evaluate", "bgsynth.challenge", "bgsynth.export", "bgsynth.prepare", "bgsynth.train",
+    ("consumers", ("bgsynth.evaluate", "bgsynth.challenge", "bgsynth.challenge_search", "bgsynth.challenge_result",
+                   "bgsynth.export", "bgsynth.prepare", "bgsynth.train",
                    "bgsynth.show", "bgsynth.report", "bgsynth.sources", "bgsynth.demo")),
     ("cli", ("bgsynth.cli",)),
 ]

@@ -34,12 +34,16 @@ from bgsynth.challenge import (
     NOT_FOOLED,
     REFERENCE_BATCH,
     UNMAPPED_U8,
+    ChallengeConfig,
     ChallengeResult,
+    ChallengeSearch,
     challenge_foregrounds,
     merge_results,
     reference_cost,
+    resolve_challenge,
     run_challenge,
 )
+from bgsynth.challenge_search import ACTIVE, ROBUST, VULNERABLE, SearchState
 from bgsynth.errors import CheckpointError, ConfigError
 
 from conftest import cpu_and_cuda
@@ -552,7 +556,9 @@ def test_cli_sigkill_then_resume_matches_uninterrupted(builtin_root, tiny_geomet
     torch.manual_seed(0)
     model = tmp_path / "cnn.pt"
     save_checkpoint(create_model("bgsynth_cnn"), model, "bgsynth_cnn", 9, extra={"geometry": tiny_geometry})
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    # the subprocess imports the bgsynth this process imports (a PYTHONPATH shim of a worktree, or the install)
+    pythonpath = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=pythonpath)
     common = [builtin_root, "--model", model, "--backend", "pil", "--device", "cpu", "--fg-per-class", 2,
               "--bg-per-class", 2, "--full-matrix", "--store-predictions", "--batch-size", 1, "--no-progress",
               "--no-plots", "--checkpoint-every", 0]
@@ -604,6 +610,96 @@ def test_bad_arguments(case, lookup, tiny_index, tiny_geometry):
         _run(tiny_index, tiny_geometry, p, resume=True)
     with pytest.raises(ConfigError, match="Predictor-like"):
         _run(tiny_index, tiny_geometry, object())
+
+
+def test_challenge_config_is_validated():
+    assert ChallengeConfig(full_matrix=True).order == "reference"
+    assert ChallengeConfig(fg_ids=np.array([3, 1])).fg_ids == (3, 1)
+    assert ChallengeConfig().tile(16) == 64 and ChallengeConfig(fg_tile=5).tile(16) == 5
+    for bad in ({"order": "random"}, {"fg_tile": 0}, {"bg_per_class": 0}, {"share_every": -1},
+                {"checkpoint_every": -1}, {"shard_id": 2, "num_shards": 2}, {"gallery_k": -1}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            ChallengeConfig(**bad)
+    with pytest.warns(UserWarning, match="store_predictions"):
+        assert not ChallengeConfig(store_predictions=True).store_predictions
+
+
+def test_resolve_challenge_options():
+    """Run options go to the RunConfig (challenge defaults), the rest to ChallengeConfig; ``checkpoint`` is the
+    search-state file, while the model's file (from the predictor) is what the geometry warning names."""
+    from types import SimpleNamespace
+
+    pred = SimpleNamespace(device="cpu", loaded=SimpleNamespace(geometry=None, provenance={"file": "model.pt"}))
+    with pytest.warns(UserWarning, match="model.pt") as rec:
+        run, cfg = resolve_challenge(pred, options={"checkpoint": "state.npz", "resume": True, "order": "reference"})
+    assert not any("state.npz" in str(w.message) for w in rec)
+    assert cfg.checkpoint == "state.npz" and cfg.resume and cfg.order == "reference"
+    assert (run.batch_size, run.device.type, run.progress, run.geometry_source) == (64, "cpu", True, "default")
+    stored = SimpleNamespace(device="cpu", loaded=SimpleNamespace(geometry={"resize": 72, "crop": 64}, provenance={}))
+    run, _ = resolve_challenge(stored, options={"batch_size": 9, "progress": False})
+    assert (run.geometry.resize, run.geometry.crop, run.geometry_source, run.batch_size) == (72, 64, "checkpoint", 9)
+    with pytest.raises(ConfigError, match="unknown option"):
+        resolve_challenge(stored, options={"fg_per_class": 3})
+
+
+def test_search_state_transitions():
+    """The explicit state's two transitions: which pairs come next (chunks growing with what was survived,
+    fewest tried first, in the class's order) and what the answers decide."""
+    labels = np.array([0, 1, 1])
+    st = SearchState.new(np.array([10, 11, 12]), labels, 5, full_matrix=False, store_predictions=False)
+    st.next_pos = 3  # admitted (ChallengeSearch.admit decodes them, then activates them)
+    st.activate([0, 1, 2])
+    assert st.status.tolist() == [ACTIVE] * 3 and st.window_tried.shape == (3, 5)
+    orders = np.tile(np.arange(5)[::-1], (9, 1))  # every class tries pool row 4 first
+    rows, bgs = st.next_pairs(64, orders, full_matrix=False)
+    assert rows.tolist() == [0, 1, 2] and bgs.tolist() == [4, 4, 4]  # one probe each
+    left = st.record(rows, bgs, np.array([0, 5, 1]), full_matrix=False)  # foreground 1 fooled (class 5)
+    assert left.tolist() == [1] and st.window.tolist() == [0, 2]
+    assert st.status[1] == VULNERABLE and st.fool_idx[1] == 4 and st.fool_pred[1] == 5
+    assert st.pair_counts[4, 1, 5] == 1 and st.pair_counts[4, 0, 0] == 1 and st.forwards == 3
+    chunks = []
+    for _ in range(4):
+        rows, bgs = st.next_pairs(64, orders, full_matrix=False)
+        chunks.append(np.bincount(rows, minlength=2).tolist())
+        st.record(rows, bgs, labels[st.window[rows]], full_matrix=False)  # never fooled
+    assert chunks == [[1, 1]] * 4  # chunk = half of what was survived (at least 1), up to what is left
+    assert (st.status[[0, 2]] == ROBUST).all() and st.complete and st.tried.tolist() == [5, 1, 5]
+
+
+def test_search_object_step_by_step_and_resume(case, lookup, tiny_index, tiny_geometry, tmp_path):
+    """The ChallengeSearch API: the resolved objects give what the keyword call gives; a search driven a step at a
+    time, saved, and resumed into a new search ends with the same result."""
+    from bgsynth.pool import build_background_pool
+
+    fg, pool = case
+    pred = lookup[1]
+    fg_ids = challenge_foregrounds(tiny_index, "val", fg_per_class=FG_PER_CLASS, seed=0)
+    opts = dict(geometry=tiny_geometry, backend="pil", progress=False, batch_size=12, fg_tile=9, fg_ids=fg_ids,
+                bg_per_class=BG_PER_CLASS)
+    ref = run_challenge(tiny_index, LookupPredictor(fg, pool, pred), **opts)
+    run, cfg = resolve_challenge(LookupPredictor(fg, pool, pred), options=opts)
+    _same(run_challenge(tiny_index, LookupPredictor(fg, pool, pred), run, cfg), ref)
+    bg = build_background_pool(tiny_index, geometry=run.geometry, backend="pil", split="val",
+                               per_class=BG_PER_CLASS, seed=run.seed)
+    first = ChallengeSearch(tiny_index, LookupPredictor(fg, pool, pred), bg, run, cfg, fg_ids=fg_ids)
+    first.admit()
+    for _ in range(3):
+        first.step()
+        first.admit()
+    first.save(tmp_path / "mid.npz")
+    first.close()
+    again = LookupPredictor(fg, pool, pred)
+    second = ChallengeSearch(tiny_index, again, bg, run, cfg, fg_ids=fg_ids)
+    assert second.resume(tmp_path / "mid.npz") and second.state.steps == 3
+    second.run()
+    res = second.result(wall_s=1.0)
+    _same(res, ref)
+    assert res.timing["resumed"] and again.forwards == ref.forwards - first.state.forwards
+
+
+def test_index_is_loaded_by_the_caller(builtin_root):
+    with pytest.raises(ConfigError, match="DatasetIndex"):
+        run_challenge(str(builtin_root), object())
 
 
 def test_cli_in_process_prints_the_summary(builtin_root, tiny_geometry, tmp_path, capsys):

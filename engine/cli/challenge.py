@@ -4,15 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._args import (
-    add_model_args,
-    add_tiling_arg,
-    geometry_from_args,
-    positive_int,
-    predictor_from_args,
-    resolve_index,
-    seconds,
-)
+from ._args import add_model_args, add_tiling_arg, positive_int, predictor_from_args, resolve_index, seconds
 
 __all__ = ["register", "run"]
 
@@ -77,26 +69,26 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..challenge import challenge_foregrounds, challenge_to_dir
+    from ..challenge import ChallengeConfig, challenge_foregrounds, challenge_to_dir
     from ..distributed import init_distributed
     from ..index import DatasetIndex
 
     ctx = init_distributed()
     device = ctx.device(None if args.device == "auto" else args.device)
-    index = resolve_index(args.index, ctx, progress=args.progress and ctx.is_main)
-    index = DatasetIndex.load(index)
+    index = DatasetIndex.load(resolve_index(args.index, ctx, progress=args.progress and ctx.is_main))
     split = None if args.split == "all" else args.split
-    loaded, predictor = predictor_from_args(args, device)
-    geometry = geometry_from_args(args, loaded)
+    _loaded, predictor = predictor_from_args(args, device)
     fg_ids = None
     if args.fg_per_class is not None:
         fg_ids = challenge_foregrounds(index, split, fg_per_class=args.fg_per_class, seed=args.seed)
+    config = ChallengeConfig(split=split, fg_ids=fg_ids, bg_per_class=args.bg_per_class, fg_tile=args.fg_tile,
+                             order=args.order, full_matrix=args.full_matrix, store_predictions=args.store_predictions,
+                             resume=args.resume, checkpoint_every=args.checkpoint_every, share_every=args.share_every)
+    # the run's options: resolve_run turns them into the RunConfig (the crop geometry from --resize/--crop over the
+    # checkpoint's, the batch size as composites per forward)
     result, paths = challenge_to_dir(
-        index, predictor, args.out, resume=args.resume, checkpoint_every=args.checkpoint_every, plots=args.plots,
-        split=split, geometry=geometry, backend=args.backend, device=device, seed=args.seed, fg_ids=fg_ids,
-        bg_per_class=args.bg_per_class, batch_size=args.batch_size, fg_tile=args.fg_tile, order=args.order,
-        full_matrix=args.full_matrix, store_predictions=args.store_predictions,
-        share_every=args.share_every, tiling=args.tiling,
+        index, predictor, args.out, config=config, plots=args.plots, resize=args.resize, crop=args.crop,
+        backend=args.backend, device=device, seed=args.seed, batch_size=args.batch_size, tiling=args.tiling,
         progress=args.progress and ctx.is_main,
     )
     if ctx.is_main:

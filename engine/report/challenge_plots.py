@@ -7,6 +7,9 @@
 * :func:`challenge_plots`: all that apply to a result, written into a folder.
 
 The first two need a ``full_matrix`` result (:attr:`bgsynth.challenge.ChallengeResult.has_matrix`).
+
+A result is read through its attributes only: this module imports nothing of :mod:`bgsynth.challenge` (which
+imports it to write the plots of a run), so there is no import cycle.
 """
 
 from __future__ import annotations
