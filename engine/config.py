@@ -288,7 +288,7 @@ def resolve_options(owner: str, run: RunConfig | None, config, config_cls, optio
     if unknown:
         raise ConfigError(f"{owner}: unknown option(s) {unknown}; expected run options {sorted(RUN_OPTIONS)} or "
                           f"{config_cls.__name__} fields {sorted(fields)}")
-    run_kw = {k: v for k, v in options.items() if k in RUN_OPTIONS}
+    run_kw = {k: v for k, v in options.items() if k in RUN_OPTIONS and k not in fields}  # the job's own name wins
     job_kw = {k: v for k, v in options.items() if k in fields}
     if run is None:
         run = resolve_run(**{**run_defaults, **run_kw})
