@@ -24,14 +24,21 @@ import pathlib
 import time
 from typing import Any
 
-import torch
-
-from .config import DEMO_GEOMETRY
+from .challenge import challenge_foregrounds, run_challenge
+from .config import DEMO_GEOMETRY, RunConfig, resolve_options
+from .evaluate import evaluate_to_dir
 from .fileio import atomic_write_bytes
-from .geometry import CropGeometry
 from .index import DatasetIndex
+from .masks import SelectionFilters
+from .models import Predictor, load_model
+from .prepare import prepare
+from .report import write_report
+from .report.tables import paper_table
+from .show import show_index
+from .sources.synthetic import build_builtin_dataset, default_cache_dir
+from .train import compare_training, train
 
-__all__ = ["DemoResult", "run_demo", "findings"]
+__all__ = ["DemoConfig", "DemoResult", "run_demo", "findings", "remedy_finding"]
 
 CHANCE = 1.0 / 9.0
 
@@ -88,31 +95,13 @@ def findings(eval_result, challenge=None) -> list[dict]:
     return out
 
 
-def run_demo(
-    out_dir: str | os.PathLike = "bgsynth-demo",
-    seed: int = 0,
-    device: str = "auto",
-    cache_dir: str | os.PathLike | None = None,
-    geometry: CropGeometry | None = None,
-    epochs: int | None = None,
-    challenge: bool = True,
-    challenge_fg_per_class: int | None = 25,
-    challenge_bg_per_class: int | None = 25,
-    compare_training: bool = False,
-    backend: str = "auto",
-    progress: bool = True,
-    force: bool = False,
-    dataset: dict | None = None,
-    tiling: str = "paper",
-) -> DemoResult:
-    """Run the whole demo (see the module docstring) and write ``<out_dir>/report.md``.
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """What the demo does (the run's geometry, device, seed, backend and tiling are run options).
 
-    Args:
+    Attributes:
         out_dir: where the run's results and report go.
-        seed: seed of the dataset, training, background choice and challenge order.
-        device: ``'auto'`` (CUDA when present), ``'cpu'`` or ``'cuda'``.
         cache_dir: cache of the dataset, prepared index and demo model (default: the built-in dataset's cache).
-        geometry: model input geometry (default :data:`bgsynth.config.DEMO_GEOMETRY`).
         epochs: training epochs of the demo model (default: :func:`bgsynth.train.train`'s).
         challenge: run the Backgrounds Challenge.
         challenge_fg_per_class, challenge_bg_per_class: balanced val subsets for the challenge (``None``: all).
@@ -120,121 +109,154 @@ def run_demo(
         force: ignore the caches of the prepared index and the model.
         dataset: extra arguments of :func:`~bgsynth.sources.synthetic.build_builtin_dataset` (e.g. a smaller
             ``train_per_class`` / ``val_per_class``).
-        tiling: Only-BG-T construction everywhere (filters, evaluation, challenge, training backgrounds):
-            ``"paper"`` (the authors' full-resolution tiling) or ``"crop"`` (the crop-space approximation).
     """
-    from . import masks
-    from .prepare import prepare
-    from . import train as train_mod
-    from .challenge import challenge_foregrounds, run_challenge
-    from .evaluate import evaluate_to_dir
-    from .models import Predictor, load_model
-    from .sources.synthetic import build_builtin_dataset, default_cache_dir
 
-    t0 = time.perf_counter()
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    geometry = DEMO_GEOMETRY if geometry is None else geometry
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    cache = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
-
-    def step(msg: str) -> None:
-        if progress:
-            print(f"[bgsynth demo {time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
-
-    step("1/5 built-in dataset")
-    raw_index = build_builtin_dataset(root=cache, seed=seed, progress=progress, **(dataset or {}))
-
-    step("2/5 the paper's selection filters on every image (true masks kept, no GrabCut needed)")
-    filters = masks.SelectionFilters()  # every filter on; Only-BG-T margin per ``tiling``
-    # v=2: indexes cached before the filters applied to images with masks (v=1) are not reused
-    prep_key = _key(index=str(raw_index), geometry=geometry.to_dict(), filters=filters.to_dict(), tiling=tiling,
-                    v=2)
-    prepared = raw_index.parent / f"prepared-{prep_key}.json"
-    if prepared.exists() and not force:
-        index = DatasetIndex.load(prepared)
-    else:
-        index = prepare(DatasetIndex.load(raw_index), out=prepared, geometry=geometry, filters=filters, tiling=tiling,
-                        seed=seed, progress=progress)
-    summ = index.summary()
-    prep = index.data["info"]["prepare"]
-    dropped = prep["filtered"]
-    step(f"    {summ['images']} of {prep['input_images']} images kept ({summ['per_split']}); the selection filters "
-         f"({', '.join(prep['filters_enabled'])}) dropped {sum(dropped.values())}: {dropped or 'none'}")
-    other = {k: v for k, v in summ["rejects"].items() if k not in dropped}
-    if other:
-        step(f"    other rejects: {other}")
-
-    step("3/5 demo model (trained on Original train)")
-    ckpt_key = _key(index=prep_key, seed=seed, epochs=epochs, geometry=geometry.to_dict(), v=1)
-    ckpt = raw_index.parent / f"demo-model-{ckpt_key}.pt"
-    if not ckpt.exists() or force:
-        kw = {} if epochs is None else {"epochs": epochs}
-        res = train_mod.train(index, split="train", val_split="val", seed=seed, geometry=geometry, device=device,
-                              out=ckpt, progress=progress, backend=backend, **kw)
-        step(f"    trained in {res.seconds:.0f}s, Original val accuracy {100 * (res.val_accuracy or 0):.1f}%")
-    else:
-        step(f"    cached: {ckpt}")
-    loaded = load_model(str(ckpt))
-    predictor = Predictor(loaded, device=device)
-
-    step("4/5 evaluation of all eight variants on val (one pass)")
-    eval_result, _files = evaluate_to_dir(index, predictor, out_dir / "eval", split="val", seed=seed,
-                                          geometry=geometry, device=device, backend=backend, progress=progress,
-                                          name="demo model (Original)", tiling=tiling)
-
-    chal = None
-    if challenge:
-        step("5/5 Backgrounds Challenge on val")
-        fg_ids = challenge_foregrounds(index, "val", fg_per_class=challenge_fg_per_class, seed=seed)
-        ckpt_path = out_dir / "challenge" / "state.ckpt"  # a killed demo continues the challenge where it stopped
-        if force:
-            ckpt_path.unlink(missing_ok=True)
-        chal = run_challenge(index, predictor, split="val", geometry=geometry, device=device, seed=seed,
-                             fg_ids=fg_ids, bg_per_class=challenge_bg_per_class, backend=backend, progress=progress,
-                             checkpoint=ckpt_path, resume=ckpt_path.exists(), tiling=tiling)
-        chal.save(out_dir / "challenge")
-        ckpt_path.unlink(missing_ok=True)  # the finished result is in challenge.json
-
-    from .show import show_index
-
-    show_index(index, out_dir / "variants.png", n=9, per_class=True, split="val", seed=seed,
-               resize=geometry.resize, crop=geometry.crop, tile=96, backend=backend, tiling=tiling)
-    show_index(index, out_dir / "decoded.png", n=9, per_class=True, split="val", seed=seed,
-               resize=geometry.resize, crop=geometry.crop, tile=96, decoded=True, backend=backend)
-
-    comparison = None
-    if compare_training:
-        step("extra: the paper's remedy, training on Mixed-Rand (same budget, same seed)")
-        kw = {} if epochs is None else {"epochs": epochs}
-        comparison = train_mod.compare_training(
-            index, out_dir / "compare-training", seed=seed, geometry=geometry, device=device, progress=progress,
-            challenge=challenge, tiling=tiling,
-            challenge_kwargs={"bg_per_class": challenge_bg_per_class,
-                              "fg_ids": challenge_foregrounds(index, "val", fg_per_class=challenge_fg_per_class,
-                                                              seed=seed)},
-            **kw,
-        )
-
-    found = findings(eval_result, chal)
-    if comparison is not None:
-        base, remedy = comparison.rows.get("original"), comparison.rows.get("mixed_rand")
-        if base and remedy and base.get("bg_gap") is not None and remedy.get("bg_gap") is not None:
-            found.append({
-                "finding": "(c) training on Mixed-Rand reduces background dependence (smaller BG-Gap)",
-                "observed": remedy["bg_gap"] < base["bg_gap"],
-                "evidence": f"BG-Gap {100 * base['bg_gap']:+.1f} -> {100 * remedy['bg_gap']:+.1f} points",
-            })
-    report = _write_report(out_dir, eval_result, chal, comparison, found, index, ckpt, time.perf_counter() - t0)
-    return DemoResult(out_dir, report, pathlib.Path(index.path), ckpt, eval_result, chal, comparison, found,
-                      time.perf_counter() - t0)
+    out_dir: str | os.PathLike = "bgsynth-demo"
+    cache_dir: str | os.PathLike | None = None
+    epochs: int | None = None
+    challenge: bool = True
+    challenge_fg_per_class: int | None = 25
+    challenge_bg_per_class: int | None = 25
+    compare_training: bool = False
+    force: bool = False
+    dataset: dict | None = None
 
 
+def run_demo(run: RunConfig | None = None, config: DemoConfig | None = None, **options) -> DemoResult:
+    """Run the whole demo (see the module docstring) and write ``<out_dir>/report.md``.
+
+    Args:
+        run: the run's settings (default: the demo geometry 72 -> 64, device ``'auto'``, seed 0, paper tiling).
+        config: a :class:`DemoConfig`.
+        **options: fields of either, e.g. ``run_demo(out_dir="demo", seed=1, device="cpu", tiling="crop")``.
+    """
+    run, config = resolve_options("run_demo", run, config, DemoConfig, options, default_geometry=DEMO_GEOMETRY,
+                                  progress=True, amp=None)
+    return _Demo(run, config).run()
+
+
+class _Demo:
+    """The demo's steps; each is cached on disk so that a re-run only redoes what changed."""
+
+    def __init__(self, run: RunConfig, config: DemoConfig):
+        self.run_cfg, self.cfg = run, config
+        self.out = pathlib.Path(config.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.cache = pathlib.Path(config.cache_dir) if config.cache_dir is not None else default_cache_dir()
+        self.t0 = time.perf_counter()
+        self.device = str(run.device)
+
+    def step(self, msg: str) -> None:
+        if self.run_cfg.progress:
+            print(f"[bgsynth demo {time.perf_counter() - self.t0:6.1f}s] {msg}", flush=True)
+
+    def run(self) -> DemoResult:
+        self.step("1/5 built-in dataset")
+        raw = build_builtin_dataset(root=self.cache, seed=self.run_cfg.seed, progress=self.run_cfg.progress,
+                                    **(self.cfg.dataset or {}))
+        self.step("2/5 the paper's selection filters on every image (true masks kept, no GrabCut needed)")
+        index, prep_key = self.prepared(raw)
+        self.step("3/5 demo model (trained on Original train)")
+        ckpt = self.model(index, raw, prep_key)
+        predictor = Predictor(load_model(str(ckpt)), device=self.device)
+        self.step("4/5 evaluation of all eight variants on val (one pass)")
+        eval_result, _files = evaluate_to_dir(index, predictor, self.out / "eval", name="demo model (Original)",
+                                              **self.common(split="val"))
+        chal = self.challenge(index, predictor) if self.cfg.challenge else None
+        self.sheets(index)
+        comparison = self.compare(index) if self.cfg.compare_training else None
+        found = findings(eval_result, chal) + remedy_finding(comparison)
+        report = _write_report(self.out, eval_result, chal, comparison, found, index, ckpt,
+                               time.perf_counter() - self.t0)
+        return DemoResult(self.out, report, pathlib.Path(index.path), ckpt, eval_result, chal, comparison, found,
+                          time.perf_counter() - self.t0)
+
+    def common(self, **more) -> dict:
+        """The options every step shares (as keywords: each consumer resolves them the same way)."""
+        r = self.run_cfg
+        return dict(seed=r.seed, geometry=r.geometry, device=self.device, backend=r.backend, progress=r.progress,
+                    tiling=r.tiling, **more)
+
+    def prepared(self, raw: pathlib.Path) -> tuple[DatasetIndex, str]:
+        r = self.run_cfg
+        filters = SelectionFilters()  # every filter on; Only-BG-T margin per ``tiling``
+        # v=2: indexes cached before the filters applied to images with masks (v=1) are not reused
+        key = _key(index=str(raw), geometry=r.geometry.to_dict(), filters=filters.to_dict(), tiling=r.tiling, v=2)
+        path = raw.parent / f"prepared-{key}.json"
+        if path.exists() and not self.cfg.force:
+            index = DatasetIndex.load(path)
+        else:
+            index = prepare(DatasetIndex.load(raw), out=path, geometry=r.geometry, filters=filters, tiling=r.tiling,
+                            seed=r.seed, progress=r.progress)
+        summ, prep = index.summary(), index.data["info"]["prepare"]
+        dropped = prep["filtered"]
+        self.step(f"    {summ['images']} of {prep['input_images']} images kept ({summ['per_split']}); the selection "
+                  f"filters ({', '.join(prep['filters_enabled'])}) dropped {sum(dropped.values())}: {dropped or 'none'}")
+        other = {k: v for k, v in summ["rejects"].items() if k not in dropped}
+        if other:
+            self.step(f"    other rejects: {other}")
+        return index, key
+
+    def model(self, index: DatasetIndex, raw: pathlib.Path, prep_key: str) -> pathlib.Path:
+        r = self.run_cfg
+        key = _key(index=prep_key, seed=r.seed, epochs=self.cfg.epochs, geometry=r.geometry.to_dict(), v=1)
+        ckpt = raw.parent / f"demo-model-{key}.pt"
+        if ckpt.exists() and not self.cfg.force:
+            self.step(f"    cached: {ckpt}")
+            return ckpt
+        kw = {} if self.cfg.epochs is None else {"epochs": self.cfg.epochs}
+        res = train(index, split="train", val_split="val", seed=r.seed, geometry=r.geometry, device=self.device,
+                    out=ckpt, progress=r.progress, backend=r.backend, **kw)
+        self.step(f"    trained in {res.seconds:.0f}s, Original val accuracy {100 * (res.val_accuracy or 0):.1f}%")
+        return ckpt
+
+    def challenge_subset(self, index: DatasetIndex) -> dict:
+        fg = challenge_foregrounds(index, "val", fg_per_class=self.cfg.challenge_fg_per_class, seed=self.run_cfg.seed)
+        return {"fg_ids": fg, "bg_per_class": self.cfg.challenge_bg_per_class}
+
+    def challenge(self, index: DatasetIndex, predictor):
+        self.step("5/5 Backgrounds Challenge on val")
+        state = self.out / "challenge" / "state.ckpt"  # a killed demo continues the challenge where it stopped
+        if self.cfg.force:
+            state.unlink(missing_ok=True)
+        chal = run_challenge(index, predictor, checkpoint=state, resume=state.exists(),
+                             **self.common(split="val", **self.challenge_subset(index)))
+        chal.save(self.out / "challenge")
+        state.unlink(missing_ok=True)  # the finished result is in challenge.json
+        return chal
+
+    def sheets(self, index: DatasetIndex) -> None:
+        r = self.run_cfg
+        kw = dict(n=9, per_class=True, split="val", seed=r.seed, resize=r.geometry.resize, crop=r.geometry.crop,
+                  tile=96, backend=r.backend)
+        show_index(index, self.out / "variants.png", tiling=r.tiling, **kw)
+        show_index(index, self.out / "decoded.png", decoded=True, **kw)
+
+    def compare(self, index: DatasetIndex):
+        self.step("extra: the paper's remedy, training on Mixed-Rand (same budget, same seed)")
+        r = self.run_cfg
+        kw = {} if self.cfg.epochs is None else {"epochs": self.cfg.epochs}
+        return compare_training(index, self.out / "compare-training", seed=r.seed, geometry=r.geometry,
+                                device=self.device, progress=r.progress, challenge=self.cfg.challenge,
+                                tiling=r.tiling, challenge_kwargs=self.challenge_subset(index), **kw)
+
+
+def remedy_finding(comparison) -> list[dict]:
+    """Finding (c) from a :func:`~bgsynth.train.compare_training` result (empty without one)."""
+    if comparison is None:
+        return []
+    base, remedy = comparison.rows.get("original"), comparison.rows.get("mixed_rand")
+    if not (base and remedy and base.get("bg_gap") is not None and remedy.get("bg_gap") is not None):
+        return []
+    return [{
+        "finding": "(c) training on Mixed-Rand reduces background dependence (smaller BG-Gap)",
+        "observed": remedy["bg_gap"] < base["bg_gap"],
+        "evidence": f"BG-Gap {100 * base['bg_gap']:+.1f} -> {100 * remedy['bg_gap']:+.1f} points",
+    }]
+
+
+# size: the report's eight ingredients, each a product of one demo step
 def _write_report(out_dir, eval_result, chal, comparison, found, index, ckpt, seconds) -> pathlib.Path:
-    from .report import write_report
-    from .report.tables import paper_table
-
     eval_report = write_report(eval_result, out_dir / "eval", title="bgsynth demo: all variants")
     lines = [
         "# bgsynth demo",
