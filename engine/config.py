@@ -223,6 +223,7 @@ class RunConfig:
         }
 
 
+# size: the one place where a run's loose options are named (keyword-only; RunConfig documents each)
 def resolve_run(
     *,
     geometry=None,

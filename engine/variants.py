@@ -272,6 +272,7 @@ def resolve_variants(variants: str | Iterable[str] = "all") -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- synthesis
+# size: the public entry point: the batch, the selection, the pool and the model-ready output options
 def synthesize(
     batch: Batch,
     variants: str | Iterable[str] = "all",
@@ -439,6 +440,7 @@ def choose_backgrounds(
 
 
 # ----------------------------------------------------------------------------------------------- the pixel ops
+# size: the functional face of the fused kernel, one argument per stage (see bgsynth.kernels.composite)
 def composite(
     fg: torch.Tensor,
     keep: torch.Tensor | None = None,

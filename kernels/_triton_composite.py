@@ -10,6 +10,7 @@ from ._triton_common import store_pixels
 __all__ = ["composite_kernel"]
 
 
+# size: a Triton kernel takes every pointer, stride and compile-time flag as an argument
 @triton.jit
 def composite_kernel(
     fg_ptr, keep_ptr, bg_ptr, idx_ptr, box_ptr, mean_ptr, std_ptr, out_ptr,

@@ -10,6 +10,7 @@ from ._triton_common import store_pixels
 __all__ = ["tile_fill_kernel"]
 
 
+# size: a Triton kernel takes every pointer, stride and compile-time flag as an argument
 @triton.jit
 def tile_fill_kernel(
     img_ptr, box_ptr, strip_ptr, mean_ptr, std_ptr, out_ptr,

@@ -46,6 +46,7 @@ from .tile import _int32_addressable, raise_too_many, select_u8
 __all__ = ["composite", "composite_torch"]
 
 
+# size: one fused pass, and every option is a stage of it (select, gather, normalise, cast, layout, backend)
 def composite(
     fg: torch.Tensor,
     keep: torch.Tensor | None = None,
@@ -93,6 +94,20 @@ def composite(
     [[[200, 7], [7, 200]], [[200, 0], [0, 200]]]
     """
     op = "composite"
+    _check_args(fg, keep, bg, bg_index, boxes, invert)
+    dev = fg.device
+    spec = resolve_output(dtype, mean, std, channels_last, dev, op)
+    which = resolve_backend(backend, (fg, keep, bg, bg_index, boxes), op)
+    if which == "triton":
+        return _launch_triton(fg, keep, bg, bg_index, spec, bool(invert), boxes)
+    rows = dict(fg=fg, keep=keep, bg_index=bg_index, boxes=boxes)
+    return run_torch_chunked(composite_torch, rows, dict(bg=bg, invert=bool(invert)), spec, tuple(fg.shape), dev)
+
+
+def _check_args(fg, keep, bg, bg_index, boxes, invert) -> None:
+    """The argument checks of :func:`composite` (shapes, dtypes, devices, row indices), with the ``expected X,
+    got Y`` messages."""
+    op = "composite"
     check_images(fg, "fg", op)
     B, _, H, W = fg.shape
     dev = fg.device
@@ -123,12 +138,6 @@ def composite(
         raise KernelArgumentError(f"{op}: bg_index was given without bg")
     if boxes is not None:
         check_rows(boxes, "boxes", op, B, dev)
-    spec = resolve_output(dtype, mean, std, channels_last, dev, op)
-    which = resolve_backend(backend, (fg, keep, bg, bg_index, boxes), op)
-    if which == "triton":
-        return _launch_triton(fg, keep, bg, bg_index, spec, bool(invert), boxes)
-    rows = dict(fg=fg, keep=keep, bg_index=bg_index, boxes=boxes)
-    return run_torch_chunked(composite_torch, rows, dict(bg=bg, invert=bool(invert)), spec, tuple(fg.shape), dev)
 
 
 def composite_torch(
