@@ -1,8 +1,10 @@
 """Augmented training samples/s: the batched on-device background swap vs a per-sample CPU reference.
 
-* **ours**: :class:`bgsynth.augment.BackgroundSwap` on device-resident uint8 batches: per-sample variant draw,
-  random resized crop + flip of image, mask and background (one batched gather each), Mixed-Rand background from a
-  resident pool, composite + normalise + cast in one :func:`bgsynth.kernels.composite` pass -> float32 ``[B, 3, S, S]``.
+* **ours**: :class:`bgsynth.augment.BackgroundSwap` on device-resident uint8 batches: per-sample variant draw
+  (hashed, :mod:`bgsynth.rng`), random resized crop + flip of image and background with kornia
+  (``crop_by_indices`` slice + bilinear resize, ``hflip``) and of the mask (one exact nearest-neighbour gather),
+  Mixed-Rand background from a resident pool, composite + normalise + cast in one
+  :func:`bgsynth.variants.composite` pass -> float32 ``[B, 3, S, S]``.
 * **reference**: the usual way, per sample in a :class:`torch.utils.data.DataLoader` with ``--workers`` worker
   processes: PIL random resized crop (torchvision's ``get_params``) + flip of image and mask, the same for a random
   background from the in-memory Only-BG-T pool, paste with NumPy, ``ToTensor`` + ``Normalize``, default collate.
@@ -27,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import pathlib
 import statistics
-import sys
 import time
 
 # OpenMP threads that spin while waiting collapse when the cores are shared with other processes (measured here:
@@ -44,13 +44,12 @@ from bgsynth.augment import BackgroundSwap  # noqa: E402
 from bgsynth.classes import IN9_MEAN, IN9_STD  # noqa: E402
 from bgsynth.geometry import tile_strips  # noqa: E402
 from bgsynth.types import BackgroundPool  # noqa: E402
+from bgsynth.variants import tile_in_crop  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- data
 def make_data(n: int, size: int, seed: int = 0):
     """Random crops with an elliptical foreground mask, its box, labels, ids, and an Only-BG-T pool of them."""
-    from bgsynth import kernels
-
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
@@ -66,7 +65,7 @@ def make_data(n: int, size: int, seed: int = 0):
     labels = torch.arange(n) % 9
     ids = torch.arange(n, dtype=torch.int64)
     strips = tile_strips(boxes, size, size)
-    pool = BackgroundPool(kernels.tile_fill(images, boxes, strips), labels.clone(), ids.clone())
+    pool = BackgroundPool(tile_in_crop(images, boxes, strips), labels.clone(), ids.clone())
     return images, masks, boxes, labels, ids, pool
 
 

@@ -1,9 +1,10 @@
-"""Tests of bgsynth.augment: the background-swap transform and the training iterator.
+"""Tests of bgsynth.augment (the background-swap transform, also as a kornia augmentation) and of
+bgsynth.trainloader (the training iterator).
 
 Independent references used here:
 
-* random resized crop + flip of images: kornia's slice-and-resize (``crop_by_indices`` with
-  ``align_corners=False``) and ``hflip``, one sample at a time;
+* random resized crop + flip of images: plain slicing, ``F.interpolate(..., align_corners=False)`` and
+  ``torch.flip``, one sample at a time;
 * of masks: plain integer indexing with :func:`bgsynth.geometry.nearest_map` and ``torch.flip``;
 * Only-BG-T of an in-batch partner: :func:`kernels.tile_fill_torch`;
 * the crop-box rule: a per-sample Python transcription of torchvision's ``RandomResizedCrop.get_params``;
@@ -14,42 +15,40 @@ from __future__ import annotations
 
 import math
 
-import kornia
 import pytest
 import torch
 
 from bgsynth.augment import (
     AUGMENT_VARIANTS,
+    AugmentParams,
     BackgroundSwap,
-    TrainIterator,
+    SwapConfig,
     parse_probs,
     resized_crop_flip,
     sample_params,
     sample_resized_crops,
 )
 from bgsynth.errors import ConfigError
-from bgsynth.rng import hash_bits, hash_uniform
 from bgsynth.geometry import nearest_map, tile_strips
-from bgsynth.types import BackgroundPool
 from bgsynth.kernels import tile_fill_torch
+from bgsynth.rng import hash_bits, hash_uniform
+from bgsynth.trainloader import LoaderConfig, TrainIterator
+from bgsynth.types import BackgroundPool
+from bgsynth.variants import VARIANTS
 
 from conftest import cpu_and_cuda
 
-CODE = {n: i for i, n in enumerate(AUGMENT_VARIANTS)}
+CODE = {n: VARIANTS[n].code for n in AUGMENT_VARIANTS}  # the registry's codes
 ALL5 = {"original": 0.2, "mixed_rand": 0.3, "mixed_same": 0.2, "only_fg": 0.15, "no_fg": 0.15}
 
 
 # ------------------------------------------------------------------------------------------------ references
 def ref_bilinear(img: torch.Tensor, crop, flip: bool, size: int) -> torch.Tensor:
-    """One image ``[C, H, W]`` (float) -> crop, resize (kornia slice + resize), flip: ``[C, size, size]``."""
+    """One image ``[C, H, W]`` (float) -> slice, ``F.interpolate`` (half-pixel centres), ``torch.flip``."""
     x0, y0, w, h = (int(v) for v in crop)
-    box = torch.tensor([[[x0, y0], [x0 + w - 1, y0], [x0 + w - 1, y0 + h - 1], [x0, y0 + h - 1]]])
-    out = kornia.geometry.transform.crop_by_indices(
-        img[None].float(), box, (size, size), interpolation="bilinear", align_corners=False
-    )
-    if flip:
-        out = kornia.geometry.transform.hflip(out)
-    return out[0]
+    out = torch.nn.functional.interpolate(img[None, :, y0 : y0 + h, x0 : x0 + w].float(), size=(size, size),
+                                          mode="bilinear", align_corners=False)
+    return torch.flip(out[0], dims=[-1]) if flip else out[0]
 
 
 def ref_nearest(mask: torch.Tensor, crop, flip: bool, size: int) -> torch.Tensor:
@@ -134,10 +133,12 @@ def test_variant_probabilities_within_binomial_bounds():
     n = 40000
     ids = torch.arange(n, dtype=torch.int64) * 13 + 7
     params = sample_params(ids, 32, ALL5, seed=3, epoch=1, random_resized_crop=False)
-    counts = torch.bincount(params.variant, minlength=len(AUGMENT_VARIANTS)).tolist()
+    counts = torch.bincount(params.variant, minlength=len(VARIANTS)).tolist()
     t = hoeffding(n)
-    for name, k in zip(AUGMENT_VARIANTS, counts):
+    for name in AUGMENT_VARIANTS:
+        k = counts[CODE[name]]
         assert abs(k / n - ALL5[name]) < t, (name, k / n, ALL5[name], t)
+    assert sum(counts[CODE[name]] for name in AUGMENT_VARIANTS) == n
     assert abs(float(params.flip.double().mean()) - 0.5) < t
     # zero-probability variants are never drawn, even at the end of the cumulative order
     only = sample_params(ids, 32, {"mixed_rand": 0.6, "original": 0.4}, seed=3, random_resized_crop=False).variant
@@ -145,6 +146,35 @@ def test_variant_probabilities_within_binomial_bounds():
     # flip_p is respected as well
     fl = sample_params(ids, 32, None, seed=4, flip_p=0.2, random_resized_crop=False).flip.double().mean()
     assert abs(float(fl) - 0.2) < t
+
+
+def test_augment_variants_are_the_registrys():
+    """One registry: the augmentation's variants are registry names, its codes the registry's codes."""
+    assert set(AUGMENT_VARIANTS) <= set(VARIANTS)
+    ids = torch.arange(4000, dtype=torch.int64)
+    p = sample_params(ids, 16, ALL5, seed=1, random_resized_crop=False)
+    assert set(p.variant.unique().tolist()) == {VARIANTS[n].code for n in AUGMENT_VARIANTS}
+    assert parse_probs({"Mixed-Same": 1.0})["mixed_same"] == 1.0  # the paper's names, as everywhere
+    images, masks, boxes, labels, ids = make_scene(6, 16)
+    out = BackgroundSwap({"no_fg": 1.0}, bg_source="batch")(images, masks, labels, ids, boxes=boxes)
+    assert out.variant_names() == ["no_fg"] * 6 and out.variant.tolist() == [VARIANTS["no_fg"].code] * 6
+
+
+def test_swap_config_is_the_one_configuration():
+    cfg = SwapConfig(probs="mixed_rand=0.5", bg_source="batch", seed=4, flip=False)
+    a = BackgroundSwap(config=cfg)
+    b = BackgroundSwap("mixed_rand=0.5", bg_source="batch", seed=4, flip=False)
+    assert a.config == b.config and a.probs["mixed_rand"] == 0.5 and a.seed == 4
+    c = BackgroundSwap(config=cfg, seed=5)
+    assert c.config.seed == 5 and c.config.flip is False and c.config.bg_source == "batch"
+    ids = torch.arange(50)
+    assert torch.equal(sample_params(ids, 16, config=cfg).variant,
+                       sample_params(ids, 16, "mixed_rand=0.5", seed=4, flip=False).variant)
+    with pytest.raises(ConfigError, match="unknown option"):
+        BackgroundSwap(None, flipp=True)
+    for bad in (dict(bg_transform="other"), dict(flip_p=2.0), dict(mean=(0.5,) * 3, std=None), dict(seed=1.5)):
+        with pytest.raises(ConfigError):
+            SwapConfig(**bad)
 
 
 def test_random_resized_crop_rule_matches_torchvision_transcription():
@@ -172,9 +202,8 @@ def test_hash_is_a_pure_function_of_its_words():
 
 
 # ------------------------------------------------------------------------------------------------ geometry
-@pytest.mark.parametrize("backend", ["grid", "kornia"])
 @pytest.mark.parametrize("device", cpu_and_cuda())
-def test_resized_crop_flip_matches_kornia_and_plain_indexing(device, backend):
+def test_resized_crop_flip_matches_interpolate_and_plain_indexing(device):
     n, size, out = 40, 23, 19
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
@@ -183,9 +212,10 @@ def test_resized_crop_flip_matches_kornia_and_plain_indexing(device, backend):
     crops = sample_resized_crops(u, size, size, (0.08, 1.0), (3 / 4, 4 / 3))
     flips = torch.arange(n) % 2 == 0
     dev = torch.device(device)
-    got_f = resized_crop_flip(x.float().to(dev), crops.to(dev), flips.to(dev), out, "bilinear", backend=backend).cpu()
-    got_u8 = resized_crop_flip(x.to(dev), crops.to(dev), flips.to(dev), out, "bilinear", backend=backend).cpu()
+    got_f = resized_crop_flip(x.float().to(dev), crops.to(dev), flips.to(dev), out, "bilinear").cpu()
+    got_u8 = resized_crop_flip(x.to(dev), crops.to(dev), flips.to(dev), out, "bilinear").cpu()
     got_m = resized_crop_flip(m.to(dev), crops.to(dev), flips.to(dev), out, "nearest").cpu()
+    assert got_u8.dtype == torch.uint8 and got_m.dtype == torch.uint8
     for i in range(n):
         ref = ref_bilinear(x[i], crops[i], bool(flips[i]), out)
         torch.testing.assert_close(got_f[i], ref, atol=1e-3, rtol=0)
@@ -193,12 +223,18 @@ def test_resized_crop_flip_matches_kornia_and_plain_indexing(device, backend):
         assert torch.equal(got_m[i], ref_nearest(m[i], crops[i], bool(flips[i]), out))
     # gathering rows of a pool through ``index`` is the same as indexing first
     idx = torch.tensor([3, 3, 0, 7, 1] * 8)
-    a = resized_crop_flip(x, crops, flips, out, index=idx, backend=backend)
-    assert torch.equal(a, resized_crop_flip(x[idx], crops, flips, out, backend=backend))
-    # identity crop without flip is the identity, and a new tensor
+    a = resized_crop_flip(x, crops, flips, out, index=idx)
+    assert torch.equal(a, resized_crop_flip(x[idx], crops, flips, out))
+    # identity crop without flip is the identity, and a new tensor; crops=None (no resized crop) is the same
     full = torch.tensor([[0, 0, size, size]] * n)
-    same = resized_crop_flip(x, full, torch.zeros(n, dtype=torch.bool), size, backend=backend)
+    same = resized_crop_flip(x, full, torch.zeros(n, dtype=torch.bool), size)
     assert torch.equal(same, x) and same.data_ptr() != x.data_ptr()
+    none = resized_crop_flip(x.to(dev), None, flips.to(dev))
+    assert torch.equal(none.cpu(), torch.where(flips[:, None, None, None], x.flip(-1), x))
+    assert torch.equal(resized_crop_flip(m.to(dev), None, flips.to(dev), mode="nearest").cpu(),
+                       torch.where(flips[:, None, None, None], m.flip(-1), m))
+    with pytest.raises(ConfigError, match="crops=None"):
+        resized_crop_flip(x, None, flips, out)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -266,7 +302,7 @@ def test_label_is_the_foregrounds(bg_source):
     mixed = (out.variant == CODE["mixed_rand"]) | (out.variant == CODE["mixed_same"])
     assert bool(mixed.any()) and bool((out.bg_labels[mixed] != out.labels[mixed]).any())
     for i in range(n):
-        v = AUGMENT_VARIANTS[int(out.variant[i])]
+        v = out.variant_names()[i]
         fgpix = out.images[i][out.masks[i].expand(3, -1, -1).bool()]
         if v in ("mixed_rand", "mixed_same", "only_fg", "original") and fgpix.numel():
             assert bool((fgpix == 20 * labels[i] + 10).all()), (i, v)
@@ -293,7 +329,7 @@ def test_in_batch_swap_semantics(device):
     pos = {int(v): k for k, v in enumerate(ids.tolist())}
     id4 = int(ids[4])
     for i in range(n):
-        v = AUGMENT_VARIANTS[int(out.variant[i])]
+        v = out.variant_names()[i]
         if v == "original":  # a Mixed-Same without another sample of its class in the batch (class 4, 6)
             assert int(out.requested[i]) == CODE["mixed_same"]
             assert int(labels[i]) in (4, 6)
@@ -349,6 +385,60 @@ def test_samples_without_mask_fall_back_to_original():
     assert out.variant.tolist() == [CODE["original"]] * 6 and bool((out.bg_ids == -1).all())
     expect = resized_crop_flip(images, out.params.crop, out.params.flip, 16)
     assert torch.equal(out.images, expect)
+
+
+# ------------------------------------------------------------------------------------------------ kornia
+@pytest.mark.parametrize("bg_source", ["pool", "batch"])
+def test_background_swap_inside_kornia_augmentation_sequential(bg_source):
+    import kornia.augmentation as K
+
+    n, size = 12, 16
+    images, masks, boxes, labels, ids = make_scene(n, size, seed=5)
+    kw = dict(bg_source=bg_source, pool=make_pool(14, size) if bg_source == "pool" else None, seed=3,
+              scale=(0.3, 1.0))
+    swap = BackgroundSwap(ALL5, **kw)
+    aug = K.AugmentationSequential(swap, K.RandomHorizontalFlip(), data_keys=["input", "mask"])
+    x, m = images.float() / 255, masks.float()  # kornia's images: floating, 0..1
+    swap.set_batch(labels, ids, epoch=2, boxes=boxes)
+    torch.manual_seed(0)  # kornia's flip draws from torch's RNG
+    y, my = aug(x, m)
+    assert y.shape == x.shape and y.dtype == x.dtype and my.shape == m.shape and my.dtype == m.dtype
+    # replay: the container's params reproduce the output exactly, without set_batch
+    y2, my2 = aug(x, m, params=aug._params)
+    assert torch.equal(y, y2) and torch.equal(my, my2)
+    # the composite is the batch form's with the same parameters, then kornia's flip; the mask follows the image
+    p_swap, p_flip = aug._params[0].data, aug._params[1].data
+    params = AugmentParams.from_dict(p_swap)
+    assert torch.equal(params.crop, swap.sample(ids, size, 2).crop)  # the draw: a pure function of the ids
+    direct = BackgroundSwap(ALL5, mean=None, std=None, dtype=torch.float32, return_masks=True, **kw)(
+        images, masks, labels, ids, boxes=boxes, epoch=2, params=params)
+    flipped = (p_flip["batch_prob"] > 0.5)[:, None, None, None]
+    assert bool(flipped.any()) and not bool(flipped.all())
+    assert torch.equal(y, torch.where(flipped, direct.images.flip(-1), direct.images))
+    assert torch.equal(my, torch.where(flipped, direct.masks.flip(-1), direct.masks).float())
+    assert torch.equal(p_swap["applied"], direct.variant) and torch.equal(p_swap["bg_ids"], direct.bg_ids)
+    mixed = (direct.variant == CODE["mixed_rand"]) | (direct.variant == CODE["mixed_same"])
+    assert bool(mixed.any())
+    # the per-sample labels and ids are consumed by the draw they were set for
+    with pytest.raises(ConfigError, match="set_batch"):
+        aug(x, m)
+    # called directly, the kornia form returns the image and the mask
+    swap.set_batch(labels, ids, epoch=2, boxes=boxes)
+    y3, my3 = swap(x, m)
+    assert torch.equal(y3, direct.images) and torch.equal(my3, direct.masks.float())
+
+
+def test_kornia_form_errors():
+    images, masks, boxes, labels, ids = make_scene(3, 16)
+    swap = BackgroundSwap({"mixed_rand": 1.0}, bg_source="batch")
+    swap.set_batch(labels, ids)
+    with pytest.raises(ConfigError, match="boxes"):
+        swap(images.float() / 255, masks.float())
+    with pytest.raises(ConfigError, match="input' and 'mask"):
+        swap.set_batch(labels, ids, boxes=boxes)
+        swap(images.float() / 255, data_keys=["input"])
+    with pytest.raises(ConfigError, match="unknown field"):
+        swap.set_batch(labels, ids, has_mask=torch.ones(3, dtype=torch.bool))
 
 
 # ------------------------------------------------------------------------------------------------ determinism
@@ -421,6 +511,25 @@ def _collect(it: TrainIterator) -> dict:
     return out
 
 
+def test_train_iterator_takes_a_run_and_a_loader_config(tiny_index, tiny_geometry):
+    from bgsynth.config import resolve_run
+
+    run = resolve_run(device="cpu", geometry=tiny_geometry, batch_size=8, seed=2, backend="pil")
+    a = TrainIterator(tiny_index, run, LoaderConfig(drop_last=False), probs={"mixed_rand": 0.5})
+    b = TrainIterator(tiny_index, geometry=tiny_geometry, batch_size=8, seed=2, backend="pil", device="cpu",
+                      drop_last=False, probs={"mixed_rand": 0.5})
+    assert a.run == b.run and a.config == b.config and a.swap.config == b.swap.config
+    assert a.swap.seed == 2 and a.batch_size == 8 and a.swap.config.channels_last is False
+    swap = BackgroundSwap({"only_fg": 1.0}, bg_source="batch")
+    assert TrainIterator(tiny_index, run, swap=swap).swap is swap
+    with pytest.raises(ConfigError, match="SwapConfig fields"):
+        TrainIterator(tiny_index, run, probz={"mixed_rand": 1.0})
+    with pytest.raises(ConfigError):
+        LoaderConfig(cache="sometimes")
+    with pytest.raises(ConfigError):
+        LoaderConfig(shard_id=2, num_shards=2)
+
+
 def test_train_iterator_deterministic_across_batch_sizes_and_shards(tiny_index, tiny_geometry):
     kw = dict(split="train", geometry=tiny_geometry, seed=4, probs=ALL5, drop_last=False, backend="pil", epoch=1)
     ref = _collect(TrainIterator(tiny_index, batch_size=16, **kw))
@@ -482,3 +591,12 @@ def test_triton_kernels_give_the_same_batch():
     b = BackgroundSwap(ALL5, kernel_backend="triton", **kw)(images, masks, labels, ids, boxes=boxes)
     assert torch.equal(a.variant, b.variant)
     torch.testing.assert_close(a.images, b.images, atol=1e-3, rtol=1e-3)
+
+
+def test_docstring_examples():
+    import doctest
+
+    import bgsynth.augment
+
+    res = doctest.testmod(bgsynth.augment)
+    assert res.attempted > 0 and res.failed == 0

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from bgsynth.classes import IN9_MEAN
+from bgsynth.config import resolve_run
 from bgsynth.errors import ConfigError
 from bgsynth.models import Predictor, load_model
 from bgsynth.pipeline import create_loader
-from bgsynth.train import compare_training, train
+from bgsynth.train import TrainConfig, compare_training, train
 
 SMALL = dict(epochs=4, batch_size=16, progress=False, backend="pil", device="cpu")
 
@@ -50,6 +51,9 @@ def test_checkpoint_loads_back_and_predicts_the_same(trained, tiny_index, tiny_g
     assert raw["format"] == "bgsynth-checkpoint" and raw["arch"] == "bgsynth_cnn" and raw["num_classes"] == 9
     assert raw["geometry"] == {"resize": 72, "crop": 64}
     assert raw["train"]["seed"] == 3 and raw["val_accuracy"] == trained.val_accuracy
+    # the run's resolved settings are recorded with the job's
+    assert raw["train"]["backend"] == "pil" and raw["train"]["kernel_backend"] == "auto"
+    assert raw["train"]["geometry_source"] == "arguments" and raw["train"]["batch_size"] == 16
     loaded = load_model(str(trained.checkpoint))
     assert loaded.num_outputs == 9 and loaded.geometry == {"resize": 72, "crop": 64}
     torch.testing.assert_close(torch.tensor(loaded.mean), torch.tensor(IN9_MEAN))
@@ -73,7 +77,10 @@ def test_training_is_deterministic_with_a_seed(tiny_index, tiny_geometry):
               augment={"mixed_rand": 0.5, "no_fg": 0.2})
     index = subset(tiny_index, 3, 1)
     a = train(index, seed=5, **kw).model.state_dict()
-    b = train(index, seed=5, **kw).model.state_dict()
+    # the same run given as resolved objects instead of loose options
+    run = resolve_run(seed=5, batch_size=8, device="cpu", backend="pil", geometry=tiny_geometry, amp="auto")
+    cfg = TrainConfig(epochs=1, max_steps=2, val_split=None, augment={"mixed_rand": 0.5, "no_fg": 0.2})
+    b = train(index, run, cfg).model.state_dict()
     c = train(index, seed=6, **kw).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
@@ -86,6 +93,10 @@ def test_argument_errors(tiny_index):
         train(tiny_index, optimizer="lbfgs", progress=False)
     with pytest.raises(ConfigError):
         train(tiny_index, augment="mixed_next=1.0", progress=False)
+    with pytest.raises(ConfigError, match="unknown option"):
+        train(tiny_index, epochz=3, progress=False)
+    with pytest.raises(ConfigError, match="batch_size >= 2"):
+        train(tiny_index, batch_size=1, progress=False)
     with pytest.raises(ConfigError, match="fewer than one batch"):
         train(tiny_index, batch_size=1000, progress=False, backend="pil")
 

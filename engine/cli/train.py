@@ -66,9 +66,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import DEMO_GEOMETRY, resolve_geometry
     from ..distributed import init_distributed
-    from ..geometry import CropGeometry
     from ..train import train
 
     ctx = init_distributed()  # DistributedDataParallel under torchrun; a no-op otherwise
@@ -78,21 +76,25 @@ def run(args: argparse.Namespace) -> int:
 
         with ctx.main_first():  # one rank per node builds the cache, the others find it
             index = build_builtin_dataset(progress=args.progress and ctx.is_main)
-    geometry, _ = resolve_geometry(resize=args.resize, crop=args.crop, default=DEMO_GEOMETRY)
     res = train(
-        index, arch=args.arch, split=args.split, val_split=None if args.val_split == "none" else args.val_split,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
-        geometry=geometry, device=args.device, augment=args.augment, bg_source=args.bg_source,
+        index, dist=ctx, arch=args.arch, split=args.split,
+        val_split=None if args.val_split == "none" else args.val_split, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, resize=args.resize,
+        crop=args.crop, device=args.device, augment=args.augment, bg_source=args.bg_source,
         random_resized_crop=args.random_resized_crop, flip=args.flip, scale=(args.min_scale, 1.0),
         optimizer=args.optimizer, schedule=args.schedule, label_smoothing=args.label_smoothing, out=args.out,
-        progress=args.progress and ctx.is_main, amp=None if args.amp == "none" else args.amp, backend=args.backend,
-        dist=ctx, tiling=args.tiling,
+        progress=args.progress and ctx.is_main, amp=args.amp, backend=args.backend, tiling=args.tiling,
     )
-    if not ctx.is_main:
-        return 0
+    if ctx.is_main:
+        _report(res, args.arch)
+    return 0
+
+
+def _report(res, arch: str) -> None:
+    """Print what the run did: steps, last epoch, fallbacks, val accuracy, checkpoint."""
     last = res.history[-1] if res.history else {}
     aug = ", ".join(f"{k}={v:g}" for k, v in res.config["augment"].items())
-    print(f"trained {args.arch} ({aug}) for {res.config['epochs']} epochs, {res.steps} steps, {res.images} samples "
+    print(f"trained {arch} ({aug}) for {res.config['epochs']} epochs, {res.steps} steps, {res.images} samples "
           f"in {res.seconds:.1f} s; last epoch loss {last.get('loss', float('nan')):.3f}, "
           f"train accuracy {100 * last.get('accuracy', float('nan')):.1f}%")
     fell = {k: v["fell_back"] for k, v in res.augment_stats.items() if v["fell_back"]}
@@ -102,4 +104,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"Original accuracy on {res.config['val_split']}: {100 * res.val_accuracy:.1f}% "
               f"of {res.val_total} images")
     print(f"wrote {res.checkpoint}")
-    return 0
