@@ -131,6 +131,14 @@ def folder_to_in9(folder: str) -> int | None:
 # Label spaces
 # --------------------------------------------------------------------------------------------------------------
 
+def _read_json(path: str | os.PathLike, what: str) -> Any:
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not a readable {what} ({e})") from e
+
+
 _BAD_FOLDER = re.compile(r"[/\\\x00]|^\.\.?$")
 
 
@@ -210,11 +218,7 @@ class LabelSpace:
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "LabelSpace":
         """A label space from a JSON file: a list of names, or ``{"name": ..., "classes": [...], "folders": [...]}``."""
-        try:
-            with open(path, "r", encoding="utf-8") as f:
-                d = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: not a readable class list ({e})") from e
+        d = _read_json(path, "class list")
         if isinstance(d, list):
             return cls.from_names(d, name=os.path.splitext(os.path.basename(os.fspath(path)))[0])
         return cls.from_dict(d)
@@ -267,11 +271,7 @@ class OutputMap:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, num_outputs: int) -> "OutputMap":
-        try:
-            with open(path, "r", encoding="utf-8") as f:
-                d = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: not a readable output map ({e})") from e
+        d = _read_json(path, "output map")
         if isinstance(d, list):
             d = {i: v for i, v in enumerate(d)}
         if not isinstance(d, Mapping):

@@ -79,15 +79,6 @@ __all__ = [
     "evaluate_to_dir",
     "resolve_variants",
     "MIXED_VARIANTS",
-    # the records and results, defined in bgsynth.results (re-exported: what evaluate returns)
-    "SCHEMA",
-    "VARIANT_ORDER",
-    "RECORD_COLUMNS",
-    "EvalRecords",
-    "EvalResult",
-    "metrics_from_records",
-    "merge_results",
-    "load_result",
 ]
 
 

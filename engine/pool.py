@@ -82,13 +82,7 @@ def build_background_pool(
         pool = _fill(loader, len(sub), geometry.crop, progress, kernel_backend)
     finally:
         loader.close()
-    if len(pool) == 0:
-        warnings.warn(
-            f"build_background_pool: none of the {len(sub)} images has an Only-BG-T (or all were rejected); the pool "
-            f"is empty",
-            stacklevel=2,
-        )
-    return pool
+    return _warn_if_empty(pool, "build_background_pool", len(sub))
 
 
 def _selection(index, split, per_class, seed) -> DatasetIndex:
@@ -219,10 +213,11 @@ def build_background_pool_sharded(
     else:
         part = empty_pool(crop, device)
     pool = gather_background_pool(part, ctx)
+    return _warn_if_empty(pool, "build_background_pool_sharded", len(sub))
+
+
+def _warn_if_empty(pool: BackgroundPool, who: str, n: int) -> BackgroundPool:
     if len(pool) == 0:
-        warnings.warn(
-            f"build_background_pool_sharded: none of the {len(sub)} images has an Only-BG-T (or all were "
-            f"rejected); the pool is empty",
-            stacklevel=2,
-        )
+        warnings.warn(f"{who}: none of the {n} images has an Only-BG-T (or all were rejected); the pool is empty",
+                      stacklevel=3)
     return pool

@@ -325,7 +325,8 @@ def test_collectives_on_two_ranks(group):
 
 
 def test_eval_two_ranks_equal_one_process(group, builtin_root, tiny_index, tiny_geometry, ckpt):
-    from bgsynth.evaluate import EvalRecords, evaluate, load_result
+    from bgsynth.evaluate import evaluate
+    from bgsynth.results import EvalRecords, load_result
     from bgsynth.models import Predictor, load_model
 
     d, outs = group

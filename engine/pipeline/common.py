@@ -55,13 +55,6 @@ from .host import (
 )
 
 __all__ = [
-    "HostSample",
-    "read_sample",
-    "crop_targets",
-    "full_strips",
-    "only_bg_t_full",
-    "check_decoded_size",
-    "assemble_batch",
     "DecodeOptions",
     "DecodeLoader",
     "BackendSpec",
