@@ -16,6 +16,7 @@ __all__ = [
     "PoolTooLargeError",
     "CheckpointError",
     "ConfigError",
+    "EmptyInputError",
 ]
 
 
@@ -45,3 +46,12 @@ class CheckpointError(BgsynthError, RuntimeError):
 
 class ConfigError(BgsynthError, ValueError):
     """An argument or configuration value is out of range or inconsistent."""
+
+
+class EmptyInputError(ConfigError):
+    """A command was given no images to work on (an empty index, or a split or subset without images).
+
+    Every command says it the same way (see :meth:`bgsynth.index.DatasetIndex.require_images`):
+    ``<index>: no images to <verb> in split 'x' (splits present: ...)``.
+    """
+

@@ -32,7 +32,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from .classes import IN9, LabelSpace
-from .errors import ConfigError, IndexFormatError
+from .errors import ConfigError, EmptyInputError, IndexFormatError
 from .fileio import atomic_write_bytes, atomic_write_json
 
 __all__ = [
@@ -510,6 +510,32 @@ class DatasetIndex:
         self._build()
 
     # ---------------------------------------------------------------------------------------------- subsets
+    def require_images(self, selected: "DatasetIndex", verb: str, split: str | Sequence[str] | None = None,
+                       what: str = "images") -> None:
+        """Raise :class:`EmptyInputError` unless ``selected`` (the subset of this index a command will process) holds
+        images: the one wording every command uses for empty input.
+
+        Args:
+            selected: the subset (e.g. ``index.select(split=...)``).
+            verb: what the command would do (``'evaluate'``, ``'export'``, ``'prepare'``, ...).
+            split: the split the command was asked for (named in the message), or ``None``.
+            what: the kind of images wanted (``'images'``, ``'foregrounds (images with a mask)'``).
+
+        >>> DatasetIndex.empty("/data").require_images(DatasetIndex.empty("/data"), "export")
+        Traceback (most recent call last):
+        ...
+        bgsynth.errors.EmptyInputError: <in-memory index>: no images to export: the index is empty
+        """
+        if len(selected) > 0:
+            return
+        where = self._where()
+        if len(self) == 0:
+            raise EmptyInputError(f"{where}: no {what} to {verb}: the index is empty")
+        present = sorted({str(im.get("split")) for im in self.data["images"]})
+        in_split = "" if split is None else f" in split {split!r}"
+        raise EmptyInputError(f"{where}: no {what} to {verb}{in_split}; the index holds {len(self)} images, "
+                              f"splits present: {present}")
+
     def select(
         self,
         split: str | Sequence[str] | None = None,

@@ -1,36 +1,141 @@
-"""Argument types and the option groups several commands share (one definition for every command)."""
+"""Argument types and the option groups several commands share (one definition for every command).
+
+One argparse type per kind of value, so every command rejects the same bad value with the same one-line message
+before any work starts (argparse prints ``bgsynth CMD: error: argument --x: <message>`` and exits with 2):
+
+=====================  ================================================================================
+``positive_int``       counts, sizes, batch sizes, thread numbers (>= 1)
+``nonneg_int``         counts that may be 0 (e.g. examples per class)
+``fraction``           [0, 1]; ``unit_interval`` (0, 1]; ``seconds`` >= 0
+``existing_file``      an input file that must exist and be a file
+``existing_dir``       an input folder that must exist and be a folder
+``index_path``         ``'builtin'`` or an existing index JSON file
+``out_dir``            an output folder: not an existing file, its nearest existing parent a folder
+``out_file``           an output file: not an existing folder, its nearest existing parent a folder
+=====================  ================================================================================
+
+The output types check the kind of path only (they create nothing); :class:`bgsynth.runs.OutputFolder` then
+claims the folder, with a real write probe, before the command's work.
+
+:class:`HelpFormatter` shows defaults without the misleading ``(default: True)`` of ``--no-x`` switches.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import pathlib
 
-__all__ = ["positive_int", "fraction", "unit_interval", "seconds", "add_model_args", "add_tiling_arg",
+__all__ = ["positive_int", "nonneg_int", "fraction", "unit_interval", "seconds", "existing_file", "existing_dir",
+           "index_path", "out_dir", "out_file", "HelpFormatter", "add_model_args", "add_tiling_arg",
            "predictor_from_args", "resolve_index", "geometry_from_args"]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except for on/off switches (``--no-progress`` reads "(default: True)" otherwise)."""
+
+    def _get_help_string(self, action):
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def nonneg_int(text: str) -> int:
+    v = _int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return v
+
+
+def existing_file(text: str) -> str:
+    p = pathlib.Path(text).expanduser()
+    if not p.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    if not p.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: expected a file, found a folder")
+    return str(p)
+
+
+def existing_dir(text: str) -> str:
+    p = pathlib.Path(text).expanduser()
+    if not p.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such folder")
+    if not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: expected a folder, found a file")
+    return str(p)
+
+
+def index_path(text: str) -> str:
+    """``'builtin'`` or an existing file (its content is checked when the command loads it, before any work)."""
+    return text if text == "builtin" else existing_file(text)
+
+
+def _nearest_parent_is_dir(p: pathlib.Path, text: str) -> None:
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {parent} is a file, so nothing can be written below it")
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text}: {parent} is not writable")
+
+
+def out_dir(text: str) -> str:
+    p = pathlib.Path(text).expanduser()
+    if p.exists() and not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is an existing file, expected a folder")
+    _nearest_parent_is_dir(p, text)
+    return str(p)
+
+
+def out_file(text: str) -> str:
+    p = pathlib.Path(text).expanduser()
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is an existing folder, expected a file name")
+    _nearest_parent_is_dir(p, text)
+    return str(p)
+
+
 def positive_int(text: str) -> int:
-    v = int(text)
+    v = _int(text)
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return v
 
 
+def _float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if v != v:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    return v
+
+
 def fraction(text: str) -> float:
-    v = float(text)
+    v = _float(text)
     if not 0.0 <= v <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text}")
     return v
 
 
 def unit_interval(text: str) -> float:
-    v = float(text)
+    v = _float(text)
     if not 0.0 < v <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
     return v
 
 
 def seconds(text: str) -> float:
-    v = float(text)
+    v = _float(text)
     if v < 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text}")
     return v
