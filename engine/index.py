@@ -45,6 +45,7 @@ __all__ = [
     "rle_decode",
     "rle_union",
     "portable_root",
+    "check_file_name",
 ]
 
 INDEX_VERSION = 1
@@ -126,6 +127,29 @@ def rle_union(rles: Sequence[Mapping[str, Any]], height: int, width: int) -> dic
             raise IndexFormatError(f"rle_union: expected masks of size {(height, width)}, got {m.shape}")
         acc |= m
     return rle_encode(acc)
+
+
+def check_file_name(name: str) -> str | None:
+    """Why an image's ``file_name`` is not acceptable in an index, or ``None`` when it is.
+
+    The one rule, applied by :meth:`DatasetIndex.validate` on load and by every ingest before a file is indexed
+    (so a bad name becomes a recorded reject instead of an index that later fails to load): the name must be
+    relative to the image root and must not climb out of it (no ``..`` component, with ``/`` or ``\\`` as separator,
+    no drive or absolute path, no empty name).
+
+    >>> check_file_name("n01440764/x.JPEG") is None
+    True
+    >>> check_file_name("a\\..\\..\\b.JPEG")
+    "must be relative to the image root, without '..' (a path component climbs out of it)"
+    """
+    if not isinstance(name, str) or not name.strip():
+        return "must be a non-empty relative path"
+    norm = name.replace("\\", "/")
+    if os.path.isabs(name) or norm.startswith("/") or (len(norm) > 1 and norm[1] == ":"):
+        return "must be relative to the image root, not an absolute path"
+    if ".." in pathlib.PurePosixPath(norm).parts:
+        return "must be relative to the image root, without '..' (a path component climbs out of it)"
+    return None
 
 
 def portable_root(root: pathlib.Path, index_file: str | os.PathLike) -> str:
@@ -357,9 +381,9 @@ class DatasetIndex:
                 raise IndexFormatError(f"{where}: images[{i}].label: expected 0..{n_classes - 1}, got {im['label']}")
             if im["width"] <= 0 or im["height"] <= 0:
                 raise IndexFormatError(f"{where}: images[{i}]: expected a positive size, got {im['width']}x{im['height']}")
-            fn = im["file_name"]
-            if os.path.isabs(fn) or ".." in pathlib.PurePosixPath(fn.replace("\\", "/")).parts:
-                raise IndexFormatError(f"{where}: images[{i}].file_name {fn!r} must be relative, without '..'")
+            bad = check_file_name(im["file_name"])
+            if bad:
+                raise IndexFormatError(f"{where}: images[{i}].file_name {im['file_name']!r}: {bad}")
         ann_ids: set[int] = set()
         for i, a in enumerate(d["annotations"]):
             if int(a.get("image_id", -1)) not in seen:
