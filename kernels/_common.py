@@ -27,15 +27,14 @@ __all__ = [
     "check_rows",
     "alloc_output",
     "finish_torch",
-    "run_torch_chunked",
     "MAX_INT32",
-    "CPU_CHUNK",
+    "CPU_CHUNK_BYTES",
 ]
 
 MAX_INT32 = 2**31 - 1
-# Images per step of the torch reference on the CPU: its few full-size passes then stay in the CPU caches (about
-# 1.5-2x faster than whole-batch passes for 224 px crops; benchmarks/bench_variants.py).
-CPU_CHUNK = 8
+# Bytes of uint8 pixels per step of the fast CPU path (kernels/_cpu.py): its few passes then stay in the CPU caches
+# (a float32 output chunk is 4x this); whole-batch passes were 1.5-2x slower (benchmarks/bench_variants.py).
+CPU_CHUNK_BYTES = 1 << 19
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -146,19 +145,3 @@ def finish_torch(u8: torch.Tensor, spec: OutputSpec, fresh: bool = True) -> torc
     if spec.mean is not None:
         x = kornia.enhance.normalize(x, spec.mean, spec.std) if x.shape[0] > 0 else x
     return x.to(spec.dtype).contiguous(memory_format=fmt)
-
-
-def run_torch_chunked(fn, per_row: dict, shared: dict, spec: OutputSpec, shape: tuple, device: torch.device):
-    """Run a torch reference ``fn(**rows, **shared, spec=spec)`` over chunks of :data:`CPU_CHUNK` images on the CPU.
-
-    ``per_row`` holds the tensors (or ``None``) indexed by image; results are written into one preallocated output.
-    On other devices (or for small batches) ``fn`` runs once on the whole batch.
-    """
-    b = shape[0]
-    if device.type != "cpu" or b <= CPU_CHUNK:
-        return fn(**per_row, **shared, spec=spec)
-    out = alloc_output(shape, spec, device)
-    for i in range(0, b, CPU_CHUNK):
-        rows = {k: (None if v is None else v[i : i + CPU_CHUNK]) for k, v in per_row.items()}
-        out[i : i + CPU_CHUNK] = fn(**rows, **shared, spec=spec)
-    return out
