@@ -599,6 +599,59 @@ def test_background_pool_options_and_errors(tiny_index, tiny_geometry, monkeypat
         build_background_pool(tiny_index, tiny_geometry, backend="pil")
 
 
+def _relabelled(index: DatasetIndex, n_classes: int) -> DatasetIndex:
+    """The val split of ``index`` in a label space of ``n_classes`` classes (image ``i`` gets class ``i % N``)."""
+    from bgsynth.classes import LabelSpace
+
+    space = LabelSpace.from_names([f"class{k}" for k in range(n_classes)], name=f"n{n_classes}")
+    data = {k: v for k, v in index.select(split="val").data.items()}
+    data["info"] = dict(data["info"], label_space=space.to_dict())
+    data["categories"] = space.categories()
+    data["images"] = [dict(im, label=im["id"] % n_classes) for im in data["images"]]
+    data["annotations"] = [dict(a, category_id=a["image_id"] % n_classes) for a in data["annotations"]]
+    return DatasetIndex(data, index.path)
+
+
+@pytest.mark.parametrize("n_classes", [2, 20])
+def test_pool_carries_the_label_space_and_mixed_follow_it(tiny_index, tiny_geometry, n_classes):
+    """Every pool builder sets ``num_classes`` to the index's label space, and Mixed-Same/Rand/Next pick the
+    background tests/reference.py picks with that N (Mixed-Next: ``(y + 1) mod N``), pixels included."""
+    from bgsynth.distributed import DistContext
+    from bgsynth.pool import build_background_pool_sharded, empty_pool, gather_background_pool, pool_from_batches
+    from bgsynth.variants import MIXED_VARIANTS, synthesize
+    from reference import reference_background
+
+    index = _relabelled(tiny_index, n_classes)
+    assert index.label_space.num_classes == n_classes
+    batches = list(create_loader(index, backend="pil", geometry=tiny_geometry, batch_size=32, prefetch=0))
+    pool = pool_from_batches(batches, tiny_geometry.crop, "cpu", num_classes=n_classes)
+    built = build_background_pool(index, tiny_geometry, backend="pil")
+    pools = [pool, built, gather_background_pool(pool, DistContext.single()), empty_pool(8, "cpu", n_classes)]
+    if n_classes == 2:  # without a process group the sharded builder is the plain one; one decode is enough
+        pools.append(build_background_pool_sharded(index, DistContext.single(), geometry=tiny_geometry, backend="pil"))
+    assert [p.num_classes for p in pools] == [n_classes] * len(pools)
+    assert torch.equal(built.images, pool.images) and built.labels.tolist() == pool.labels.tolist()
+    ids, labels = pool.image_ids.tolist(), pool.labels.tolist()
+    differs_from_in9 = 0
+    for batch in batches:
+        outs = synthesize(batch, list(MIXED_VARIANTS), pool=pool, seed=3)
+        for v in MIXED_VARIANTS:
+            for i in range(len(batch)):
+                iid, lab = int(batch.image_ids[i]), int(batch.labels[i])
+                row, bg_id, bg_label = reference_background(iid, lab, v, ids, labels, 3, num_classes=n_classes)
+                assert (int(outs[v].bg_ids[i]), int(outs[v].bg_labels[i])) == (bg_id, bg_label), (v, iid)
+                assert bool(outs[v].valid[i]) == (row >= 0 and bool(batch.has_mask[i])), (v, iid)
+                if row >= 0:
+                    m = batch.masks[i].bool()
+                    want = torch.where(m, batch.images[i], pool.images[row])
+                    assert torch.equal(outs[v].images[i], want), (v, iid)
+                if v == "mixed_next":
+                    if n_classes == 2:
+                        assert bg_label in (-1, (lab + 1) % 2)
+                    differs_from_in9 += reference_background(iid, lab, v, ids, labels, 3)[1] != bg_id
+    assert differs_from_in9 > 0  # a pool left at IN-9's 9 classes would have picked other backgrounds
+
+
 # ------------------------------------------------------------------------------------------------ CUDA
 
 
