@@ -450,6 +450,47 @@ def test_prefetch_overlaps_and_stops(tiny_index, tiny_geometry):
     assert not any(t.name.startswith("bgsynth-pil-prefetch") and t.is_alive() for t in threading.enumerate())
 
 
+def test_default_decoder_threads_leave_the_consumer_its_cores(monkeypatch):
+    """A quarter of the cores on a CPU run (1..8), all but one on CUDA (1..8)."""
+    from bgsynth.pipeline import common
+
+    want_cpu = {1: 1, 2: 1, 4: 1, 8: 2, 16: 4, 32: 8, 96: 8}
+    want_cuda = {1: 1, 2: 1, 4: 3, 16: 8}
+    for cores, want in want_cpu.items():
+        monkeypatch.setattr(common, "available_cores", lambda c=cores: c)
+        assert common.default_decode_threads("cpu") == want, cores
+    for cores, want in want_cuda.items():
+        monkeypatch.setattr(common, "available_cores", lambda c=cores: c)
+        assert common.default_decode_threads("cuda") == want, cores
+
+
+def test_decoder_and_consumer_threads_stay_within_the_cores(tiny_index, tiny_geometry, monkeypatch):
+    """While a CPU loader is iterated, decoder threads + the iterating thread's torch threads <= the cores (the
+    latter restored after, or never lowered with share_cores=False); torch ops in decoder threads are
+    single-threaded, and threads started later still get the process's default."""
+    from bgsynth.pipeline import common
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(common, "available_cores", lambda: 2)
+    seen = []
+    loader = create_loader(tiny_index, backend="pil", geometry=tiny_geometry, ids=tiny_index.ids[:4], batch_size=2,
+                           num_threads=1)
+    for _batch in loader:
+        seen.append(torch.get_num_threads())
+    assert seen == [1, 1] and torch.get_num_threads() == before
+    kept = create_loader(tiny_index, backend="pil", geometry=tiny_geometry, ids=tiny_index.ids[:2], num_threads=1,
+                         share_cores=False)
+    assert [torch.get_num_threads() for _ in kept] == [before]
+    two = create_loader(tiny_index, backend="pil", geometry=tiny_geometry, num_threads=2)
+    in_decoders = {two._threads().submit(torch.get_num_threads).result() for _ in range(4)}
+    later = []
+    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    two.close()
+    assert in_decoders == {1} and later == [before] and torch.get_num_threads() == before
+
+
 def test_dali_runs_in_cpu_only_mode(tiny_index, tiny_geometry):
     if "dali" not in available_backends():
         pytest.skip("dali not installed")
