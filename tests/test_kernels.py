@@ -392,6 +392,16 @@ def test_triton_missing(monkeypatch):
     assert not d.triton_available()
 
 
+def test_triton_modules_load_inside_the_package():
+    """The Triton kernel modules load as ``bgsynth.kernels._triton_*`` (an installed bgsynth has no top-level
+    ``kernels`` package to import them from)."""
+    import sys
+
+    img = torch.full((1, 3, 2, 2), 5, dtype=torch.uint8)
+    assert torch.equal(kernels.composite(img, backend="triton"), img)
+    assert "bgsynth.kernels._triton_composite" in sys.modules and "kernels._triton_composite" not in sys.modules
+
+
 def test_package_imports_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
