@@ -243,7 +243,6 @@ def _chunk_images(h: int, w: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- composite
-# size: the same arguments as the reference it mirrors (composite_torch), one per stage of the op
 def composite_cpu(
     fg: torch.Tensor,
     keep: torch.Tensor | None = None,
