@@ -476,13 +476,19 @@ def _versions() -> dict:
 
 # ----------------------------------------------------------------------------------------------- CUDA bandwidth
 def kernel_bandwidth(device: torch.device | str, batch: int = 256, pool: int = 1024, crop: int = 224,
-                     iters: int = 20) -> list[dict]:
-    """Achieved memory bandwidth of the composite kernel on ``device`` (CUDA), as a share of its peak.
+                     iters: int = 20, backend: str = "auto") -> list[dict]:
+    """Achieved memory bandwidth of the kernels on ``device`` (CUDA), as a share of its peak.
 
-    Two configurations on device-resident data: a Mixed-* composite in uint8 (mask 1 + foreground 3 + background
-    3 bytes read, 3 written per pixel) and the model-ready one (normalised bfloat16, channels_last: 6 bytes
-    written). Every input byte counts as read (a masked load still fetches whole DRAM sectors). The median of
-    5 timings of ``iters`` launches (CUDA events).
+    Three configurations on device-resident data: a Mixed-* composite in uint8 (mask 1 + foreground 3 + background
+    3 bytes read, 3 written per pixel), the model-ready one (normalised bfloat16, channels_last: 6 bytes written)
+    and the Only-BG-T tiling in uint8 (3 read, 3 written). Every input byte counts as read (a masked load still
+    fetches whole DRAM sectors). The median of 5 timings of ``iters`` launches (CUDA events).
+
+    Args:
+        device: a CUDA device.
+        batch, pool, crop: images per launch, background rows, crop side.
+        iters: launches per timing.
+        backend: the kernel backend (``'auto'``: Triton; ``'torch'``: the reference, for a comparison).
 
     Returns:
         ``[{"kernel", "batch_size", "gb_per_s", "share_of_peak", "seconds"}]``; ``share_of_peak`` is ``None`` for
@@ -496,33 +502,41 @@ def kernel_bandwidth(device: torch.device | str, batch: int = 256, pool: int = 1
     keep = torch.rand((batch, 1, crop, crop), device=dev, generator=g) < 0.4
     bg = torch.randint(0, 256, (pool, 3, crop, crop), device=dev, dtype=torch.uint8, generator=g)
     rows = torch.randint(0, pool, (batch,), device=dev, generator=g)
+    boxes = torch.tensor([[crop // 4, crop // 4, 3 * crop // 4, 3 * crop // 4]], device=dev).repeat(batch, 1)
+    strips = torch.tensor([[0, 0, crop // 4, crop]], device=dev).repeat(batch, 1)  # the left margin, full height
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     px = batch * crop * crop
     cases = {
-        "composite mixed uint8": (lambda: kernels.composite(fg, keep, bg, rows), px * (1 + 3 + 3 + 3)),
+        "composite mixed uint8": (lambda: kernels.composite(fg, keep, bg, rows, backend=backend), px * (1 + 3 + 3 + 3)),
         "composite mixed bf16 norm CL": (lambda: kernels.composite(fg, keep, bg, rows, mean=mean, std=std,
-                                                                   dtype=torch.bfloat16, channels_last=True),
-                                         px * (1 + 3 + 3 + 6)),
+                                                                   dtype=torch.bfloat16, channels_last=True,
+                                                                   backend=backend), px * (1 + 3 + 3 + 6)),
+        "tile_fill uint8": (lambda: kernels.tile_fill(fg, boxes, strips, backend=backend), px * (3 + 3)),
     }
     peak = peak_bandwidth(torch.cuda.get_device_name(dev))
     out = []
     for name, (fn, nbytes) in cases.items():
-        fn()
-        torch.cuda.synchronize(dev)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(5):
-            start.record()
-            for _ in range(iters):
-                fn()
-            end.record()
-            torch.cuda.synchronize(dev)
-            times.append(start.elapsed_time(end) / 1e3 / iters)
-        t = statistics.median(times)
+        t = _cuda_seconds(fn, dev, iters)
         gbs = nbytes / t / 1e9
         out.append({"kernel": name, "batch_size": batch, "gb_per_s": gbs, "seconds": t,
                     "share_of_peak": None if peak is None else gbs / peak})
     return out
+
+
+def _cuda_seconds(fn: Callable[[], Any], dev: torch.device, iters: int) -> float:
+    """Seconds per call of ``fn``: median of 5 CUDA-event timings of ``iters`` calls, after a warm-up call."""
+    fn()
+    torch.cuda.synchronize(dev)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize(dev)
+        times.append(start.elapsed_time(end) / 1e3 / iters)
+    return statistics.median(times)
 
 
 # ----------------------------------------------------------------------------------------------- comparing runs
