@@ -18,9 +18,11 @@ tests compare the two over odd shapes, dtypes, layouts and the empty batch. What
   period of the strip and then doubles the filled part (``log2(box / tile)`` copies), instead of a full-size box
   mask and a per-pixel gather.
 * **One normalise/cast into the output.** The uint8 result is converted once into the preallocated output (or a
-  float32 scratch for float16/bfloat16) and normalised in place with the reference's float32 operations
+  float32 scratch for float16/bfloat16) and normalised there in place with the reference's float32 operations
   (``v / 255``, ``- mean``, ``/ std``), so every value is the reference's exactly; in NHWC the statistics are
-  repeated along a row so the passes stay contiguous.
+  repeated along a row so the passes stay contiguous. (A 256-entry table per channel would be one pass, but
+  torch's gathers, and a dividing conversion ``torch.div(uint8, 255, out=float)``, are not vectorised and cost
+  several times more per element than the vectorised conversion copy and in-place passes.)
 * **Chunks of about :data:`~bgsynth.kernels._common.CPU_CHUNK_BYTES` of pixels** keep each pass in the CPU
   caches, scratch buffers are allocated once per call, and each torch op spreads over torch's intra-op threads
   (``torch.get_num_threads()``).
@@ -156,7 +158,7 @@ def _finish(src: torch.Tensor, out: torch.Tensor, spec: OutputSpec, stats: dict)
         return
     fmt = _FMT[spec.channels_last]
     work = out if spec.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32, memory_format=fmt)
-    _copy(work, src)
+    _copy(work, src)  # the conversion copy is vectorised; a dividing one (torch.div(src, 255, out=work)) is not
     work.div_(255.0)
     if spec.mean is not None:
         if spec.channels_last:  # [b * H, W * 3] rows against the statistics repeated along a row: contiguous
@@ -226,15 +228,20 @@ def mask_reuse():
 
 
 def _chunk_mask(keep: torch.Tensor, invert: bool, nhwc: bool, i0: int, i1: int, reusable: bool) -> torch.Tensor:
-    """:func:`_take_mask` of ``keep[i0:i1]``, from the :func:`mask_reuse` block's store when one is open."""
+    """:func:`_take_mask` of ``keep[i0:i1]``, from the :func:`mask_reuse` block's store when one is open (where
+    the inverted mask of a stored one is one ``bitwise_not`` away)."""
     store = _REUSE.get() if reusable else None
     if store is None:
         return _take_mask(keep[i0:i1], invert, nhwc)
-    key = (id(keep), keep._version, bool(invert), nhwc, i0, i1)
-    hit = store.get(key)
-    if hit is None or hit[0] is not keep:
-        hit = store[key] = (keep, _take_mask(keep[i0:i1], invert, nhwc))  # holding keep pins its id
-    return hit[1]
+    key = (id(keep), keep._version, nhwc, i0, i1)
+    entry = store.get(key)
+    if entry is None or entry[0] is not keep:
+        entry = store[key] = (keep, {})  # holding keep pins its id for the block
+    masks = entry[1]
+    if invert not in masks:
+        other = masks.get(not invert)
+        masks[invert] = _take_mask(keep[i0:i1], invert, nhwc) if other is None else torch.bitwise_not(other)
+    return masks[invert]
 
 
 def _chunk_images(h: int, w: int) -> int:

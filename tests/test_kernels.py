@@ -574,6 +574,24 @@ def test_expand_mask_nhwc_matches_repeat_interleave(n):
     assert torch.equal(_cpu.expand_mask_nhwc(bits, n), want)
 
 
+def test_large_cpu_outputs_are_advised_huge_pages():
+    """Outputs of at least HUGEPAGE_MIN_BYTES get MADV_HUGEPAGE on Linux with transparent huge pages (fewer first-
+    touch page faults); smaller ones and other platforms are left alone; the values are unaffected."""
+    import pathlib
+    import sys
+
+    from bgsynth.kernels._common import HUGEPAGE_MIN_BYTES, advise_hugepages
+
+    assert advise_hugepages(torch.empty(16, dtype=torch.uint8)) is False
+    big = torch.empty(HUGEPAGE_MIN_BYTES + (4 << 20), dtype=torch.uint8)
+    thp = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    expected = sys.platform.startswith("linux") and thp.is_file()
+    assert advise_hugepages(big) is expected
+    img = torch.randint(0, 256, (1, 3, 1024, 1024), dtype=torch.uint8)  # a 12 MiB float32 output
+    got = kernels.composite(img, mean=MEAN, std=STD, backend="torch")
+    assert torch.equal(got, plain_reference(kernels.composite, {"fg": img}, _out_kwargs(torch.float32, True, False)))
+
+
 def test_mask_reuse_shares_masks_but_sees_changes():
     """Inside ``mask_reuse`` the composites equal those made outside it; a keep tensor changed in place, or
     another tensor, gets its own mask; the inverted mask is not confused with the plain one."""
