@@ -222,7 +222,7 @@ def build_background_pool_sharded(
         index: a :class:`~bgsynth.index.DatasetIndex` or its path.
         ctx: the distributed context (default :func:`current`).
         split, per_class, seed: the selection, as for ``build_background_pool``.
-        **kwargs: ``geometry``, ``backend``, ``device``, ``batch_size``, ``tile_fn``, ``num_threads``,
+        **kwargs: ``geometry``, ``backend``, ``device``, ``batch_size``, ``tiling``, ``kernel_backend``, ``num_threads``,
             ``progress`` (shown on rank 0 only).
     """
     ctx = current() if ctx is None else ctx
