@@ -472,7 +472,8 @@ def test_cpu_chunking_equals_whole_batch(monkeypatch):
     for what in ("mixed", "no_fg", "only_bg_b", "original"):
         a = composite_inputs(seed=23, b=b, h=6, w=7, n=3, device="cpu", what=what)
         a["fg"] = a["fg"].contiguous(memory_format=torch.channels_last)
-        assert torch.equal(kernels.composite(**a, backend="torch"), plain_reference(kernels.composite, a, _out_kwargs(torch.uint8, False, False))), what
+        want = plain_reference(kernels.composite, a, _out_kwargs(torch.uint8, False, False))
+        assert torch.equal(kernels.composite(**a, backend="torch"), want), what
     t = tile_inputs(seed=22, b=b, h=6, w=7, device="cpu")
     assert torch.equal(kernels.tile_fill(**t, backend="torch"), kernels.tile_fill_torch(t["images"], t["boxes"], t["strips"]))
     out_kw = _out_kwargs(torch.float16, True, False)
@@ -538,7 +539,8 @@ def test_fast_cpu_tile_fill_equals_reference(layout):
     for i in range(7):
         st = strips[i].tolist()
         valid = st[2] > 0 and st[3] > 0 and st[0] + st[2] <= w and st[1] + st[3] <= h
-        b = [max(boxes[i, 0].item(), 0), max(boxes[i, 1].item(), 0), min(boxes[i, 2].item(), w - 1), min(boxes[i, 3].item(), h - 1)]
+        x0, y0, x1, y1 = boxes[i].tolist()
+        b = [max(x0, 0), max(y0, 0), min(x1, w - 1), min(y1, h - 1)]
         want = _brute_tile(images[i].contiguous().numpy(), b, st if valid else (0, 0, 0, 0))
         np.testing.assert_array_equal(got[i].numpy(), want, err_msg=f"row {i}")
 
