@@ -22,7 +22,11 @@ side is in ``bench_eval.py --tiling``.
 
 On CUDA (when present) it also measures the Triton path on device-resident data: composites/s of one fused
 Mixed-Rand composite (gather + select + normalise + bf16 + channels_last) and of Only-BG-T, and the achieved
-memory bandwidth (bytes read + written / time).
+memory bandwidth (bytes read + written / time) as a share of the device's peak, by the code of ``bgsynth bench``
+(:func:`bgsynth.bench.kernel_bandwidth`).
+
+The speed target of the CPU path (``--target``, 3x by default) is checked on the "all 8" row; the load average is
+printed beside every figure (the machine may be shared).
 
 Usage::
 
@@ -33,6 +37,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import statistics
 import sys
@@ -128,6 +133,10 @@ def load_batches(args) -> list[Batch]:
     return batches
 
 
+def _load() -> str:
+    return " ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
 def _median_time(fn, repeat: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
@@ -141,55 +150,25 @@ def _median_time(fn, repeat: int, warmup: int = 1) -> float:
 
 # ----------------------------------------------------------------------------------------------- CUDA
 def bench_cuda(args) -> None:
+    """Triton vs the torch reference on device-resident data: composites/s and achieved bandwidth, by the same
+    code as ``bgsynth bench`` (:func:`bgsynth.bench.kernel_bandwidth`)."""
+    from bgsynth.bench import kernel_bandwidth
+
     dev = torch.device("cuda")
-    b, n, c = args.cuda_batch, args.cuda_pool, args.crop
-    g = torch.Generator(device=dev).manual_seed(0)
-    fg = torch.randint(0, 256, (b, 3, c, c), device=dev, dtype=torch.uint8, generator=g)
-    keep = torch.rand((b, 1, c, c), device=dev, generator=g) < 0.4
-    pool = torch.randint(0, 256, (n, 3, c, c), device=dev, dtype=torch.uint8, generator=g)
-    rows = torch.randint(0, n, (b,), device=dev, generator=g)
-    boxes = torch.tensor([[c // 4, c // 4, 3 * c // 4, 3 * c // 4]], device=dev, dtype=torch.int32).repeat(b, 1)
-    strips = tile_strips(boxes, c, c)
-    from bgsynth import kernels
-
-    def timed(fn, iters=20):
-        fn()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        out = []
-        for _ in range(5):
-            start.record()
-            for _ in range(iters):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            out.append(start.elapsed_time(end) / 1e3 / iters)
-        return statistics.median(out)
-
-    # bytes per pixel: every input byte counted as read (masked loads under a random mask still fetch whole DRAM
-    # sectors): mask 1 + foreground 3 + background 3, plus the output
-    px = b * c * c
-    cases = {
-        "mixed (uint8)": (lambda be: kernels.composite(fg, keep, pool, rows, backend=be), px * (1 + 3 + 3 + 3)),
-        "mixed (bf16, norm, CL)": (lambda be: kernels.composite(fg, keep, pool, rows, mean=MEAN.tolist(),
-                                                                std=STD.tolist(), dtype=torch.bfloat16,
-                                                                channels_last=True, backend=be),
-                                   px * (1 + 3 + 3 + 6)),
-        "only_bg_t (uint8)": (lambda be: kernels.tile_fill(fg, boxes, strips, backend=be), px * (3 + 3)),
-    }
-    print(f"\nCUDA ({torch.cuda.get_device_name(dev)}), batch {b}, pool {n}, {c}x{c}:")
-    print(f"{'kernel':<26}{'triton img/s':>14}{'GB/s':>9}{'torch img/s':>14}{'ratio':>8}")
-    for name, (fn, nbytes) in cases.items():
-        tt = timed(lambda: fn("triton"))
-        tr = timed(lambda: fn("torch"), iters=5)
-        print(f"{name:<26}{b / tt:>14,.0f}{nbytes / tt / 1e9:>9.0f}{b / tr:>14,.0f}{tr / tt:>8.1f}x")
+    b = args.cuda_batch
+    tri = kernel_bandwidth(dev, batch=b, pool=args.cuda_pool, crop=args.crop, backend="triton")
+    ref = kernel_bandwidth(dev, batch=b, pool=args.cuda_pool, crop=args.crop, backend="torch", iters=5)
+    print(f"\nCUDA ({torch.cuda.get_device_name(dev)}), batch {b}, pool {args.cuda_pool}, {args.crop}x{args.crop}:")
+    print(f"{'kernel':<30}{'triton img/s':>14}{'GB/s':>9}{'of peak':>9}{'torch img/s':>14}{'ratio':>8}")
+    for t, r in zip(tri, ref):
+        share = "-" if t["share_of_peak"] is None else f"{100 * t['share_of_peak']:.0f}%"
+        print(f"{t['kernel']:<30}{b / t['seconds']:>14,.0f}{t['gb_per_s']:>9,.0f}{share:>9}{b / r['seconds']:>14,.0f}"
+              f"{r['seconds'] / t['seconds']:>7.1f}x")
 
 
 # ----------------------------------------------------------------------------------------------- tiling
 def bench_tiling(args) -> None:
     """Decode + Only-BG-T images/s with paper tiling vs crop tiling, per decode backend, and the pool build."""
-    import os
-
     from _common import Timer
 
     from bgsynth.pipeline import available_backends, create_loader
@@ -250,6 +229,7 @@ def main(argv=None) -> int:
                    help="images for the paper-vs-crop tiling comparison (default: the small val split)")
     p.add_argument("--decode-threads", type=int, default=2, help="decoder threads of the tiling comparison")
     p.add_argument("--no-tiling", action="store_true", help="skip the paper-vs-crop tiling comparison")
+    p.add_argument("--target", type=float, default=3.0, help="the speed target: all 8 variants vs the reference")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -268,15 +248,19 @@ def main(argv=None) -> int:
     print(f"{args.data} data: {n} images in batches of {args.batch}, crop {args.crop}, pool {len(pool)}, "
           f"{'float32 normalised' if args.normalize else 'uint8'} outputs, {args.threads} thread(s), "
           f"median of {args.repeat}")
-    print(f"{'variant':<12}{'ours var/s':>12}{'reference var/s':>17}{'ratio':>8}")
+    print(f"{'variant':<12}{'ours var/s':>12}{'reference var/s':>17}{'ratio':>8}   load average")
     rows = [[name] for name in VARIANT_NAMES] + [["all 8"]]
+    ratio = None
     for row in rows:
         names = list(VARIANT_NAMES) if row[0] == "all 8" else [row[0]]
         t_ours = _median_time(lambda: [synthesize(bt, names, pool=pool, backend="torch", **kw) for bt in batches],
                               args.repeat)
         t_ref = _median_time(lambda: reference_run(names, samples, ref_pool, args.normalize), args.repeat)
         v = n * len(names)
-        print(f"{row[0]:<12}{v / t_ours:>12,.0f}{v / t_ref:>17,.0f}{t_ref / t_ours:>7.1f}x")
+        ratio = t_ref / t_ours
+        print(f"{row[0]:<12}{v / t_ours:>12,.0f}{v / t_ref:>17,.0f}{ratio:>7.1f}x   {_load()}")
+    verdict = "met" if ratio >= args.target else "NOT met"
+    print(f"target: all 8 variants >= {args.target:.1f}x the per-image reference: {ratio:.1f}x, {verdict}")
     if not args.no_tiling:
         bench_tiling(args)
     if torch.cuda.is_available() and not args.no_cuda:

@@ -4,6 +4,11 @@ The pool is what every Mixed-* composite, the Backgrounds Challenge and the back
 their backgrounds from. It is made here and only here: the decode loader turns the index into batches, the
 variants layer makes each batch's Only-BG-T (:func:`bgsynth.variants.background_pool_from_batch`, under the
 batch's tiling), and the rows are kept resident on the device, sorted by image id.
+
+Every pool knows the size of its label space (``BackgroundPool.num_classes``: the index's
+``label_space.num_classes``), so Mixed-Next's ``(y + 1) mod N`` is right for any label space, not only IN-9's 9.
+The pool keeps the memory layout of the decoded crops (channels_last from the CPU decoders), so the CPU
+compositing kernel gathers its rows without a layout change.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .classes import NUM_IN9
 from .distributed import DistContext, current
 from .errors import ConfigError
 from .geometry import CropGeometry
@@ -64,7 +70,8 @@ def build_background_pool(
         kernel_backend: backend of the crop-space tiling kernel (:func:`bgsynth.kernels.tile_fill`).
 
     Returns:
-        A :class:`BackgroundPool` sorted by image id.
+        A :class:`BackgroundPool` sorted by image id, with ``num_classes`` the index's
+        ``label_space.num_classes``.
 
     Raises:
         PoolTooLargeError: the pool would not fit the device (checked before anything is decoded).
@@ -79,7 +86,7 @@ def build_background_pool(
     loader = create_loader(sub, backend=backend, geometry=geometry, batch_size=batch_size, device=dev,
                            num_threads=num_threads, tiling=tiling)
     try:
-        pool = _fill(loader, len(sub), geometry.crop, progress, kernel_backend)
+        pool = _fill(loader, len(sub), geometry.crop, progress, kernel_backend, sub.label_space.num_classes)
     finally:
         loader.close()
     return _warn_if_empty(pool, "build_background_pool", len(sub))
@@ -94,10 +101,10 @@ def _selection(index, split, per_class, seed) -> DatasetIndex:
     return index.select(split=split, per_class=per_class, seed=seed)
 
 
-def _fill(loader, n: int, crop: int, progress: bool, kernel_backend: str) -> BackgroundPool:
+def _fill(loader, n: int, crop: int, progress: bool, kernel_backend: str, num_classes: int) -> BackgroundPool:
     """Every batch's Only-BG-T rows, in one preallocated buffer (a list of parts + torch.cat would hold the pool
-    twice at its peak)."""
-    images = torch.empty((n, 3, crop, crop), dtype=torch.uint8, device=loader.device)
+    twice at its peak), laid out like the first batch's rows."""
+    images = None
     labels = torch.empty(n, dtype=torch.int64, device=loader.device)
     ids = torch.empty(n, dtype=torch.int64, device=loader.device)
     count = 0
@@ -108,27 +115,42 @@ def _fill(loader, n: int, crop: int, progress: bool, kernel_backend: str) -> Bac
         batches = tqdm(loader, desc="background pool", unit="batch")
     for batch in batches:
         part = background_pool_from_batch(batch, backend=kernel_backend)
+        if images is None:
+            images = torch.empty((n, 3, crop, crop), dtype=torch.uint8, device=loader.device,
+                                 memory_format=_memory_format(part.images))
         k = len(part)
         images[count : count + k] = part.images
         labels[count : count + k] = part.labels
         ids[count : count + k] = part.image_ids
         count += k
+    if images is None:
+        images = torch.empty((0, 3, crop, crop), dtype=torch.uint8, device=loader.device)
     if count < n:  # leading rows are contiguous views; copy only when much of the buffer would be wasted
         images, labels, ids = images[:count], labels[:count], ids[:count]
         if count < 0.9 * n:
             images, labels, ids = images.clone(), labels.clone(), ids.clone()
     # the loader yields batches in sorted id order and each part is sorted, so the pool is sorted by id
-    return BackgroundPool(images=images, labels=labels, image_ids=ids)
+    return BackgroundPool(images=images, labels=labels, image_ids=ids, num_classes=num_classes)
 
 
-def empty_pool(crop: int, device: torch.device | str) -> BackgroundPool:
-    """A pool without backgrounds (``uint8 [0, 3, crop, crop]``): a rank without images still joins the gather."""
+def _memory_format(images: torch.Tensor) -> torch.memory_format:
+    """channels_last when ``images`` are laid out NHWC in memory (the CPU decoders' crops), else contiguous."""
+    nhwc = images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+    return torch.channels_last if nhwc else torch.contiguous_format
+
+
+def empty_pool(crop: int, device: torch.device | str, num_classes: int = NUM_IN9) -> BackgroundPool:
+    """A pool without backgrounds (``uint8 [0, 3, crop, crop]``): a rank without images still joins the gather.
+
+    ``num_classes``: the size of the label space (the index's ``label_space.num_classes``).
+    """
     z = torch.empty(0, dtype=torch.int64, device=device)
-    return BackgroundPool(torch.empty((0, 3, crop, crop), dtype=torch.uint8, device=device), z, z.clone())
+    return BackgroundPool(torch.empty((0, 3, crop, crop), dtype=torch.uint8, device=device), z, z.clone(),
+                          num_classes)
 
 
 def pool_from_batches(batches: Sequence[Batch], crop: int, device: torch.device | str,
-                      backend: str = "auto") -> BackgroundPool:
+                      backend: str = "auto", num_classes: int = NUM_IN9) -> BackgroundPool:
     """The pool of batches already decoded (e.g. kept by an evaluation pass, so that each JPEG is decoded once):
     each batch's Only-BG-T rows (:func:`bgsynth.variants.background_pool_from_batch`), sorted by image id.
 
@@ -137,14 +159,17 @@ def pool_from_batches(batches: Sequence[Batch], crop: int, device: torch.device 
         crop: crop size of an empty pool (no batch, or no Only-BG-T at all).
         device: device of an empty pool (otherwise the batches').
         backend: kernel backend of the crop-space tiling (``tiling="crop"``).
+        num_classes: the size of the label space the labels belong to (pass the index's
+            ``label_space.num_classes``; IN-9's 9 by default).
     """
     parts = [background_pool_from_batch(b, backend=backend) for b in batches]
     if not parts:
-        return empty_pool(crop, device)
+        return empty_pool(crop, device, num_classes)
     ids = torch.cat([p.image_ids for p in parts])
     order = torch.argsort(ids)
-    return BackgroundPool(torch.cat([p.images for p in parts])[order].contiguous(),
-                          torch.cat([p.labels for p in parts])[order], ids[order])
+    images = torch.cat([p.images for p in parts])[order]
+    return BackgroundPool(images.contiguous(memory_format=_memory_format(parts[0].images)),
+                          torch.cat([p.labels for p in parts])[order], ids[order], num_classes)
 
 
 def gather_background_pool(pool, ctx: DistContext | None = None):
@@ -152,16 +177,20 @@ def gather_background_pool(pool, ctx: DistContext | None = None):
     rank (on the device of this rank's part).
 
     Each JPEG is then decoded by one rank only, and every rank holds the pool a single process would have built
-    from the whole split (the same images, labels and ids, in the same order).
+    from the whole split (the same images, labels and ids, in the same order, and the parts' ``num_classes``).
 
     Raises:
-        ConfigError: the parts overlap (an id on two ranks) or disagree in crop size.
+        ConfigError: the parts overlap (an id on two ranks) or disagree in crop size or label space size.
     """
     ctx = current() if ctx is None else ctx
     if ctx.enabled:
-        sizes = ctx.all_gather_object(tuple(pool.images.shape[1:]))
+        parts = ctx.all_gather_object((tuple(pool.images.shape[1:]), pool.num_classes))
+        sizes = [p[0] for p in parts]
         if len(set(sizes)) != 1:
             raise ConfigError(f"gather_background_pool: expected the same image shape on every rank, got {sizes}")
+        if len({p[1] for p in parts}) != 1:
+            raise ConfigError(f"gather_background_pool: expected one label space size (num_classes) on every rank, "
+                              f"got {[p[1] for p in parts]}")
         images = torch.cat(ctx.all_gather_tensors(pool.images))
         labels = torch.cat(ctx.all_gather_tensors(pool.labels.to(torch.int64)))
         ids = torch.cat(ctx.all_gather_tensors(pool.image_ids.to(torch.int64)))
@@ -171,7 +200,8 @@ def gather_background_pool(pool, ctx: DistContext | None = None):
     ids = ids[order]
     if len(ids) > 1 and bool((ids[1:] == ids[:-1]).any()):
         raise ConfigError("gather_background_pool: an image id occurs in more than one rank's pool (overlapping shards)")
-    return BackgroundPool(images[order].contiguous(), labels[order], ids)
+    return BackgroundPool(images[order].contiguous(memory_format=_memory_format(pool.images)), labels[order], ids,
+                          pool.num_classes)
 
 
 def build_background_pool_sharded(
@@ -192,7 +222,7 @@ def build_background_pool_sharded(
         index: a :class:`~bgsynth.index.DatasetIndex` or its path.
         ctx: the distributed context (default :func:`current`).
         split, per_class, seed: the selection, as for ``build_background_pool``.
-        **kwargs: ``geometry``, ``backend``, ``device``, ``batch_size``, ``tile_fn``, ``num_threads``,
+        **kwargs: ``geometry``, ``backend``, ``device``, ``batch_size``, ``tiling``, ``kernel_backend``, ``num_threads``,
             ``progress`` (shown on rank 0 only).
     """
     ctx = current() if ctx is None else ctx
@@ -211,7 +241,7 @@ def build_background_pool_sharded(
             warnings.filterwarnings("ignore", message="build_background_pool: none of")
             part = build_background_pool(sub.select(ids=mine), **kwargs)
     else:
-        part = empty_pool(crop, device)
+        part = empty_pool(crop, device, sub.label_space.num_classes)
     pool = gather_background_pool(part, ctx)
     return _warn_if_empty(pool, "build_background_pool_sharded", len(sub))
 

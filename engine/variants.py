@@ -324,7 +324,8 @@ def synthesize(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"synthesize: expected an integer seed, got {seed!r}")
     req = _Request(pool, seed, dict(mean=mean, std=std, dtype=dtype, channels_last=channels_last, backend=backend))
-    return {n: VARIANTS[n].fn(batch, req) for n in names}
+    with kernels.mask_reuse():  # No-FG, Only-FG and Mixed-* share the batch's mask (CPU kernels)
+        return {n: VARIANTS[n].fn(batch, req) for n in names}
 
 
 def _check_pool(pool, batch: Batch) -> None:
@@ -492,11 +493,17 @@ def background_pool_from_batch(batch: Batch, backend: str = "auto") -> Backgroun
     synchronisation (the number of rows); this is a one-time step, not part of the hot loop.
 
     Shape:
-        ``pool.images``: ``uint8 [N, 3, C, C]`` with ``N = batch.has_bgt.sum()``.
+        ``pool.images``: ``uint8 [N, 3, C, C]`` with ``N = batch.has_bgt.sum()``, in the batch images' memory
+        layout (channels_last or contiguous).
     """
     rows = torch.nonzero(batch.has_bgt.to(torch.bool)).flatten()
     if rows.numel():
         rows = rows[torch.argsort(batch.image_ids[rows], stable=True)]
     sub = batch.slice(rows)
-    images = synthesize(sub, ["only_bg_t"], backend=backend)["only_bg_t"].images
-    return BackgroundPool(images.contiguous(), sub.labels.to(torch.int64), sub.image_ids.to(torch.int64))
+    # the pool keeps the crops' memory layout (NHWC from the CPU decoders): the compositing kernel then gathers
+    # its rows without a layout change
+    nhwc = sub.images.is_contiguous(memory_format=torch.channels_last) and not sub.images.is_contiguous()
+    images = synthesize(sub, ["only_bg_t"], backend=backend, channels_last=nhwc)["only_bg_t"].images
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    return BackgroundPool(images.contiguous(memory_format=fmt), sub.labels.to(torch.int64),
+                          sub.image_ids.to(torch.int64))

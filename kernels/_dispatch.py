@@ -97,5 +97,9 @@ def resolve_backend(backend: str, tensors: tuple[torch.Tensor | None, ...], op: 
 
 
 def load_triton_module(name: str) -> Any:
-    """Import the private module ``kernels.<name>`` holding ``@triton.jit`` kernels (first use only)."""
-    return importlib.import_module(f"kernels.{name}")
+    """Import the private module ``bgsynth.kernels.<name>`` holding ``@triton.jit`` kernels (first use only).
+
+    Imported relative to this package: an installed bgsynth has no top-level ``kernels`` (the folder is installed
+    as ``bgsynth.kernels``), and one module name keeps one compiled copy of each kernel.
+    """
+    return importlib.import_module(f".{name}", __package__)

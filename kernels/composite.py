@@ -23,6 +23,8 @@ element once: no full-size intermediate, whatever the output dtype and layout.
 One file, three layers: :func:`composite_torch` (plain torch reference, normalisation by
 :func:`kornia.enhance.normalize`), :func:`_launch_triton` (launcher of :mod:`bgsynth.kernels._triton_composite`), and
 :func:`composite`, the torch-facing op that checks its arguments and dispatches (:mod:`bgsynth.kernels._dispatch`).
+The torch backend runs the reference on CUDA tensors and its fast, bit-identical CPU twin
+(:func:`bgsynth.kernels._cpu.composite_cpu`) on CPU tensors.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from ._common import (
     check_rows,
     finish_torch,
     resolve_output,
-    run_torch_chunked,
 )
+from ._cpu import composite_cpu
 from ._dispatch import load_triton_module, resolve_backend
 from .errors import KernelArgumentError
 from .tile import _int32_addressable, raise_too_many, select_u8
@@ -77,7 +79,8 @@ def composite(
         invert: take the ``fg`` pixel where ``keep`` is zero instead (No-FG without a negated mask copy).
         boxes: inclusive boxes ``(x0, y0, x1, y1)``; pixels inside a box never come from ``fg`` (Only-BG-B
             computed in the kernel, without a box mask). Empty boxes (``x1 < x0``) change nothing.
-        backend: ``'auto'`` (Triton on CUDA tensors, torch elsewhere), ``'torch'`` or ``'triton'``.
+        backend: ``'auto'`` (Triton on CUDA tensors, torch elsewhere), ``'torch'`` or ``'triton'``. On CPU tensors
+            ``'torch'`` is the fast CPU path (:mod:`bgsynth.kernels._cpu`), equal to :func:`composite_torch`.
 
     Returns:
         A new tensor; the inputs are not modified.
@@ -100,8 +103,8 @@ def composite(
     which = resolve_backend(backend, (fg, keep, bg, bg_index, boxes), op)
     if which == "triton":
         return _launch_triton(fg, keep, bg, bg_index, spec, bool(invert), boxes)
-    rows = dict(fg=fg, keep=keep, bg_index=bg_index, boxes=boxes)
-    return run_torch_chunked(composite_torch, rows, dict(bg=bg, invert=bool(invert)), spec, tuple(fg.shape), dev)
+    torch_impl = composite_cpu if dev.type == "cpu" else composite_torch  # the same result (tests/test_kernels.py)
+    return torch_impl(fg, keep, bg, bg_index, spec, invert=bool(invert), boxes=boxes)
 
 
 def _check_args(fg, keep, bg, bg_index, boxes, invert) -> None:

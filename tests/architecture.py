@@ -36,7 +36,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
                   "bgsynth.trainloader")),
     ("consumers", ("bgsynth.evaluate", "bgsynth.challenge", "bgsynth.challenge_search", "bgsynth.challenge_result",
                    "bgsynth.export", "bgsynth.prepare", "bgsynth.train",
-                   "bgsynth.show", "bgsynth.report", "bgsynth.sources", "bgsynth.demo")),
+                   "bgsynth.show", "bgsynth.report", "bgsynth.sources", "bgsynth.demo", "bgsynth.bench")),
     ("cli", ("bgsynth.cli",)),
 ]
 FLOOR_RANK = {name: k for k, (name, _) in enumerate(FLOORS)}

@@ -187,25 +187,29 @@ def background_hash(seed: int, variant: str, image_id: int) -> int:
     return splitmix64(key ^ (int(image_id) & _M64))
 
 
-def reference_background(image_id: int, label: int, variant: str, pool_ids, pool_labels, seed: int = 0):
+def reference_background(image_id: int, label: int, variant: str, pool_ids, pool_labels, seed: int = 0,
+                         num_classes: int = NUM_CLASSES):
     """The Mixed-* background of one image: ``(pool_row, bg_id, bg_label)`` or ``(-1, -1, -1)`` if none.
 
     Candidates, sorted by image id: Mixed-Same: pool entries of class ``label``; Mixed-Rand: every entry;
-    Mixed-Next: entries of class ``(label + 1) % 9``; the image itself is never a candidate. The ``k``-th
-    candidate is taken, ``k = (hash >> 1) % len(candidates)`` with :func:`background_hash`.
+    Mixed-Next: entries of class ``(label + 1) % num_classes`` (the size of the label space, IN-9's 9 by
+    default); the image itself is never a candidate, nor is any for a label outside ``0..num_classes-1``
+    (Mixed-Same, Mixed-Next). The ``k``-th candidate is taken, ``k = (hash >> 1) % len(candidates)`` with
+    :func:`background_hash`.
     """
     pool_ids = [int(v) for v in pool_ids]
     pool_labels = [int(v) for v in pool_labels]
+    labelled = 0 <= label < num_classes
     if variant == "mixed_same":
         ok = lambda i: pool_labels[i] == label  # noqa: E731
     elif variant == "mixed_rand":
         ok = lambda i: True  # noqa: E731
     elif variant == "mixed_next":
-        target = (label + 1) % NUM_CLASSES if 0 <= label < NUM_CLASSES else None
+        target = (label + 1) % num_classes if labelled else None
         ok = lambda i: target is not None and pool_labels[i] == target  # noqa: E731
     else:
         raise ValueError(f"{variant!r} has no background")
-    if variant == "mixed_same" and not 0 <= label < NUM_CLASSES:
+    if variant == "mixed_same" and not labelled:
         return -1, -1, -1
     cands = sorted((i for i in range(len(pool_ids)) if ok(i) and pool_ids[i] != int(image_id)), key=lambda i: pool_ids[i])
     if not cands:

@@ -17,8 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bgsynth import kernels
-from bgsynth.kernels import KernelArgumentError, KernelBackendError
 from bgsynth.geometry import tile_strips
+from bgsynth.kernels import KernelArgumentError, KernelBackendError
+from bgsynth.kernels import _cpu
+from bgsynth.kernels._common import resolve_output
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -99,16 +101,30 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dty
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
+def plain_reference(op, args: dict, out_kw: dict) -> torch.Tensor:
+    """The op's plain torch reference (``composite_torch`` / ``tile_fill_torch``), called directly: the readable
+    definition that the fast CPU path (``backend='torch'`` on CPU tensors) must reproduce bit for bit."""
+    lead = next(iter(args.values()))
+    spec = resolve_output(out_kw["dtype"], out_kw.get("mean"), out_kw.get("std"), out_kw["channels_last"],
+                          lead.device, "test")
+    if op is kernels.tile_fill:
+        return kernels.tile_fill_torch(args["images"], args["boxes"], args["strips"], spec)
+    return kernels.composite_torch(args["fg"], args.get("keep"), args.get("bg"), args.get("bg_index"), spec,
+                                   invert=args.get("invert", False), boxes=args.get("boxes"))
+
+
 def check_kernel(op, args: dict, *, dtype=torch.uint8, normalise=False, channels_last=False, batched=True):
     """One checker for every kernel (after torchvision's ``check_kernel``).
 
-    Asserts: Triton output == torch reference (exactly for uint8, per-dtype tolerance otherwise); no in-place
-    change of any input; dtype, shape, device and memory format as requested; batched == per-sample; works for
-    an empty batch.
+    Asserts: the torch backend (the fast CPU path on CPU tensors) == the plain torch reference, exactly; Triton
+    output == the reference (exactly for uint8, per-dtype tolerance otherwise); no in-place change of any input;
+    dtype, shape, device and memory format as requested; batched == per-sample; works for an empty batch.
     """
     out_kw = _out_kwargs(dtype, normalise, channels_last)
     before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
     ref = op(**args, **out_kw, backend="torch")
+    plain = plain_reference(op, args, out_kw)
+    assert torch.equal(ref, plain), f"{op.__name__}: the torch backend differs from the plain reference"
     tri = op(**args, **out_kw, backend="triton")
     for k, v in before.items():
         assert torch.equal(args[k], v), f"{op.__name__} modified its input {k!r} in place"
@@ -376,6 +392,16 @@ def test_triton_missing(monkeypatch):
     assert not d.triton_available()
 
 
+def test_triton_modules_load_inside_the_package():
+    """The Triton kernel modules load as ``bgsynth.kernels._triton_*`` (an installed bgsynth has no top-level
+    ``kernels`` package to import them from)."""
+    import sys
+
+    img = torch.full((1, 3, 2, 2), 5, dtype=torch.uint8)
+    assert torch.equal(kernels.composite(img, backend="triton"), img)
+    assert "bgsynth.kernels._triton_composite" in sys.modules and "kernels._triton_composite" not in sys.modules
+
+
 def test_package_imports_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
@@ -433,19 +459,158 @@ def test_tile_fill_errors():
         kernels.tile_fill(img[:, :2], torch.zeros(2, 4, dtype=torch.int32), torch.zeros(2, 4, dtype=torch.int32))
 
 
-def test_cpu_chunking_equals_whole_batch():
-    """The torch path runs the CPU in chunks of CPU_CHUNK images; the result is the whole-batch reference's."""
-    from bgsynth.kernels._common import CPU_CHUNK, resolve_output
-
-    b = 2 * CPU_CHUNK + 3
+def test_cpu_chunking_equals_whole_batch(monkeypatch):
+    """The fast CPU path works in chunks of about CPU_CHUNK_BYTES of pixels, with ragged last chunks and scratch
+    buffers reused across chunks; the result is the whole-batch plain reference's."""
+    monkeypatch.setattr(_cpu, "CPU_CHUNK_BYTES", 3 * 6 * 7 * 4)  # 4 images per chunk: 19 images = 5 chunks
+    b = 19
     args = composite_inputs(seed=21, b=b, h=6, w=7, n=3, device="cpu", what="mixed+box")
     spec = resolve_output(torch.bfloat16, MEAN, STD, True, torch.device("cpu"), "test")
     whole = kernels.composite_torch(args["fg"], args["keep"], args["bg"], args["bg_index"], spec, boxes=args["boxes"])
     got = kernels.composite(**args, mean=MEAN, std=STD, dtype=torch.bfloat16, channels_last=True, backend="torch")
     assert torch.equal(got, whole) and got.is_contiguous(memory_format=torch.channels_last)
+    for what in ("mixed", "no_fg", "only_bg_b", "original"):
+        a = composite_inputs(seed=23, b=b, h=6, w=7, n=3, device="cpu", what=what)
+        a["fg"] = a["fg"].contiguous(memory_format=torch.channels_last)
+        want = plain_reference(kernels.composite, a, _out_kwargs(torch.uint8, False, False))
+        assert torch.equal(kernels.composite(**a, backend="torch"), want), what
     t = tile_inputs(seed=22, b=b, h=6, w=7, device="cpu")
     assert torch.equal(kernels.tile_fill(**t, backend="torch"), kernels.tile_fill_torch(t["images"], t["boxes"], t["strips"]))
-    check_kernel(kernels.tile_fill, t, dtype=torch.float16, normalise=True)
+    out_kw = _out_kwargs(torch.float16, True, False)
+    assert torch.equal(kernels.tile_fill(**t, **out_kw, backend="torch"), plain_reference(kernels.tile_fill, t, out_kw))
+
+
+# ----------------------------------------------------------------------------------------------- the fast CPU path
+LAYOUTS = ("nchw", "nhwc", "strided")
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as ``t`` ``[B, 3, H, W]`` in another memory layout: contiguous, channels_last, or a strided
+    view (every other column of a wider tensor)."""
+    if layout == "nhwc":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        wide = torch.zeros(t.shape[:3] + (2 * t.shape[3],), dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t.contiguous()
+
+
+@pytest.mark.parametrize("fg_layout", LAYOUTS)
+@pytest.mark.parametrize("bg_layout", ("nchw", "nhwc"))
+@pytest.mark.parametrize("what", COMPOSITES)
+def test_fast_cpu_composite_equals_reference_in_every_layout(fg_layout, bg_layout, what):
+    """The fast CPU path against the plain reference, for every input layout, both output layouts and each output
+    dtype (with and without statistics), on odd sizes spread over several chunks."""
+    args = composite_inputs(seed=len(what) * 7 + len(fg_layout), b=5, h=9, w=13, n=3, device="cpu", what=what)
+    args["fg"] = _layout(args["fg"], fg_layout)
+    if "bg" in args:
+        args["bg"] = _layout(args["bg"], bg_layout)
+    for dtype, norm in ((torch.uint8, False), (torch.float32, True), (torch.float32, False), (torch.bfloat16, True),
+                        (torch.float16, True)):
+        for cl in (False, True):
+            out_kw = _out_kwargs(dtype, norm, cl)
+            got = kernels.composite(**args, **out_kw, backend="torch")
+            assert torch.equal(got, plain_reference(kernels.composite, args, out_kw)), (dtype, norm, cl)
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            assert got.dtype == dtype and got.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fast_cpu_tile_fill_equals_reference(layout):
+    """Every kind of tile: the left/right and top/bottom strips of the strip rule, a 1-pixel strip (the most
+    doublings), boxes reaching outside the image, empty boxes, invalid tiles and a tile repeating along both
+    axes (never made by the strip rule, filled by a 2-D gather)."""
+    g = torch.Generator().manual_seed(5)
+    h, w = 11, 17
+    images = _layout(random_images(g, 7, h, w), layout)
+    boxes = torch.tensor([[3, 2, 9, 8], [2, 0, 16, 10], [5, -3, 30, 6], [0, 0, -1, -1], [1, 1, 15, 9],
+                          [4, 4, 12, 9], [6, 1, 14, 7]], dtype=torch.int32)
+    strips = torch.tensor([[0, 0, 3, 11], [0, 0, 1, 11], [0, 7, 17, 4], [0, 0, 3, 11], [0, 10, 17, 1],
+                           [2, 1, 3, 2], [18, 0, 2, 11]], dtype=torch.int32)
+    for dtype, norm in ((torch.uint8, False), (torch.float32, True), (torch.bfloat16, False)):
+        for cl in (False, True):
+            out_kw = _out_kwargs(dtype, norm, cl)
+            args = {"images": images, "boxes": boxes, "strips": strips}
+            got = kernels.tile_fill(**args, **out_kw, backend="torch")
+            assert torch.equal(got, plain_reference(kernels.tile_fill, args, out_kw)), (dtype, norm, cl)
+    # and against the brute-force loop of PAPER.md's rule (rows with an invalid tile stay unchanged)
+    got = kernels.tile_fill(images, boxes, strips, backend="torch")
+    for i in range(7):
+        st = strips[i].tolist()
+        valid = st[2] > 0 and st[3] > 0 and st[0] + st[2] <= w and st[1] + st[3] <= h
+        x0, y0, x1, y1 = boxes[i].tolist()
+        b = [max(x0, 0), max(y0, 0), min(x1, w - 1), min(y1, h - 1)]
+        want = _brute_tile(images[i].contiguous().numpy(), b, st if valid else (0, 0, 0, 0))
+        np.testing.assert_array_equal(got[i].numpy(), want, err_msg=f"row {i}")
+
+
+def test_fast_cpu_epilogue_every_value_exactly():
+    """All 256 uint8 values in each channel through the fused normalise/cast: the fast path's in-place float32
+    operations give the plain reference's values exactly, for every output dtype and layout, and those are
+    ``(v / 255 - mean[c]) / std[c]`` computed here one value at a time in float32."""
+    v = torch.arange(256, dtype=torch.uint8)
+    img = torch.stack([v.roll(17 * c) for c in range(3)]).reshape(1, 3, 16, 16).repeat(2, 1, 1, 1)
+    for layout in ("nchw", "nhwc"):
+        x = _layout(img, layout)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for cl in (False, True):
+                got = kernels.composite(x, mean=MEAN, std=STD, dtype=dtype, channels_last=cl, backend="torch")
+                plain = plain_reference(kernels.composite, {"fg": x}, _out_kwargs(dtype, True, cl))
+                assert torch.equal(got, plain), (layout, dtype, cl)
+    got = kernels.composite(img, mean=MEAN, std=STD, backend="torch")
+    m, s = torch.tensor(MEAN), torch.tensor(STD)
+    for c in range(3):
+        for value in (0, 1, 127, 128, 254, 255):
+            pos = (img[0, c] == value).nonzero()[0]
+            want = (torch.tensor(float(value)) / 255.0 - m[c]) / s[c]
+            assert got[0, c, pos[0], pos[1]].item() == want.item(), (c, value)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 1001])
+def test_expand_mask_nhwc_matches_repeat_interleave(n):
+    g = torch.Generator().manual_seed(n)
+    bits = torch.zeros(((n + 7) // 8) * 8, dtype=torch.uint8)
+    bits[:n] = torch.randint(0, 2, (n,), generator=g, dtype=torch.uint8)
+    want = bits[:n].repeat_interleave(3) * 255
+    assert torch.equal(_cpu.expand_mask_nhwc(bits, n), want)
+
+
+def test_large_cpu_outputs_are_advised_huge_pages():
+    """Outputs of at least HUGEPAGE_MIN_BYTES get MADV_HUGEPAGE on Linux with transparent huge pages (fewer first-
+    touch page faults); smaller ones and other platforms are left alone; the values are unaffected."""
+    import pathlib
+    import sys
+
+    from bgsynth.kernels._common import HUGEPAGE_MIN_BYTES, advise_hugepages
+
+    assert advise_hugepages(torch.empty(16, dtype=torch.uint8)) is False
+    big = torch.empty(HUGEPAGE_MIN_BYTES + (4 << 20), dtype=torch.uint8)
+    thp = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    expected = sys.platform.startswith("linux") and thp.is_file()
+    assert advise_hugepages(big) is expected
+    img = torch.randint(0, 256, (1, 3, 1024, 1024), dtype=torch.uint8)  # a 12 MiB float32 output
+    got = kernels.composite(img, mean=MEAN, std=STD, backend="torch")
+    assert torch.equal(got, plain_reference(kernels.composite, {"fg": img}, _out_kwargs(torch.float32, True, False)))
+
+
+def test_mask_reuse_shares_masks_but_sees_changes():
+    """Inside ``mask_reuse`` the composites equal those made outside it; a keep tensor changed in place, or
+    another tensor, gets its own mask; the inverted mask is not confused with the plain one."""
+    args = composite_inputs(seed=4, b=3, h=8, w=8, n=2, device="cpu", what="mixed")
+    args["fg"] = args["fg"].contiguous(memory_format=torch.channels_last)
+    keep = args["keep"].clone()
+    outside = kernels.composite(**args)
+    outside_inv = kernels.composite(args["fg"], args["keep"], invert=True)
+    with kernels.mask_reuse():
+        assert torch.equal(kernels.composite(**args), outside)
+        assert torch.equal(kernels.composite(args["fg"], args["keep"], invert=True), outside_inv)
+        assert torch.equal(kernels.composite(**args), outside)
+        args["keep"][:, :, :4] = ~args["keep"][:, :, :4]  # in place: a new version
+        changed = kernels.composite(**args)
+        other = kernels.composite(**dict(args, keep=keep))
+    assert torch.equal(changed, plain_reference(kernels.composite, args, _out_kwargs(torch.uint8, False, False)))
+    assert torch.equal(other, outside)
 
 
 def test_triton_kernels_compile_for_cuda():

@@ -450,6 +450,47 @@ def test_prefetch_overlaps_and_stops(tiny_index, tiny_geometry):
     assert not any(t.name.startswith("bgsynth-pil-prefetch") and t.is_alive() for t in threading.enumerate())
 
 
+def test_default_decoder_threads_leave_the_consumer_its_cores(monkeypatch):
+    """A quarter of the cores on a CPU run (1..8), all but one on CUDA (1..8)."""
+    from bgsynth.pipeline import common
+
+    want_cpu = {1: 1, 2: 1, 4: 1, 8: 2, 16: 4, 32: 8, 96: 8}
+    want_cuda = {1: 1, 2: 1, 4: 3, 16: 8}
+    for cores, want in want_cpu.items():
+        monkeypatch.setattr(common, "available_cores", lambda c=cores: c)
+        assert common.default_decode_threads("cpu") == want, cores
+    for cores, want in want_cuda.items():
+        monkeypatch.setattr(common, "available_cores", lambda c=cores: c)
+        assert common.default_decode_threads("cuda") == want, cores
+
+
+def test_decoder_and_consumer_threads_stay_within_the_cores(tiny_index, tiny_geometry, monkeypatch):
+    """While a CPU loader is iterated, decoder threads + the iterating thread's torch threads <= the cores (the
+    latter restored after, or never lowered with share_cores=False); torch ops in decoder threads are
+    single-threaded, and threads started later still get the process's default."""
+    from bgsynth.pipeline import common
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(common, "available_cores", lambda: 2)
+    seen = []
+    loader = create_loader(tiny_index, backend="pil", geometry=tiny_geometry, ids=tiny_index.ids[:4], batch_size=2,
+                           num_threads=1)
+    for _batch in loader:
+        seen.append(torch.get_num_threads())
+    assert seen == [1, 1] and torch.get_num_threads() == before
+    kept = create_loader(tiny_index, backend="pil", geometry=tiny_geometry, ids=tiny_index.ids[:2], num_threads=1,
+                         share_cores=False)
+    assert [torch.get_num_threads() for _ in kept] == [before]
+    two = create_loader(tiny_index, backend="pil", geometry=tiny_geometry, num_threads=2)
+    in_decoders = {two._threads().submit(torch.get_num_threads).result() for _ in range(4)}
+    later = []
+    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    two.close()
+    assert in_decoders == {1} and later == [before] and torch.get_num_threads() == before
+
+
 def test_dali_runs_in_cpu_only_mode(tiny_index, tiny_geometry):
     if "dali" not in available_backends():
         pytest.skip("dali not installed")
@@ -597,6 +638,59 @@ def test_background_pool_options_and_errors(tiny_index, tiny_geometry, monkeypat
     monkeypatch.setattr(BackgroundPool, "estimate_bytes", staticmethod(lambda n, crop: 1 << 62))
     with pytest.raises(PoolTooLargeError):
         build_background_pool(tiny_index, tiny_geometry, backend="pil")
+
+
+def _relabelled(index: DatasetIndex, n_classes: int) -> DatasetIndex:
+    """The val split of ``index`` in a label space of ``n_classes`` classes (image ``i`` gets class ``i % N``)."""
+    from bgsynth.classes import LabelSpace
+
+    space = LabelSpace.from_names([f"class{k}" for k in range(n_classes)], name=f"n{n_classes}")
+    data = {k: v for k, v in index.select(split="val").data.items()}
+    data["info"] = dict(data["info"], label_space=space.to_dict())
+    data["categories"] = space.categories()
+    data["images"] = [dict(im, label=im["id"] % n_classes) for im in data["images"]]
+    data["annotations"] = [dict(a, category_id=a["image_id"] % n_classes) for a in data["annotations"]]
+    return DatasetIndex(data, index.path)
+
+
+@pytest.mark.parametrize("n_classes", [2, 20])
+def test_pool_carries_the_label_space_and_mixed_follow_it(tiny_index, tiny_geometry, n_classes):
+    """Every pool builder sets ``num_classes`` to the index's label space, and Mixed-Same/Rand/Next pick the
+    background tests/reference.py picks with that N (Mixed-Next: ``(y + 1) mod N``), pixels included."""
+    from bgsynth.distributed import DistContext
+    from bgsynth.pool import build_background_pool_sharded, empty_pool, gather_background_pool, pool_from_batches
+    from bgsynth.variants import MIXED_VARIANTS, synthesize
+    from reference import reference_background
+
+    index = _relabelled(tiny_index, n_classes)
+    assert index.label_space.num_classes == n_classes
+    batches = list(create_loader(index, backend="pil", geometry=tiny_geometry, batch_size=32, prefetch=0))
+    pool = pool_from_batches(batches, tiny_geometry.crop, "cpu", num_classes=n_classes)
+    built = build_background_pool(index, tiny_geometry, backend="pil")
+    pools = [pool, built, gather_background_pool(pool, DistContext.single()), empty_pool(8, "cpu", n_classes)]
+    if n_classes == 2:  # without a process group the sharded builder is the plain one; one decode is enough
+        pools.append(build_background_pool_sharded(index, DistContext.single(), geometry=tiny_geometry, backend="pil"))
+    assert [p.num_classes for p in pools] == [n_classes] * len(pools)
+    assert torch.equal(built.images, pool.images) and built.labels.tolist() == pool.labels.tolist()
+    ids, labels = pool.image_ids.tolist(), pool.labels.tolist()
+    differs_from_in9 = 0
+    for batch in batches:
+        outs = synthesize(batch, list(MIXED_VARIANTS), pool=pool, seed=3)
+        for v in MIXED_VARIANTS:
+            for i in range(len(batch)):
+                iid, lab = int(batch.image_ids[i]), int(batch.labels[i])
+                row, bg_id, bg_label = reference_background(iid, lab, v, ids, labels, 3, num_classes=n_classes)
+                assert (int(outs[v].bg_ids[i]), int(outs[v].bg_labels[i])) == (bg_id, bg_label), (v, iid)
+                assert bool(outs[v].valid[i]) == (row >= 0 and bool(batch.has_mask[i])), (v, iid)
+                if row >= 0:
+                    m = batch.masks[i].bool()
+                    want = torch.where(m, batch.images[i], pool.images[row])
+                    assert torch.equal(outs[v].images[i], want), (v, iid)
+                if v == "mixed_next":
+                    if n_classes == 2:
+                        assert bg_label in (-1, (lab + 1) % 2)
+                    differs_from_in9 += reference_background(iid, lab, v, ids, labels, 3)[1] != bg_id
+    assert differs_from_in9 > 0  # a pool left at IN-9's 9 classes would have picked other backgrounds
 
 
 # ------------------------------------------------------------------------------------------------ CUDA

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 
@@ -245,6 +246,30 @@ def test_inputs_not_modified_and_empty_batch():
     outs = synthesize(empty, "all", pool=pool, mean=MEAN, std=STD, dtype=torch.bfloat16, channels_last=True)
     for name, out in outs.items():
         assert out.images.shape == (0, 3, 12, 12) and out.valid.shape == (0,), name
+
+
+def test_channels_last_batches_give_the_same_variants_and_pools():
+    """The decoders' crops are channels_last in memory: the variants, in every output form, and the pool made from
+    such a batch equal those of the same batch laid out contiguously (the pool keeps the batch's layout), and
+    equal the per-image reference."""
+    plain = random_batch(12, b=9, c=20)
+    cl = dataclasses.replace(plain, images=plain.images.contiguous(memory_format=torch.channels_last))
+    pool_plain, pool_cl = background_pool_from_batch(plain), background_pool_from_batch(cl)
+    assert torch.equal(pool_plain.images, pool_cl.images) and pool_plain.images.is_contiguous()
+    assert pool_cl.images.is_contiguous(memory_format=torch.channels_last)
+    for kw in ({}, {"channels_last": True}, {"mean": MEAN, "std": STD}, {"mean": MEAN, "std": STD,
+                                                                       "dtype": torch.bfloat16, "channels_last": True}):
+        a = synthesize(plain, "all", pool=pool_plain, seed=4, **kw)
+        b = synthesize(cl, "all", pool=pool_cl, seed=4, **kw)
+        for name in a:
+            assert torch.equal(a[name].images, b[name].images), (name, kw)
+            assert torch.equal(a[name].bg_ids, b[name].bg_ids), (name, kw)
+    for name in ("only_fg", "mixed_rand"):
+        imgs, valid, _ = reference_outputs(cl, name, pool_src=cl, seed=4)
+        got = synthesize(cl, [name], pool=pool_cl, seed=4)[name]
+        for i in range(len(cl)):
+            if valid[i]:
+                np.testing.assert_array_equal(got.images[i].permute(1, 2, 0).numpy(), imgs[i], err_msg=f"{name} {i}")
 
 
 # ----------------------------------------------------------------------------------------------- backgrounds

@@ -93,11 +93,12 @@ def create_loader(
             batches (default ``"cpu"``), ``tiling`` (``"paper"``, default: Only-BG-T tiled on the stored image at
             full resolution, then resized and cropped like the image, ``Batch.bgt``; ``"crop"``: tiled inside the
             crop by the variants, the faster approximation) and ``num_threads`` (decoder threads, default
-            ``min(8, cpu_count)``).
-        options: shard, ids, prefetch, require_mask, on_error, only_bg_t (:class:`DecodeOptions`).
+            :func:`~bgsynth.pipeline.common.default_decode_threads`: a quarter of the cores on a CPU device, all
+            but one on CUDA; see docs/decode.md "Threads").
+        options: shard, ids, prefetch, require_mask, on_error, only_bg_t, share_cores (:class:`DecodeOptions`).
         **kwargs: any of those by name (``backend=``, ``geometry=``, ``batch_size=``, ``device=``, ``tiling=``,
             ``num_threads=``, ``shard_id=``, ``num_shards=``, ``ids=``, ``prefetch=``, ``require_mask=``,
-            ``on_error=``, ``only_bg_t=``), overriding ``run`` and ``options``.
+            ``on_error=``, ``only_bg_t=``, ``share_cores=``), overriding ``run`` and ``options``.
 
     Returns:
         A :class:`DecodeLoader` (``len()`` = number of batches; attributes ``ids``, ``rejects``, ``fallbacks``).

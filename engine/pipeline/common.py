@@ -24,6 +24,7 @@ orientation.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -61,6 +62,9 @@ __all__ = [
     "BACKENDS",
     "register_backend",
     "backend_available",
+    "available_cores",
+    "default_decode_threads",
+    "sharing_cores",
 ]
 
 
@@ -136,6 +140,83 @@ def backend_available(name: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Threads
+# --------------------------------------------------------------------------------------------------------------
+
+#: most decoder threads a loader starts by default
+MAX_DEFAULT_THREADS = 8
+#: torch intra-op threads of each decoder thread and of the prefetch thread (``None``: torch's default, i.e. every
+#: decoder thread would start its own team of ``torch.get_num_threads()`` OpenMP threads for a resize)
+DECODER_TORCH_THREADS: int | None = 1
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def default_decode_threads(device: torch.device | str = "cpu") -> int:
+    """Decoder threads of a loader whose run does not say (``RunConfig.num_threads=None``).
+
+    * CPU device: a quarter of :func:`available_cores`, at least 1 and at most :data:`MAX_DEFAULT_THREADS`. The
+      consumer (compositing, the model) runs torch on the iterating thread, which is left the other cores while
+      the loader is iterated (:class:`DecodeOptions` ``share_cores``): decoder threads + torch's intra-op threads
+      stay within the cores.
+    * CUDA device: every core but one, at most :data:`MAX_DEFAULT_THREADS`; the iterating thread mostly launches
+      GPU work.
+
+    >>> default_decode_threads("cpu") >= 1
+    True
+    """
+    cores = available_cores()
+    if torch.device(device).type == "cuda":
+        return max(1, min(MAX_DEFAULT_THREADS, cores - 1))
+    return max(1, min(MAX_DEFAULT_THREADS, cores // 4))
+
+
+def _single_threaded_torch() -> None:
+    """Make torch ops of the calling (decoder or prefetch) thread run on this thread only.
+
+    A torch op called from a thread of our own (torchvision's resize, an ``index_select``) otherwise starts an
+    OpenMP team of ``torch.get_num_threads()`` threads for that thread: ``k`` decoder threads would add
+    ``k * torch.get_num_threads()`` threads to the consumer's. ``torch.set_num_threads`` is per thread for a
+    thread that has started torch already (PyTorch's own pin-memory thread does the same); it also changes the
+    default of threads started later, which is put back here by a short-lived thread.
+    """
+    n = torch.get_num_threads()  # starts torch's per-thread state here, so the 1 below is not overwritten later
+    if DECODER_TORCH_THREADS is None or n == DECODER_TORCH_THREADS:
+        return
+    torch.set_num_threads(DECODER_TORCH_THREADS)
+    restore = threading.Thread(target=torch.set_num_threads, args=(n,), name="bgsynth-thread-default")
+    restore.start()
+    restore.join()
+
+
+@contextlib.contextmanager
+def sharing_cores(decoder_threads: int):
+    """While the block runs, torch's intra-op threads (of the calling thread) are at most the cores the decoder
+    threads leave: ``max(1, available_cores() - decoder_threads)``; restored after.
+
+    Why: with more busy threads than cores, OpenMP's teams spin-wait for threads that are not running (libgomp
+    spins about 300,000 times before it sleeps when its own threads fit the cores; it cannot see other load), and
+    a CPU evaluation on a shared machine then ran at a fraction of its idle speed (``benchmarks/bench_decode.py
+    --consumer``, docs/decode.md).
+    """
+    limit = max(1, available_cores() - int(decoder_threads))
+    before = torch.get_num_threads()
+    if before > limit:
+        torch.set_num_threads(limit)
+    try:
+        yield limit
+    finally:
+        if before > limit:
+            torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The loader's own options
 # --------------------------------------------------------------------------------------------------------------
 
@@ -154,6 +235,9 @@ class DecodeOptions:
             (:class:`~bgsynth.errors.DecodeError` naming the file).
         only_bg_t: with ``tiling="paper"``, also make each image's Only-BG-T crop (``Batch.bgt``); ``False``
             saves the second resize when no consumer needs it (e.g. the challenge's foregrounds).
+        share_cores: on a CPU device with ``prefetch > 0``, while the loader is iterated, torch's intra-op threads
+            of the iterating thread are lowered to the cores the decoder threads leave (:func:`sharing_cores`,
+            restored after); ``False`` leaves them as they are.
 
     >>> DecodeOptions(ids=[5, 3, 5]).ids
     (3, 5)
@@ -166,6 +250,7 @@ class DecodeOptions:
     require_mask: bool = False
     on_error: str = "reject"
     only_bg_t: bool = True
+    share_cores: bool = True
 
     def __post_init__(self):
         check_positive_int(self.num_shards, "num_shards", "create_loader")
@@ -203,7 +288,9 @@ class DecodeLoader:
             ``batch_size`` (images per batch; the last batch may be smaller, rejected images leave their batch
             smaller), ``tiling`` (``"paper"``: the paper's Only-BG-T, tiled at full resolution, ``has_bgt`` by the
             full-resolution margin; ``"crop"``: tiled inside the crop later, by the variants, ``has_bgt`` by the
-            crop margin) and ``num_threads`` (decoder threads; ``None``: ``min(8, os.cpu_count())``).
+            crop margin) and ``num_threads`` (decoder threads; ``None``: :func:`default_decode_threads`). Torch ops
+            in decoder threads run single-threaded, and on a CPU device the iterating thread's torch threads are
+            kept within the cores the decoders leave while it iterates (``options.share_cores``).
         options: what to read and how to treat bad files (:class:`DecodeOptions`).
 
     Attributes:
@@ -230,7 +317,10 @@ class DecodeLoader:
         self.batch_size = run.batch_size
         self.device = run.device
         self.tiling = run.tiling
-        self.num_threads = run.num_threads or max(1, min(8, os.cpu_count() or 1))
+        # torch's per-thread state of the constructing thread is set up before any decoder thread changes the
+        # default for threads that have none yet (see _single_threaded_torch)
+        torch.get_num_threads()
+        self.num_threads = run.num_threads or default_decode_threads(self.device)
         self.shard_id = options.shard_id
         self.num_shards = options.num_shards
         self.prefetch = options.prefetch
@@ -300,7 +390,14 @@ class DecodeLoader:
         chunks = [self.ids[k : k + self.batch_size] for k in range(0, len(self.ids), self.batch_size)]
         if self.prefetch == 0:
             return self._iter_sync(chunks)
+        if self.device.type == "cpu" and self.options.share_cores:
+            return self._iter_sharing_cores(chunks)
         return self._iter_threaded(chunks)
+
+    def _iter_sharing_cores(self, chunks: list[list[int]]) -> Iterator[Batch]:
+        """:meth:`_iter_threaded` with the iterating thread's torch threads within the cores the decoders leave."""
+        with sharing_cores(self.num_threads):
+            yield from self._iter_threaded(chunks)
 
     def close(self) -> None:
         """Release decoder threads and backend resources (the loader can still be iterated again)."""
@@ -340,7 +437,8 @@ class DecodeLoader:
     # ------------------------------------------------------------------------------------------ internals
     def _threads(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads, thread_name_prefix=f"bgsynth-{self.name}")
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads, thread_name_prefix=f"bgsynth-{self.name}",
+                                                               initializer=_single_threaded_torch)
         return self._pool
 
     def _map(self, fn: Callable, items: Sequence) -> list:
@@ -467,6 +565,7 @@ class DecodeLoader:
 
         def producer() -> None:
             try:
+                _single_threaded_torch()
                 for chunk in chunks:
                     if stop.is_set():
                         return
