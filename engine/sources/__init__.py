@@ -13,7 +13,7 @@ image at all or nothing valid remains.
 """
 
 from ..probe import ProbeResult, probe_file
-from ._probe import IngestError, WorkerPoolError
+from ._probe import IngestError, WorkerPoolError, pool_context, run_pool, start_worker, watch_parent
 from .coco import CocoIngestConfig, ingest_coco, read_category_map
 from .imagenet import in1k_label_space, ingest_imagenet, read_labels_file
 from .in9_release import ingest_in9_release
@@ -23,6 +23,10 @@ from .synthetic import BuiltinSpec, build_builtin_dataset, default_cache_dir, lo
 __all__ = [
     "IngestError",
     "WorkerPoolError",
+    "run_pool",
+    "pool_context",
+    "start_worker",
+    "watch_parent",
     "ProbeResult",
     "probe_file",
     "ingest_imagenet",
