@@ -340,6 +340,7 @@ def _imagenet_roots(images_root, annotations_root, verify: str, label_space: str
     return root, ann_root
 
 
+# size: the stable keyword API its callers use (the CLI, the built-in generator), one argument per ingest setting
 def ingest_imagenet(
     images_root: str | os.PathLike,
     annotations_root: str | os.PathLike | None = None,
