@@ -23,7 +23,8 @@ Images are ImageNet-sized (``--size``, default 500x375): scenes of the built-in 
 (:func:`bgsynth.sources.synthetic.render_sample`) resized to that size, written as JPEG with VOC XML boxes and the
 true masks in the index. Warm-up first (one small run of each, which also starts the forkserver), then
 ``--repeat`` timed rounds alternating the rows so they see the same machine load; medians. Single-process rows also
-report CPU seconds per image (this process's CPU time), which is robust to other load on a shared machine.
+report CPU seconds per image of every process of the run (this one, the forkserver, the workers), which is robust
+to other load on a shared machine.
 
 Then the ``--max-side`` trade-off: GrabCut at full resolution vs a reduced working resolution, images/s (all
 processes) and mask IoU against the true masks, on the same images or on any index with true masks (``--index``,
@@ -65,6 +66,27 @@ from bgsynth.prepare import prepare  # noqa: E402
 def load() -> float:
     """The 1-minute load average (the machine is shared: printed beside every figure)."""
     return os.getloadavg()[0]
+
+
+def session_cpu() -> float:
+    """CPU seconds used so far by this session's processes: this one, the forkserver, the pool workers (alive, or
+    exited and reaped by the forkserver: their time moves to its ``cutime``). On a shared machine this, unlike wall
+    time, does not depend on the neighbours: equal CPU per image in 1 and N processes means N free cores give N
+    times the throughput. ``0.0`` where there is no ``/proc``."""
+    if not os.path.isdir("/proc/self"):
+        return 0.0
+    sid, total = os.getsid(0), 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:
+            total += sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def wait_idle(threshold: float | None, limit: float = 600.0) -> None:
@@ -156,9 +178,12 @@ def run_reference(root: pathlib.Path, index: DatasetIndex, ids) -> dict[int, np.
 
 # ----------------------------------------------------------------------------------------------- timing
 def timed(fn):
-    w0, c0, l0 = time.perf_counter(), time.process_time(), load()
+    """``(result, wall s, CPU s of every process of this session, (load before, load after))``."""
+    w0, c0, l0 = time.perf_counter(), session_cpu(), load()
     res = fn()
-    return res, time.perf_counter() - w0, time.process_time() - c0, (l0, load())
+    wall = time.perf_counter() - w0
+    time.sleep(0.2)  # the forkserver reaps the pool's workers (and takes over their CPU time)
+    return res, wall, session_cpu() - c0, (l0, load())
 
 
 class _OpenCVThreads:
@@ -219,6 +244,7 @@ def calibrate(sizes=((500, 375), (1000, 750), (2000, 1500), (3000, 2250)), itera
 # ----------------------------------------------------------------------------------------------- main
 def _rows_table(rows: dict, cpu: dict, loads: dict, n: int, base: str, ref: str) -> None:
     print(f"{'':34s} {'images/s':>9s} {'vs ref':>7s} {'vs 1 thread':>11s} {'CPU s/img':>10s} {'load before-after':>18s}")
+    print(f"{'':34s} {'':9s} {'':7s} {'':11s} {'(all procs)':>10s}")
     ref_wall = statistics.median(rows[ref])
     base_wall = statistics.median(rows[base])
     for name, walls in rows.items():
@@ -282,7 +308,7 @@ def main() -> None:
         one_thread(warm)
         ours(warm, workers)
         rows = {k: [] for k in runs}
-        cpu = {k: [] for k in runs if k != multi}
+        cpu = {k: [] for k in runs}
         loads = {k: [] for k in runs}
         results = {}
         for _ in range(args.repeat):
@@ -291,8 +317,7 @@ def main() -> None:
                 results[name], wall, c, ld = timed(fn)
                 rows[name].append(wall)
                 loads[name].append(ld)
-                if name in cpu:
-                    cpu[name].append(c)
+                cpu[name].append(c)
         ref_masks, res1 = results[ref], results[single]
         same = sum(
             1 for i in ids
@@ -307,8 +332,11 @@ def main() -> None:
         print(f"identical masks/rejects, ours vs reference: {same}/{n}; {workers} processes vs 1: "
               f"{same_n}/{len(res1)} masks identical")
         print(f"scaling, {workers} processes vs 1 process (one OpenCV thread each): "
-              f"{statistics.median(rows[single]) / statistics.median(rows[multi]):.2f}x "
-              f"(per round: {', '.join(f'{a / b:.2f}x' for a, b in zip(rows[single], rows[multi]))})")
+              f"{statistics.median(rows[single]) / statistics.median(rows[multi]):.2f}x measured "
+              f"(per round: {', '.join(f'{a / b:.2f}x' for a, b in zip(rows[single], rows[multi]))}); "
+              f"CPU per image {statistics.median(cpu[multi]) / statistics.median(cpu[single]):.2f}x that of 1 process, "
+              f"so {workers} idle cores would give about "
+              f"{workers * statistics.median(cpu[single]) / statistics.median(cpu[multi]):.2f}x")
 
     # ------------------------------------------------------------------------------------- max-side trade-off
     if args.no_tradeoff:
