@@ -492,15 +492,17 @@ def grabcut_mask(
 
 #: Peak memory of one image's GrabCut on top of a worker's baseline, per pixel of the working image: OpenCV's graph
 #: (a vertex and four 8-neighbour edge pairs per pixel), its edge weights and GMM component maps, and the masks.
-#: Measured with ``VmHWM`` on this machine (OpenCV 5.0): 211, 217 and 210 bytes per pixel for 0.75, 3 and 6.75
-#: megapixel images (``benchmarks/bench_prepare.py --calibrate``); the decode at full resolution adds
-#: :data:`IMAGE_BYTES_PER_PIXEL` of the stored image (a 3000x2250 JPEG at ``max_side`` 1000 and 500: 195 and 70 MB).
+#: Measured with ``VmHWM`` on this machine (OpenCV 5.0, ``benchmarks/bench_prepare.py --calibrate``): 207-212 bytes
+#: per pixel for 0.19 to 6.75 megapixels, whatever the iterations; a whole prepare task (decode included) 210-217.
+#: The decode at full resolution adds :data:`IMAGE_BYTES_PER_PIXEL` of the stored image (a 3000x2250 JPEG at
+#: ``max_side`` 1000 and 500 peaked at 195 and 70 MB).
 GRABCUT_BYTES_PER_PIXEL = 210
 IMAGE_BYTES_PER_PIXEL = 6
 #: CPU seconds of one GrabCut attempt per working pixel: a fixed part (the colour models' k-means, building the
-#: graph) plus a part per iteration; 5 iterations measured 2.9-3.4 microseconds per pixel (0.75-6.75 megapixels).
-GRABCUT_SECONDS_PER_PIXEL = 0.9e-6
-GRABCUT_SECONDS_PER_PIXEL_ITERATION = 0.45e-6
+#: graph) plus a part per iteration, fitted to 1, 5 and 10 iterations on 0.19-6.75 megapixels (0.84-1.16, 2.24-2.95
+#: and 4.03-5.78 microseconds per pixel measured, on a loaded machine).
+GRABCUT_SECONDS_PER_PIXEL = 0.55e-6
+GRABCUT_SECONDS_PER_PIXEL_ITERATION = 0.43e-6
 #: CPU seconds per stored pixel of decoding the image
 DECODE_SECONDS_PER_PIXEL = 0.04e-6
 
@@ -536,7 +538,7 @@ def grabcut_cost(height: int, width: int, iterations: int = 5, max_side: int | N
 
     >>> c = grabcut_cost(5000, 5000)
     >>> round(c.bytes / 2**30, 1), round(c.seconds)
-    (5.0, 80)
+    (5.0, 69)
     >>> round(grabcut_cost(5000, 5000, max_side=1000).bytes / 2**20)
     343
     """
