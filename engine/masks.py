@@ -8,7 +8,9 @@ ranks, is :func:`bgsynth.prepare.prepare`). Everything here is a pure function o
   (:class:`~bgsynth.geometry.CropGeometry`), cheap and batched; :func:`check_existing_mask`: the mask-size rule
   for an image that keeps the mask it already carries.
 * :func:`grabcut_mask`: one image, one box -> mask (or ``None``), with the paper's acceptance rule and retries;
-  :func:`image_seed`: the seed of one image.
+  :func:`image_seed`: the seed of one image; :func:`grabcut_cost`: its memory and time from the pixel count,
+  before any work (the prepare job's resource guard), and :func:`max_side_within` the working resolution that
+  bounds them.
 * :func:`mask_iou` and :func:`mask_quality`: how close GrabCut's masks come to known ones.
 
 Determinism: GrabCut's only randomness is OpenCV's RNG (the k-means initialisation of its colour models). Every
@@ -31,7 +33,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from .classes import IN9_CLASSES, NUM_IN9
+from .classes import IN9_CLASSES
 from .errors import ConfigError, IndexFormatError
 from .geometry import CropGeometry, nearest_map, tile_strips
 from .index import ImageRecord, Reject
@@ -48,6 +50,10 @@ __all__ = [
     "union_box",
     "grabcut_mask",
     "image_seed",
+    "GrabCutCost",
+    "grabcut_cost",
+    "working_size",
+    "max_side_within",
     "mask_iou",
     "mask_quality",
 ]
@@ -376,6 +382,18 @@ def _check_grabcut_args(img: np.ndarray, box: Sequence[int], iterations: int, at
     return x0, y0, x1, y1
 
 
+def working_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
+    """``(height, width)`` GrabCut works at: the image's, or scaled so that its longer side is ``max_side``.
+
+    >>> working_size(375, 500, None), working_size(375, 500, 256), working_size(100, 80, 256)
+    ((375, 500), (192, 256), (100, 80))
+    """
+    if max_side is None or max(height, width) <= int(max_side):
+        return int(height), int(width)
+    s = int(max_side) / float(max(height, width))
+    return max(1, int(round(height * s))), max(1, int(round(width * s)))
+
+
 def _working_copy(img: np.ndarray, box: tuple[int, int, int, int],
                   max_side: int | None) -> tuple[np.ndarray, tuple[int, int, int, int], bool]:
     """GrabCut's input: the image (downscaled so its longer side is ``max_side``, area interpolation) and the box
@@ -383,11 +401,10 @@ def _working_copy(img: np.ndarray, box: tuple[int, int, int, int],
     import cv2  # OpenCV: only where GrabCut runs
 
     height, width = img.shape[:2]
-    if max_side is None or max(height, width) <= int(max_side):
+    sh, sw = working_size(height, width, max_side)
+    if (sh, sw) == (height, width):
         return np.ascontiguousarray(img), box, False
     x0, y0, x1, y1 = box
-    s = int(max_side) / float(max(height, width))
-    sw, sh = max(1, int(round(width * s))), max(1, int(round(height * s)))
     work = cv2.resize(img, (sw, sh), interpolation=cv2.INTER_AREA)
     ax0, ax1 = _scaled_interval(x0, x1, sw / width, sw)
     ay0, ay1 = _scaled_interval(y0, y1, sh / height, sh)
@@ -470,6 +487,93 @@ def grabcut_mask(
 
 
 # ==============================================================================================================
+# What GrabCut costs (the resource guard's estimate)
+# ==============================================================================================================
+
+#: Peak memory of one image's GrabCut on top of a worker's baseline, per pixel of the working image: OpenCV's graph
+#: (a vertex and four 8-neighbour edge pairs per pixel), its edge weights and GMM component maps, and the masks.
+#: Measured with ``VmHWM`` on this machine (OpenCV 5.0, ``benchmarks/bench_prepare.py --calibrate``): 207-212 bytes
+#: per pixel for 0.19 to 6.75 megapixels, whatever the iterations; a whole prepare task (decode included) 210-217.
+#: The decode at full resolution adds :data:`IMAGE_BYTES_PER_PIXEL` of the stored image (a 3000x2250 JPEG at
+#: ``max_side`` 1000 and 500 peaked at 195 and 70 MB).
+GRABCUT_BYTES_PER_PIXEL = 210
+IMAGE_BYTES_PER_PIXEL = 6
+#: CPU seconds of one GrabCut attempt per working pixel: a fixed part (the colour models' k-means, building the
+#: graph) plus a part per iteration, fitted to 1, 5 and 10 iterations on 0.19-6.75 megapixels (0.84-1.16, 2.24-2.95
+#: and 4.03-5.78 microseconds per pixel measured, on a loaded machine).
+GRABCUT_SECONDS_PER_PIXEL = 0.55e-6
+GRABCUT_SECONDS_PER_PIXEL_ITERATION = 0.43e-6
+#: CPU seconds per stored pixel of decoding the image
+DECODE_SECONDS_PER_PIXEL = 0.04e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class GrabCutCost:
+    """What GrabCut on one image will cost, estimated from its size before any work (:func:`grabcut_cost`).
+
+    Attributes:
+        height, width: the stored image's size (decoded at full resolution).
+        work_height, work_width: the size GrabCut runs at (``max_side``).
+        bytes: peak memory on top of a worker's baseline.
+        seconds: CPU seconds of one attempt on one core (an image may take up to ``attempts`` of them).
+    """
+
+    height: int
+    width: int
+    work_height: int
+    work_width: int
+    bytes: int
+    seconds: float
+
+    @property
+    def megapixels(self) -> float:
+        return self.height * self.width / 1e6
+
+
+def grabcut_cost(height: int, width: int, iterations: int = 5, max_side: int | None = None) -> GrabCutCost:
+    """Estimate the peak memory and the time of :func:`grabcut_mask` on one image from its pixel count.
+
+    Linear in the pixels (the constants above, measured on this machine): the estimate grows with the image
+    and with ``iterations``, and a smaller ``max_side`` never raises it.
+
+    >>> c = grabcut_cost(5000, 5000)
+    >>> round(c.bytes / 2**30, 1), round(c.seconds)
+    (5.0, 69)
+    >>> round(grabcut_cost(5000, 5000, max_side=1000).bytes / 2**20)
+    343
+    """
+    wh, ww = working_size(height, width, max_side)
+    full, work = int(height) * int(width), wh * ww
+    nbytes = GRABCUT_BYTES_PER_PIXEL * work + IMAGE_BYTES_PER_PIXEL * full
+    seconds = work * (GRABCUT_SECONDS_PER_PIXEL + GRABCUT_SECONDS_PER_PIXEL_ITERATION * int(iterations))
+    return GrabCutCost(int(height), int(width), wh, ww, int(nbytes), seconds + DECODE_SECONDS_PER_PIXEL * full)
+
+
+def max_side_within(height: int, width: int, max_bytes: float | None = None, max_seconds: float | None = None,
+                    iterations: int = 5) -> int | None:
+    """The largest ``max_side`` (>= 8) at which GrabCut on this image stays within ``max_bytes`` and ``max_seconds``
+    per attempt; ``None`` when the full resolution already does, or when no working resolution can (the decode
+    alone is over the budget).
+
+    >>> max_side_within(5000, 5000, max_bytes=2**30), max_side_within(375, 500, max_bytes=2**30)
+    (2097, None)
+    """
+    def fits(side):
+        c = grabcut_cost(height, width, iterations, side)
+        return (max_bytes is None or c.bytes <= max_bytes) and (max_seconds is None or c.seconds <= max_seconds)
+
+    if fits(None):
+        return None
+    lo, hi = 8, max(int(height), int(width))
+    if not fits(lo):
+        return None
+    while lo < hi:  # the cost grows with the side: the largest side that fits
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+# ==============================================================================================================
 # Mask quality
 # ==============================================================================================================
 
@@ -488,10 +592,10 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else int(np.count_nonzero(a & b)) / float(union)
 
 
-def _class_row(c: int, ious: Sequence[tuple[int, int, float]], failed: int) -> dict:
+def _class_row(c: int, name: str, ious: Sequence[tuple[int, int, float]], failed: int) -> dict:
     vc = np.asarray([t[2] for t in ious if t[1] == c], np.float64)
     return {
-        "class": IN9_CLASSES[c],
+        "class": name,
         "n": int(len(vc)),
         "failed": int(failed),
         "mean": None if len(vc) == 0 else round(float(vc.mean()), 6),
@@ -500,17 +604,19 @@ def _class_row(c: int, ious: Sequence[tuple[int, int, float]], failed: int) -> d
     }
 
 
-def mask_quality(ious: Sequence[tuple[int, int, float]], failed_per_class: Mapping[int, int]) -> dict | None:
+def mask_quality(ious: Sequence[tuple[int, int, float]], failed_per_class: Mapping[int, int],
+                 class_names: Sequence[str] = IN9_CLASSES) -> dict | None:
     """IoU summary of GrabCut masks against known ones (``info.prepare.quality``).
 
     Args:
         ious: ``(image_id, label, iou)`` per GrabCut mask whose image had a known mask (sorted by id here, for a
             stable float sum).
-        failed_per_class: IN-9 label -> number of images with a known mask on which GrabCut failed.
+        failed_per_class: label -> number of images with a known mask on which GrabCut failed.
+        class_names: the label space's classes (IN-9's by default).
 
     Returns:
         ``None`` when there is nothing to report, else ``n``, ``failed``, ``mean``, ``quantiles`` (p05..p95),
-        ``below`` (counts under 0.5/0.7/0.9), a 10-bin ``histogram`` and one ``per_class`` row per IN-9 class.
+        ``below`` (counts under 0.5/0.7/0.9), a 10-bin ``histogram`` and one ``per_class`` row per class.
     """
     if not ious and not failed_per_class:
         return None
@@ -529,5 +635,5 @@ def mask_quality(ious: Sequence[tuple[int, int, float]], failed_per_class: Mappi
             "edges": [round(float(e), 2) for e in edges],
             "counts": np.histogram(v, bins=edges)[0].astype(int).tolist(),
         },
-        "per_class": [_class_row(c, ious, failed_per_class.get(c, 0)) for c in range(NUM_IN9)],
+        "per_class": [_class_row(c, name, ious, failed_per_class.get(c, 0)) for c, name in enumerate(class_names)],
     }

@@ -5,13 +5,17 @@ Three layers, each usable on its own:
 * :func:`create_model` builds a randomly initialised network: ``'bgsynth_cnn'`` (a small CNN that trains in about a
   minute on two CPU cores) or any torchvision / timm architecture name.
 * :func:`load_model` turns a ``--model`` specification (an architecture name, optionally with ``weights``, or a
-  checkpoint file) into a :class:`LoadedModel`: the module, its output space (9 IN-9 classes or 1000 ImageNet
-  classes), the input normalisation that goes with it and a provenance record. Checkpoints are read with
-  ``torch.load(weights_only=True)``; a pickled module is unpickled only with ``trust_checkpoint=True``, and
-  weights that do not cover the architecture exactly are refused (never a silently partial load).
+  checkpoint file) into a :class:`LoadedModel`: the module, its output space (9 IN-9 classes, 1000 ImageNet
+  classes, or ``'custom'``: the classes of some other label space), the input normalisation that goes with it and
+  a provenance record. Checkpoints are read with ``torch.load(weights_only=True)``; a pickled module is unpickled
+  only with ``trust_checkpoint=True``, and weights that do not cover the architecture exactly are refused (never
+  a silently partial load). A file that is empty, truncated, not a checkpoint at all or holds Python objects is
+  named with what is wrong and what to do.
 * :class:`Predictor` runs a loaded model on already-normalised composites: inference mode, ``channels_last`` and
-  autocast on CUDA, optional ``torch.compile``, IN-9 label mapping under the ``'official'`` or ``'restricted'``
-  protocol, and an out-of-memory back-off that halves the chunk size and goes on.
+  autocast on CUDA, optional ``torch.compile``, the model's outputs mapped onto the index's label space by a
+  :class:`~bgsynth.classes.OutputMap` (:func:`resolve_output_map`: identity, IN-1000 -> IN-9, or a JSON map) under
+  the ``'official'`` or ``'restricted'`` protocol, and an out-of-memory back-off that halves the chunk size and
+  goes on.
 
 >>> loaded = load_model("bgsynth_cnn")
 >>> loaded.num_outputs, loaded.output_space
@@ -30,14 +34,16 @@ import io
 import os
 import pathlib
 import pickle
+import re
 import warnings
 import zipfile
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from .classes import IMAGENET_MEAN, IMAGENET_STD, IN9_MEAN, IN9_STD, NUM_IN9, in1k_to_in9
+from .classes import IMAGENET_MEAN, IMAGENET_STD, IN9, IN9_MEAN, IN9_STD, NUM_IN9, LabelSpace, OutputMap
 from .config import AMP_DTYPES, resolve_amp, resolve_device
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_write_bytes
@@ -55,11 +61,14 @@ __all__ = [
     "load_model",
     "save_checkpoint",
     "default_normalization",
+    "resolve_output_map",
 ]
 
 CHECKPOINT_FORMAT = "bgsynth-checkpoint"
 LABEL_PROTOCOLS = ("official", "restricted")
-OUTPUT_SPACES = ("in9", "in1k")
+#: what a model's outputs are: IN-9 classes, ImageNet-1k classes, or the classes of another label space (``custom``:
+#: one-to-one when the counts match, else through an output map)
+OUTPUT_SPACES = ("in9", "in1k", "custom")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -179,12 +188,13 @@ def create_model(arch: str, num_classes: int = NUM_IN9, **kwargs: Any) -> nn.Mod
     if timm is not None and timm.is_model(arch):
         return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
     timm_names = timm.list_models() if timm is not None else []
-    close = difflib.get_close_matches(arch, list(_OWN_MODELS) + list(tv_names) + timm_names, n=5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    names = list(dict.fromkeys([*_OWN_MODELS, *tv_names, *timm_names]))  # torchvision and timm share many names
+    close = difflib.get_close_matches(arch, names, n=5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ConfigError(
         f"create_model: unknown architecture {arch!r} (not bgsynth's, torchvision's or timm's"
-        f"{'' if timm is not None else ', which is not installed'}){hint} "
-        f"A checkpoint path that does not exist is also reported this way."
+        f"{'' if timm is not None else ', which is not installed'}).{hint} "
+        f"(A checkpoint path that does not exist is also reported this way.)"
     )
 
 
@@ -194,8 +204,9 @@ def create_model(arch: str, num_classes: int = NUM_IN9, **kwargs: Any) -> nn.Mod
 
 
 def default_normalization(output_space: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """Input mean/std that go with an output space: ImageNet's for ``'in1k'``, IN-9's for ``'in9'``."""
-    if output_space == "in1k":
+    """Input mean/std that go with an output space: IN-9's for ``'in9'``, ImageNet's for ``'in1k'`` and ``'custom'``
+    (most backbones were trained with them; a checkpoint's stored normalisation or ``--mean/--std`` win)."""
+    if output_space in ("in1k", "custom"):
         return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
     if output_space == "in9":
         return tuple(IN9_MEAN), tuple(IN9_STD)
@@ -209,8 +220,9 @@ class LoadedModel:
     Attributes:
         module: the network (eval mode, CPU, float32).
         num_outputs: width of its output layer.
-        output_space: ``'in9'`` (outputs are IN-9 classes; an index >= 9 counts as unmapped) or ``'in1k'``
-            (outputs are ImageNet-1k classes, mapped through :func:`bgsynth.classes.in1k_to_in9`).
+        output_space: ``'in9'`` (outputs are IN-9 classes; an index >= 9 counts as unmapped), ``'in1k'``
+            (ImageNet-1k classes, mapped through :func:`bgsynth.classes.in1k_to_in9` on IN-9 data) or ``'custom'``
+            (any other width: the classes of the label space it is scored on, see :func:`resolve_output_map`).
         mean, std: per-channel input normalisation (of images scaled to [0, 1]).
         arch: architecture name when known, else ``None``.
         geometry: crop geometry stored with the checkpoint (``{'resize', 'crop'}``) or ``None``.
@@ -225,6 +237,62 @@ class LoadedModel:
     arch: str | None = None
     geometry: dict | None = None
     provenance: dict = dataclasses.field(default_factory=dict)
+
+    def output_map(self, label_space: LabelSpace = IN9,
+                   output_map: OutputMap | str | os.PathLike | None = None) -> OutputMap:
+        """How this model's outputs map onto ``label_space`` (:func:`resolve_output_map`)."""
+        return resolve_output_map(self.num_outputs, label_space, self.output_space, output_map,
+                                  where=str(self.provenance.get("file") or self.provenance.get("spec") or "model"))
+
+
+def resolve_output_map(num_outputs: int, label_space: LabelSpace = IN9, output_space: str | None = None,
+                       output_map: OutputMap | str | os.PathLike | None = None, where: str = "model") -> OutputMap:
+    """How a model's ``K`` outputs map onto the ``N`` classes of a label space, by these rules in order:
+
+    1. ``output_map`` given (an :class:`~bgsynth.classes.OutputMap`, or a JSON file ``{output: class}`` /
+       ``[class of output 0, ...]``, many-to-one, unnamed outputs map to no class): that map, checked;
+    2. ``K == N``: the identity;
+    3. ``K == 1000`` on IN-9 data (unless the outputs are declared ``'in9'``): the IN-1000 -> IN-9 map (the paper's;
+       the 630 classes outside IN-9 map to none);
+    4. outputs declared ``'in9'`` (``output_space``) on IN-9 data with ``K > 9``: outputs 0..8 are the classes, the
+       others map to none (as bgsynth always scored such models);
+    5. anything else is a :class:`ConfigError` that says to give an output map.
+
+    Args:
+        num_outputs: ``K``, the model's output width.
+        label_space: the classes it is scored on (the index's ``label_space``; IN-9 by default).
+        output_space: what the outputs are, when known (:data:`OUTPUT_SPACES`).
+        output_map: a user map (rule 1).
+        where: the model, named in errors.
+
+    >>> resolve_output_map(9).name, resolve_output_map(1000).name
+    ('identity', 'in1k->in9')
+    >>> resolve_output_map(2, LabelSpace.from_names(["land", "water"])).name
+    'identity'
+    """
+    k, n = int(num_outputs), label_space.num_classes
+    if output_map is not None:
+        try:
+            omap = output_map if isinstance(output_map, OutputMap) else OutputMap.from_json(output_map, k)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{output_map}: expected an output map {{\"<output>\": <class id>}} or a list of class "
+                              f"ids (-1: no class), with integers only ({type(e).__name__}: {e})") from None
+        omap.check(k, n, where)
+        return omap
+    if k == n:
+        return OutputMap.identity()
+    if label_space == IN9 and k == 1000 and output_space != "in9":
+        return OutputMap.in1k_to_in9()
+    if label_space == IN9 and output_space == "in9" and k > n:
+        return OutputMap(np.where(np.arange(k) < n, np.arange(k), -1), "in9 (outputs >= 9 unmapped)")
+    hint = (" (a 1000-class ImageNet model maps onto IN-9 only)" if k == 1000 else "")
+    raise ConfigError(
+        f"{where}: {k} outputs cannot be scored on the {n} classes of the label space {label_space.name!r}{hint}; "
+        f"give an output map (--output-map MAP.json: {{\"<output>\": <class id>, ...}}, many-to-one, unnamed outputs "
+        f"map to no class)"
+    )
 
 
 def _sha256(path: pathlib.Path) -> str:
@@ -246,30 +314,82 @@ def _is_torchscript(path: pathlib.Path) -> bool:
     return any(n.endswith("/constants.pkl") for n in names) or any("/code/" in n for n in names)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _clean(e: BaseException, limit: int = 200) -> str:
+    """An exception's message for ours: no ANSI escape codes (torch colours some), one line, at most ``limit``."""
+    text = " ".join(_ANSI.sub("", str(e)).split())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+_REDO = "re-download or re-save it"
+
+
+def _check_bytes(path: pathlib.Path) -> None:
+    """Name what is wrong with a file that cannot be a PyTorch checkpoint, before torch tries (its messages for such
+    files are misleading: random bytes are "weights only load failed", a cut-off archive an "internal miniz error").
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint file ({_clean(e)})") from e
+    if size == 0:
+        raise CheckpointError(f"{path}: the checkpoint file is empty (0 bytes); {_REDO}")
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip archive (and TorchScript's)
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path}: truncated or corrupt checkpoint: a zip archive ({size} bytes) without its "
+                                  f"end (central directory), as when a download or copy is cut short; {_REDO}")
+        return
+    if head[:1] == b"\x80":  # a pickle (the legacy torch.save format)
+        return
+    if len(head) >= 9 and head[8:9] == b"{":
+        raise CheckpointError(f"{path}: looks like a safetensors file, which bgsynth does not read; load it with "
+                              f"safetensors and save the state_dict with torch.save")
+    raise CheckpointError(
+        f"{path}: not a PyTorch checkpoint: neither a zip archive (torch.save) nor a pickle (it starts with "
+        f"{head[:8]!r}); check that --model / --weights name a checkpoint file"
+    )
+
+
+def _refused(path: pathlib.Path, e: pickle.UnpicklingError) -> CheckpointError:
+    """Why safe loading refused a pickle, without torch's coloured advice: the first Python object it met."""
+    found = re.search(r"GLOBAL ([\w.]+)", _ANSI.sub("", str(e)))
+    what = f" (e.g. {found.group(1)})" if found else ""
+    return CheckpointError(
+        f"{path}: refused to unpickle: the file holds Python objects{what} that safe loading "
+        f"(torch.load(weights_only=True)) does not allow. Unpickling can run arbitrary code. If you trust where "
+        f"this file came from, pass --trust-checkpoint (trust_checkpoint=True); better, re-save it as a plain "
+        f"state_dict or with bgsynth's save_checkpoint()."
+    )
+
+
 def _read_file(path: pathlib.Path, trust: bool) -> tuple[Any, str]:
     """Read a checkpoint file -> (object, how it was read)."""
+    _check_bytes(path)
     if _is_torchscript(path):
         try:
             return torch.jit.load(str(path), map_location="cpu"), "torchscript"
         except Exception as e:  # noqa: BLE001 - report any failure as a checkpoint problem
-            raise CheckpointError(f"{path}: looks like a TorchScript archive but could not be loaded ({e})") from e
+            raise CheckpointError(f"{path}: looks like a TorchScript archive but could not be loaded ({_clean(e)}); "
+                                  f"{_REDO}") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=True), "weights_only"
     except pickle.UnpicklingError as e:
+        if "truncated" in str(e).lower():
+            raise CheckpointError(f"{path}: truncated checkpoint ({_clean(e)}); {_REDO}") from e
         if not trust:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(
-                f"{path}: refused to unpickle: the file holds Python objects that safe loading "
-                f"(torch.load(weights_only=True)) does not allow ({first}). Unpickling can run arbitrary code. "
-                f"If you trust where this file came from, pass --trust-checkpoint (trust_checkpoint=True); "
-                f"better, re-save it as a plain state_dict or with bgsynth's save_checkpoint()."
-            ) from e
-    except Exception as e:  # noqa: BLE001 - corrupt/truncated/not a torch file
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+            raise _refused(path, e) from e
+    except Exception as e:  # noqa: BLE001 - corrupt data makes torch's reader fail in any way (EOF, struct, index)
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, corrupt or cut short ({_clean(e)}); "
+                              f"{_REDO}") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=False), "trusted_pickle"
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}: could not be unpickled even as a trusted file ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path}: could not be unpickled even as a trusted file ({_clean(e)})") from e
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -417,14 +537,7 @@ def _output_width(module: nn.Module, crop: int) -> int:
 
 def _resolve_space(width: int, output_space: str | None, where: str) -> str:
     if output_space in (None, "auto"):
-        if width == 1000:
-            return "in1k"
-        if width == NUM_IN9:
-            return "in9"
-        raise CheckpointError(
-            f"{where}: cannot tell the output space of a model with {width} outputs (expected 9 for IN-9 or 1000 "
-            f"for ImageNet-1k); pass output_space='in9' or 'in1k' (--output-space)"
-        )
+        return {1000: "in1k", NUM_IN9: "in9"}.get(width, "custom")
     if output_space not in OUTPUT_SPACES:
         raise ConfigError(f"expected output_space in {OUTPUT_SPACES} or 'auto', got {output_space!r}")
     if output_space == "in1k" and width != 1000:
@@ -583,7 +696,8 @@ def load_model(
         weights: weights file for an architecture name.
         trust_checkpoint: allow unpickling arbitrary Python objects (only for files you trust).
         num_classes: output width of a freshly created architecture.
-        output_space: ``'in9'``, ``'in1k'`` or ``None``/``'auto'`` (from the output width: 9 or 1000).
+        output_space: ``'in9'``, ``'in1k'``, ``'custom'`` or ``None``/``'auto'`` (from the output width: 9 -> in9,
+            1000 -> in1k, any other -> custom, scored through :func:`resolve_output_map`).
         mean, std: override the input normalisation.
         probe_size: input side used for one dummy forward when the output width must be measured.
 
@@ -697,8 +811,9 @@ class PredictorConfig:
     Attributes:
         channels_last: memory format; ``None`` = on for CUDA, off on CPU.
         compile: wrap the module in ``torch.compile`` (falls back to eager with a warning if compiling fails).
-        label_protocol: ``'official'`` (top-1 over all outputs, an unmapped ImageNet class counts as -1 = wrong)
-            or ``'restricted'`` (for 1000-class models: argmax over the 370 mapped classes only).
+        label_protocol: ``'official'`` (top-1 over all outputs, then mapped; an output that maps to no class
+            counts as -1 = wrong) or ``'restricted'`` (argmax over the outputs that map to a class only; for a
+            1000-class model on IN-9 the 370 mapped ImageNet classes). The same under the identity map.
         mean, std: override the loaded model's normalisation.
         max_batch: largest chunk per forward (``None``: the whole input); halved on out-of-memory.
     """
@@ -730,10 +845,16 @@ def _predictor_config(config: PredictorConfig | None, options: Mapping[str, Any]
 
 
 class Predictor:
-    """Batched inference for a :class:`LoadedModel`, returning IN-9 class ids.
+    """Batched inference for a :class:`LoadedModel`, returning class ids of a label space (IN-9 by default).
 
     Inputs are composites already normalised with :attr:`mean`/:attr:`std`, in :attr:`input_dtype` and (when
     :attr:`channels_last`) the channels-last memory format; :meth:`prepare` makes them from uint8 images.
+
+    The label space is the one of the index the predictions are scored on: pass ``label_space=index.label_space``
+    (IN-9 when not given, so ``Predictor(loaded, device=..., label_protocol=...)`` scores IN-9 exactly as before).
+    The model's outputs map onto it by :func:`resolve_output_map`: the identity when the widths match, the
+    IN-1000 -> IN-9 map for a 1000-class model on IN-9, or ``output_map`` (``--output-map``); anything else is a
+    :class:`ConfigError` here, before any work.
 
     Args:
         loaded: the model; its module is moved to ``device`` (and to channels_last) in place, not copied.
@@ -742,25 +863,35 @@ class Predictor:
         amp: ``None``/``'none'`` (full precision), ``'bf16'``, ``'fp16'`` or ``'auto'`` (bf16 on CUDA when
             supported, else off; :func:`bgsynth.config.resolve_amp`).
         config: how to run it (:class:`PredictorConfig`).
+        label_space: the classes predictions are given in (:class:`~bgsynth.classes.LabelSpace`; default IN-9).
+        output_map: an :class:`~bgsynth.classes.OutputMap` or the path of a JSON map ``{output: class}``.
         **options: :class:`PredictorConfig` fields by name (``channels_last=``, ``compile=``,
             ``label_protocol=``, ``mean=``, ``std=``, ``max_batch=``), overriding ``config``.
 
     Attributes:
         forwards: number of images forwarded so far.
+        label_space, num_classes, output_map: what predictions mean.
 
     >>> p = Predictor(load_model("bgsynth_cnn"))
     >>> y = p.predict(p.prepare(torch.zeros(3, 3, 32, 32, dtype=torch.uint8)))
-    >>> y.dtype, y.shape, p.forwards
-    (torch.int64, torch.Size([3]), 3)
+    >>> y.dtype, y.shape, p.forwards, p.output_map.name
+    (torch.int64, torch.Size([3]), 3, 'identity')
     """
 
+    # size: the resolved placement (device, amp), the job config and the label space it answers in
     def __init__(self, loaded: LoadedModel, device: str | torch.device = "cpu", amp: str | None = None,
-                 config: PredictorConfig | None = None, **options):
+                 config: PredictorConfig | None = None, *, label_space: LabelSpace | None = None,
+                 output_map: OutputMap | str | os.PathLike | None = None, **options):
         if not isinstance(loaded, LoadedModel):
             raise ConfigError(f"Predictor: expected a LoadedModel, got {type(loaded).__name__}")
+        if label_space is not None and not isinstance(label_space, LabelSpace):
+            raise ConfigError(f"Predictor: expected a LabelSpace (index.label_space), got {type(label_space).__name__}")
         config = _predictor_config(config, options)
         self.loaded = loaded
         self.config = config
+        self.label_space = IN9 if label_space is None else label_space
+        self.num_classes = self.label_space.num_classes
+        self.output_map = loaded.output_map(self.label_space, output_map)  # a bad combination fails before any work
         self.device = resolve_device(device)
         self.amp = resolve_amp(amp, self.device)
         cl = config.channels_last
@@ -777,7 +908,6 @@ class Predictor:
         param = next((p for p in self._eager.parameters() if p.is_floating_point()), None)
         self.param_dtype = param.dtype if param is not None else torch.float32
         self.input_dtype = AMP_DTYPES[self.amp] if self.amp is not None else self.param_dtype
-        self._label_maps()
 
     def _place_module(self, module: nn.Module, compile: bool) -> None:
         """The module on the device, in eval mode and its memory format, compiled when asked."""
@@ -794,16 +924,6 @@ class Predictor:
             except Exception as e:  # noqa: BLE001 - compile support varies by platform
                 warnings.warn(f"torch.compile unavailable ({e}); running eagerly", stacklevel=3)
 
-    def _label_maps(self) -> None:
-        """Output index -> IN-9 id (-1 = unmapped), on the device."""
-        if self.output_space == "in1k":
-            lut = torch.from_numpy(in1k_to_in9())
-        else:
-            lut = torch.arange(self.num_outputs, dtype=torch.int64)
-            lut = torch.where(lut < NUM_IN9, lut, torch.full_like(lut, -1))
-        self._lut = lut.to(self.device)
-        self._unmapped = (self._lut < 0).to(self.device)
-
     # ------------------------------------------------------------------------------------------ helpers
     def describe(self) -> dict:
         """JSON-able settings (recorded in results)."""
@@ -814,6 +934,9 @@ class Predictor:
             "compile": self._compiled,
             "label_protocol": self.label_protocol,
             "output_space": self.output_space,
+            "label_space": self.label_space.name,
+            "num_classes": self.num_classes,
+            "output_map": self.output_map.name,
             "mean": list(self.mean),
             "std": list(self.std),
             "input_dtype": str(self.input_dtype).replace("torch.", ""),
@@ -898,19 +1021,16 @@ class Predictor:
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def labels_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """IN-9 class ids ``int64 [B]`` from logits under this predictor's label protocol (-1 = unmapped)."""
+        """Class ids ``int64 [B]`` of the label space from logits, through :attr:`output_map` under this predictor's
+        label protocol (-1 = an output that maps to no class)."""
         if logits.ndim != 2 or logits.shape[1] != self.num_outputs:
             raise ConfigError(
                 f"labels_from_logits: expected logits [B, {self.num_outputs}], got {tuple(logits.shape)}"
             )
-        lut = self._lut.to(logits.device)
-        if self.label_protocol == "restricted":
-            masked = logits.masked_fill(self._unmapped.to(logits.device), float("-inf"))
-            return lut[masked.argmax(dim=1)]
-        return lut[logits.argmax(dim=1)]
+        return self.output_map.predict(logits, self.label_protocol)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """IN-9 predictions ``int64 [B]`` (on the predictor's device) for normalised input ``x``."""
+        """Class ids ``int64 [B]`` of the label space (on the predictor's device) for normalised input ``x``."""
         return self.labels_from_logits(self.logits(x))
 
     __call__ = predict

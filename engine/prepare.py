@@ -56,7 +56,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import pathlib
 import sys
@@ -67,7 +66,6 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .classes import IN9_CLASSES
 from .config import RunConfig, resolve_options
 from .distributed import DistContext, current
 from .errors import CheckpointError, ConfigError
@@ -75,6 +73,7 @@ from .fileio import atomic_write_bytes
 from .index import DatasetIndex, ImageRecord, Reject, rle_decode, rle_encode
 from .masks import (
     FILTER_REASONS,
+    GrabCutCost,
     SelectionFilters,
     check_existing_mask,
     check_selection_many,
@@ -82,9 +81,12 @@ from .masks import (
     image_seed,
     mask_iou,
     mask_quality,
+    max_side_within,
+    grabcut_cost,
     union_box,
 )
 from .probe import SampleError, probe_image
+from .sources import pool_context, start_worker
 
 __all__ = ["PrepareConfig", "prepare", "journal_path", "format_prepare_summary", "write_mask_sheet"]
 
@@ -110,6 +112,8 @@ class PrepareConfig:
         iterations, attempts, min_fraction: GrabCut settings (the paper: 5, 10, 0.10); ``min_fraction`` is also
             the threshold of the mask-size rule for existing masks.
         max_side: GrabCut working resolution (see :func:`~bgsynth.masks.grabcut_mask`); ``None``: full resolution.
+        max_memory: memory budget in bytes for GrabCut in all workers at once (the resource guard, see
+            :func:`prepare`): a run whose estimate exceeds it is refused before any work; ``None``: no budget.
         workers: processes for GrabCut; ``None`` uses every core (under torchrun: this rank's share of the node's
             cores), ``1`` runs in this process.
         resume: continue an interrupted run from its journal (same input and settings required; needs ``out``).
@@ -132,6 +136,7 @@ class PrepareConfig:
     attempts: int = 10
     min_fraction: float = 0.10
     max_side: int | None = None
+    max_memory: int | None = None
     workers: int | None = None
     resume: bool = False
     checkpoint_every: int = 64
@@ -151,6 +156,8 @@ class PrepareConfig:
                               f"{self.attempts}")
         if not 0.0 <= float(self.min_fraction) <= 1.0:
             raise ConfigError(f"prepare: expected min_fraction in [0, 1], got {self.min_fraction}")
+        if self.max_memory is not None and (isinstance(self.max_memory, bool) or int(self.max_memory) < 1):
+            raise ConfigError(f"prepare: expected max_memory > 0 bytes or None, got {self.max_memory!r}")
         if self.workers is not None and int(self.workers) < 1:
             raise ConfigError(f"prepare: expected workers >= 1 or None (all cores), got {self.workers}")
         if self.filter_existing is False:
@@ -235,12 +242,6 @@ def _read_rgb(path: str, width: int, height: int) -> np.ndarray:
     return np.ascontiguousarray(rgb)
 
 
-def _init_worker() -> None:
-    import cv2  # OpenCV: only in the GrabCut workers
-
-    cv2.setNumThreads(1)  # one process per core; OpenCV's own thread pool would only oversubscribe
-
-
 def _mask_result(res: dict, task: Mapping[str, Any], mask: np.ndarray | None, used: int) -> dict:
     """Fill a worker result from GrabCut's answer: the mask's RLE and box fraction (and IoU against the known
     mask), or a ``grabcut_failed`` reject."""
@@ -276,26 +277,19 @@ def _grabcut_task(task: Mapping[str, Any]) -> dict:
     return res
 
 
-def _pool_context():
-    """Start method of the GrabCut pool.
-
-    Not ``fork``: a process that has already used OpenCV's thread pool (any cv2 call in the parent) leaves its
-    locks in an undefined state in a forked child, and the child hangs in its first parallel OpenCV call. The
-    ``forkserver`` forks workers from a clean server process that has imported this module (which holds the
-    worker functions) once, for fast starts; ``spawn`` where there is no forkserver.
-    """
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])  # effective only before the server starts; harmless after
-        return ctx
-    return multiprocessing.get_context("spawn")
-
-
 def _executor(n_workers: int) -> cf.ProcessPoolExecutor | None:
-    """The GrabCut process pool, or ``None`` to run in this process."""
+    """The GrabCut process pool, or ``None`` to run in this process.
+
+    Started like every pool of bgsynth (:func:`bgsynth.sources.pool_context`): not ``fork`` (a child forked after
+    OpenCV's thread pool was used in the parent can hang in its first parallel OpenCV call) but ``forkserver``,
+    whose server has imported this module once; ``spawn`` where there is none. Each worker runs OpenCV on one
+    thread (one process per core: OpenCV's own threads only oversubscribe the cores, see
+    ``benchmarks/bench_prepare.py``) and dies with this process, even on SIGKILL (:func:`bgsynth.sources.watch_parent`).
+    """
     if n_workers <= 1:
         return None
-    return cf.ProcessPoolExecutor(max_workers=n_workers, mp_context=_pool_context(), initializer=_init_worker)
+    return cf.ProcessPoolExecutor(max_workers=n_workers, mp_context=pool_context((__name__,)),
+                                  initializer=start_worker, initargs=(os.getpid(), None))
 
 
 def _resolve_workers(workers: int | None) -> int:
@@ -539,12 +533,72 @@ def _journal_header(settings: dict, items: Mapping[int, _Item]) -> dict:
 
 def _plan(index: DatasetIndex, run: RunConfig, config: PrepareConfig) -> _Plan:
     base = index.select(split=config.split) if config.split is not None else index.copy()
+    index.require_images(base, "prepare", split=config.split)
     records = {i: base.record(i) for i in base.ids}
     items = _plan_items(records, run, config)
     settings = config.settings(run)
     cap = None if config.per_class is None else int(config.per_class)
     return _Plan(base, records, items, _plan_queues(items, cap, run.seed), cap, settings,
                  _journal_header(settings, items))
+
+
+# ==============================================================================================================
+# The resource guard: what GrabCut will cost, from the image sizes, before any work
+# ==============================================================================================================
+
+#: an image whose GrabCut is estimated above this much memory (bytes) or time (CPU seconds per attempt) is warned
+#: about, with the ``max_side`` that would bound it
+WARN_BYTES = 1 << 30
+WARN_SECONDS = 60.0
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.0f} MiB"
+
+
+def _costs(plan: _Plan, config: PrepareConfig) -> list[tuple[GrabCutCost, str]]:
+    """The estimated cost of every GrabCut task of the plan, largest first, with its image's path."""
+    costs = [(grabcut_cost(it.task["height"], it.task["width"], config.iterations, config.max_side), it.task["path"])
+             for it in plan.items.values() if it.kind == "grabcut"]
+    return sorted(costs, key=lambda t: (-t[0].bytes, t[1]))
+
+
+def _suggest(costs: list[tuple[GrabCutCost, str]], config: PrepareConfig, max_bytes: float,
+             max_seconds: float | None) -> str:
+    """`` (--max-side N bounds it)``: the largest working resolution under which every image fits, if one exists."""
+    sides = [max_side_within(c.height, c.width, max_bytes, max_seconds, config.iterations) for c, _p in costs]
+    sides = [s for s in sides if s is not None]
+    if not sides:
+        return ""
+    side = min(sides) if config.max_side is None else min(min(sides), int(config.max_side))
+    return f"; --max-side {side} (max_side={side}) bounds it"
+
+
+def _check_resources(plan: _Plan, config: PrepareConfig, n_workers: int) -> dict | None:
+    """Estimate GrabCut's memory and time from the pixel counts (:func:`bgsynth.masks.grabcut_cost`) before any
+    work: refuse a run over ``config.max_memory`` (:class:`ConfigError`), warn about images over
+    :data:`WARN_BYTES` / :data:`WARN_SECONDS`; returns the estimate for ``info.prepare.resources``."""
+    costs = _costs(plan, config)
+    if not costs:
+        return None
+    (largest, where), slowest = costs[0], max(c.seconds for c, _p in costs)
+    concurrent = sum(c.bytes for c, _p in costs[: max(1, n_workers)])
+    about = (f"the largest image, {where} ({largest.width}x{largest.height}, GrabCut at "
+             f"{largest.work_width}x{largest.work_height}), needs about {_gib(largest.bytes)} and "
+             f"{largest.seconds:.0f} s per attempt (up to {config.attempts})")
+    if config.max_memory is not None and concurrent > int(config.max_memory):
+        per_worker = int(config.max_memory) / max(1, min(n_workers, len(costs)))
+        raise ConfigError(
+            f"prepare: GrabCut would need about {_gib(concurrent)} at once with {n_workers} worker(s), more than "
+            f"the --max-memory budget of {_gib(int(config.max_memory))}: {about}"
+            f"{_suggest(costs, config, per_worker, None) or '; no working resolution fits'}, or give fewer --workers"
+        )
+    if largest.bytes > WARN_BYTES or slowest > WARN_SECONDS:
+        warnings.warn(f"prepare: {about}; {sum(1 for c, _p in costs if c.bytes > WARN_BYTES or c.seconds > WARN_SECONDS)} "
+                      f"image(s) exceed {_gib(WARN_BYTES)} or {WARN_SECONDS:.0f} s"
+                      f"{_suggest(costs, config, WARN_BYTES, WARN_SECONDS)}", stacklevel=3)
+    return {"largest_image_bytes": largest.bytes, "largest_image_seconds_per_attempt": round(largest.seconds, 3),
+            "concurrent_bytes": concurrent, "total_seconds_per_attempt": round(sum(c.seconds for c, _p in costs), 3)}
 
 
 # ==============================================================================================================
@@ -859,7 +913,7 @@ def _apply_rejects(plan: _Plan, t: _Tally) -> None:
 
 
 def _quality(plan: _Plan, t: _Tally) -> dict | None:
-    quality = mask_quality(t.ious, t.failed_per_class)
+    quality = mask_quality(t.ious, t.failed_per_class, plan.base.label_space.classes)
     if quality is not None:
         # images whose true mask is known but that a selection filter dropped before GrabCut (not in the IoUs)
         quality["filtered"] = sum(1 for image_id, reason, _d in t.rejected
@@ -909,7 +963,8 @@ def _report(plan: _Plan, loop: _Loop, t: _Tally, filters: SelectionFilters, timi
         "filters_enabled": list(filters.enabled()),
         "filtered": counts["filtered"],
         "filtered_by_mask_source": counts["filtered_by_mask_source"],
-        "per_class_kept": {IN9_CLASSES[c]: int(n) for c, n in sorted(collections.Counter(result.labels()).items())},
+        "per_class_kept": {result.label_space.classes[c]: int(n)
+                           for c, n in sorted(collections.Counter(result.labels()).items())},
         "attempts": {str(k): int(v) for k, v in attempts},
         "quality": _quality(plan, t),
         "timing": timing,
@@ -976,13 +1031,19 @@ def prepare(
             :class:`PrepareConfig` fields (``filters=``, ``per_class=``, ``workers=``, ...), overriding ``run`` and
             ``config``.
 
+    Before any work, GrabCut's memory and time are estimated from the image sizes
+    (:func:`bgsynth.masks.grabcut_cost`; ``info.prepare.timing.estimate``): a run above ``max_memory`` is refused,
+    and images above :data:`WARN_BYTES` or :data:`WARN_SECONDS` per attempt are warned about, with the
+    ``max_side`` that would bound them (a 5000x5000 image at full resolution needs about 5 GiB).
+
     Returns:
         The resulting :class:`~bgsynth.index.DatasetIndex` (saved to ``out`` when given); ``info.prepare`` holds
         the report.
 
     Raises:
-        ConfigError: an argument is out of range (e.g. ``resume`` without ``out``), or ``index`` is not a
-            :class:`~bgsynth.index.DatasetIndex`.
+        EmptyInputError: the index (or its ``split``) holds no image.
+        ConfigError: an argument is out of range (e.g. ``resume`` without ``out``), ``index`` is not a
+            :class:`~bgsynth.index.DatasetIndex`, or the GrabCut estimate exceeds ``max_memory``.
         CheckpointError: the journal to resume was written with other settings or another input, or a journal of
             an interrupted run exists and ``resume`` is False.
     """
@@ -992,10 +1053,13 @@ def prepare(
     ctx = current() if dist is None else dist
     n_workers = ctx.cpu_share() if (ctx.enabled and config.workers is None) else _resolve_workers(config.workers)
     plan = _plan(index, run, config)
+    estimate = _check_resources(plan, config, n_workers)
     loop = _execute(plan, ctx, out, config, n_workers, run.progress)
     tally = _tally(plan, loop)
     _apply_rejects(plan, tally)
     timing = _timing(loop, time.perf_counter() - t_start, n_workers, ctx.world_size)
+    if estimate is not None:
+        timing["estimate"] = estimate
     plan.base.data["info"]["prepare"] = _report(plan, loop, tally, config.filters, timing)
     _write(plan.base, plan, loop, ctx, out, config)
     return plan.base
@@ -1187,7 +1251,7 @@ def write_mask_sheet(
     for group, (image_id, res) in rows:
         rec = (records or {}).get(image_id) or index.record(image_id)
         value = res.get("iou") if res.get("iou") is not None else res.get("fraction", 0.0)
-        title = f"{group}: image {image_id} ({IN9_CLASSES[rec.label]}), {label} {value:.3f}"
+        title = f"{group}: image {image_id} ({index.label_space.classes[rec.label]}), {label} {value:.3f}"
         _draw_row(sheet, draw, y, cell, header_h, rec, res, title)
         y += cell + header_h + 4
     path.parent.mkdir(parents=True, exist_ok=True)

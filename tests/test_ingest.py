@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -32,6 +33,7 @@ from bgsynth.sources import (
     ingest_coco,
     ingest_imagenet,
     ingest_in9_release,
+    ingest_masks,
     read_category_map,
     read_labels_file,
 )
@@ -575,3 +577,299 @@ def test_cli_ingest_prints_reject_summary(tmp_path, capsys):
     write_zero_byte(tmp_path / "empty" / FISH / "z.JPEG")
     rc = main(["ingest", "imagenet", str(tmp_path / "empty"), "--out", str(tmp_path / "x.json"), "--no-progress"])
     assert rc == 2 and "nothing valid" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------- hardening
+
+
+def _bad_name_tree(tmp_path):
+    """An ImageNet class folder with one good file and one whose name climbs out of the root on Windows-style paths."""
+    tree = make_imagenet_tree(tmp_path, [{"wnid": FISH, "name": "good.JPEG"}])
+    bad = "a\\..\\..\\b.JPEG"  # a legal file name on Linux; the index rule refuses it (a path on Windows)
+    write_image(tree["images"] / FISH / bad, 64, 48)
+    write_voc(tree["ann"] / FISH / f"{bad[:-5]}.xml", 64, 48, [(5, 6, 40, 30)])
+    return tree, f"{FISH}/{bad}"
+
+
+def test_bad_file_names_are_rejects_in_every_ingest_and_the_index_loads(tmp_path):
+    tree, bad_rel = _bad_name_tree(tmp_path / "in")
+    idx = ingest_imagenet(tree["images"], tree["ann"], out=tmp_path / "in.json", progress=False, workers=1)
+    assert _reasons(idx) == {bad_rel: "bad_file_name"} and len(idx) == 1
+    assert "'..'" in idx.rejects[0]["detail"]
+    assert len(DatasetIndex.load(tmp_path / "in.json")) == 1  # before: "images[0].file_name ... must be relative"
+    # COCO: a file_name with '..' (Windows separators), an absolute one, and a good one
+    imgs = tmp_path / "coco"
+    write_image(imgs / "ok.jpg", 40, 30)
+    m = rect_mask(30, 40, (5, 5, 20, 20))
+    names = ["ok.jpg", "..\\..\\win.JPEG", str(imgs / "ok.jpg")]
+    images = [{"id": k, "file_name": n, "width": 40, "height": 30} for k, n in enumerate(names, 1)]
+    anns = [{"id": k, "image_id": k, "category_id": 1, "iscrowd": 0, "bbox": [5, 5, 16, 16],
+             "segmentation": [[5, 5, 21, 5, 21, 21, 5, 21]]} for k in (1, 2, 3)]
+    cj = coco_json(tmp_path / "c.json", images, anns, [{"id": 1, "name": "dog"}])
+    idx = ingest_coco(cj, imgs, {"dog": 0}, out=tmp_path / "c_index.json", progress=False, workers=1)
+    assert _reasons(idx) == {names[1]: "bad_file_name", names[2]: "bad_file_name"}
+    assert [im["file_name"] for im in DatasetIndex.load(tmp_path / "c_index.json").data["images"]] == ["ok.jpg"]
+    # the IN-9 release
+    truth = make_in9_release(tmp_path / "bg", {IN9_FOLDERS[3]: 1})
+    odd = tmp_path / "bg" / "original" / "val" / IN9_FOLDERS[3] / "x\\..\\..\\y.JPEG"
+    write_image(odd, 56, 40)
+    idx = ingest_in9_release(tmp_path / "bg", out=tmp_path / "r.json", progress=False, workers=1)
+    assert _reasons(idx) == {f"{IN9_FOLDERS[3]}/{odd.name}": "bad_file_name"} and len(idx) == len(truth)
+    DatasetIndex.load(tmp_path / "r.json")
+
+
+def test_folders_without_images_are_a_one_line_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "classes" / FISH).mkdir(parents=True)
+    write_text(tmp_path / "classes" / FISH / "notes.txt", "no images here")
+    for root in ("empty", "classes"):
+        with pytest.raises(IngestError, match="no image files") as e:
+            ingest_imagenet(tmp_path / root, progress=False)
+        assert "\n" not in str(e.value) and str(tmp_path / root) in str(e.value)
+    (tmp_path / "bg" / "original" / "val" / IN9_FOLDERS[0]).mkdir(parents=True)
+    (tmp_path / "bg" / "fg_mask" / "val").mkdir(parents=True)
+    with pytest.raises(IngestError, match="no image files"):
+        ingest_in9_release(tmp_path / "bg", progress=False)
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(IngestError, match="no image files"):
+        ingest_masks(tmp_path / "empty", tmp_path / "masks", progress=False)
+
+
+def _decoded(index: DatasetIndex) -> dict:
+    return {index.image(i)["file_name"]: np.asarray(Image.open(index.record(i).path).convert("RGB"))
+            for i in index.ids}
+
+
+@pytest.mark.parametrize("kind", ["imagenet", "in9", "coco", "masks"])
+def test_ingested_index_moves_with_its_images(tmp_path, kind):
+    data = tmp_path / "data"
+    out = data / "indexes" / f"{kind}.json"
+    if kind == "imagenet":
+        tree = make_imagenet_tree(data, [{"wnid": FISH, "name": "a.JPEG"}, {"wnid": DOG, "name": "b.JPEG"}])
+        ingest_imagenet(tree["images"], tree["ann"], out=out, progress=False, workers=1)
+        root = "../images"
+    elif kind == "in9":
+        make_in9_release(data / "bg", {IN9_FOLDERS[1]: 2})
+        ingest_in9_release(data / "bg", out=out, progress=False, workers=1)
+        root = "../bg/original/val"
+    elif kind == "coco":
+        write_image(data / "imgs" / "a.jpg", 40, 30)
+        cj = coco_json(data / "c.json", [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30}],
+                       [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [2, 2, 10, 10],
+                         "segmentation": [[2, 2, 12, 2, 12, 12, 2, 12]]}], [{"id": 1, "name": "dog"}])
+        ingest_coco(cj, data / "imgs", label_space="coco", out=out, progress=False, workers=1)
+        root = "../imgs"
+    else:
+        write_image(data / "imgs" / "cat" / "a.jpg", 40, 30)
+        _write_mask(data / "masks" / "cat" / "a.png", rect_mask(30, 40, (3, 3, 20, 20)))
+        ingest_masks(data / "imgs", data / "masks", out=out, progress=False, workers=1)
+        root = "../imgs"
+    raw = json.loads(out.read_text())
+    assert raw["info"]["image_root"] == root  # relative to the index file, as the README says
+    before = _decoded(DatasetIndex.load(out))
+    moved = tmp_path / "elsewhere" / "copy"
+    moved.parent.mkdir()
+    data.rename(moved)
+    after = DatasetIndex.load(moved / "indexes" / f"{kind}.json")
+    assert str(after.image_root.resolve()).startswith(str(moved))
+    got = _decoded(after)
+    assert got.keys() == before.keys() and len(got) > 0
+    for name, pixels in before.items():
+        np.testing.assert_array_equal(got[name], pixels)
+
+
+def test_pool_starts_only_for_long_jobs():
+    import os
+
+    from bgsynth.sources._probe import run_pool
+
+    tasks = list(range(40))
+    short = run_pool(_pid_of, tasks, workers=2, progress=False, serial_seconds=60)
+    assert short == [(t, os.getpid()) for t in tasks]  # finished in-process before any pool was worth it
+    long = run_pool(_pid_of, tasks, workers=2, progress=False, serial_seconds=0)
+    assert [t for t, _ in long] == tasks and {p for _, p in long} - {os.getpid()}  # the pool took the rest
+
+
+def _pid_of(t):
+    import os
+
+    return t, os.getpid()
+
+
+# ------------------------------------------------------------------------------------------------- label spaces
+
+
+def _write_mask(path, values, mode="L"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(values, np.uint8), mode).save(path)
+    return path
+
+
+def _mask_tree(tmp_path):
+    """IMAGES/<class>/*.jpg + MASKS/<class>/*.png, one case per file; returns (images, masks, truth, expected rejects)."""
+    imgs, masks = tmp_path / "images", tmp_path / "masks"
+    h, w = 30, 40
+    truth = {}
+    for k, (cls, name, box) in enumerate([("gull", "g1", (3, 4, 20, 25)), ("gull", "g2", (0, 0, 39, 9)),
+                                          ("tern", "t1", (10, 10, 30, 28))]):
+        write_image(imgs / cls / f"{name}.jpg", w, h, seed=k)
+        m = rect_mask(h, w, box)
+        _write_mask(masks / cls / f"{name}.png", m * 255)  # 0/255 as CUB ships them
+        truth[f"{cls}/{name}.jpg"] = (cls, m, box)
+    write_image(imgs / "tern" / "wrong_size.jpg", w, h)
+    _write_mask(masks / "tern" / "wrong_size.png", np.ones((h, w + 1)))
+    write_image(imgs / "tern" / "empty.jpg", w, h)
+    _write_mask(masks / "tern" / "empty.png", np.zeros((h, w)))
+    write_image(imgs / "tern" / "unreadable.jpg", w, h)
+    write_garbage(masks / "tern" / "unreadable.png")
+    write_image(imgs / "tern" / "no_mask.jpg", w, h)
+    _write_mask(masks / "tern" / "no_image.png", np.ones((h, w)))
+    write_zero_byte(imgs / "gull" / "zero.jpg")
+    _write_mask(masks / "gull" / "zero.png", np.ones((h, w)))
+    rejects = {"tern/wrong_size.jpg": Reject.MASK_SHAPE, "tern/empty.jpg": Reject.NO_OBJECT,
+               "tern/unreadable.jpg": Reject.BAD_ANNOTATION, "tern/no_mask.jpg": Reject.MISSING_MASK,
+               str(masks / "tern" / "no_image.png"): Reject.MISSING_FILE, "gull/zero.jpg": Reject.ZERO_BYTE}
+    return imgs, masks, truth, rejects
+
+
+def test_mask_folder_ingest_with_class_folders_and_its_rejects(tmp_path):
+    imgs, masks, truth, rejects = _mask_tree(tmp_path)
+    idx = ingest_masks(imgs, masks, name="birds", out=tmp_path / "birds.json", progress=False, workers=1)
+    assert idx.label_space.name == "birds" and idx.label_space.classes == ("gull", "tern")
+    assert [c["name"] for c in idx.data["categories"]] == ["gull", "tern"]
+    assert _reasons(idx) == rejects
+    recs = _by_name(idx)
+    assert recs.keys() == truth.keys()
+    for rel, (cls, m, box) in truth.items():
+        r = recs[rel]
+        assert r.label == ["gull", "tern"].index(cls) and r.mask_source == "external"
+        np.testing.assert_array_equal(r.mask(), m)
+        assert r.boxes.tolist() == [list(box)]  # the mask's tight box
+    loaded = DatasetIndex.load(tmp_path / "birds.json")
+    assert loaded.label_space == idx.label_space and len(loaded) == 3
+    # VOC ships masks for a subset of its images: --skip-unmasked counts them instead
+    idx = ingest_masks(imgs, masks, missing_mask="skip", progress=False, workers=1)
+    assert "tern/no_mask.jpg" not in _reasons(idx) and idx.data["info"]["skipped"] == {"images_without_mask": 1}
+
+
+def test_mask_folder_object_ids_and_class_ids(tmp_path):
+    imgs, masks = tmp_path / "JPEGImages", tmp_path / "Segmentation"
+    h, w = 32, 48
+    inst = np.zeros((h, w), np.uint8)
+    inst[2:10, 3:15] = 1
+    inst[20:30, 30:45] = 2
+    write_image(imgs / "x.jpg", w, h)
+    _write_mask(masks / "x.png", inst)
+    cmap = write_text(tmp_path / "images.json", json.dumps({"x": "dog"}))
+    idx = ingest_masks(imgs, masks, values="objects", classes=cmap, progress=False, workers=1)
+    (r,) = idx.records()
+    assert idx.label_space.classes == ("dog",) and r.label == 0
+    assert sorted(r.boxes.tolist()) == [[3, 2, 14, 9], [30, 20, 44, 29]]  # one annotation per object
+    np.testing.assert_array_equal(r.mask(), (inst > 0).astype(np.uint8))
+    # class ids as VOC's SegmentationClass: 0 background, 255 the void border, several classes per image
+    cls = np.zeros((h, w), np.uint8)
+    cls[1:6, 1:6] = 15  # 25 px of person
+    cls[10:25, 10:30] = 12  # 300 px of dog: the largest class, the image's label
+    cls[9, 9:31] = 255
+    write_image(imgs / "y.jpg", w, h)
+    _write_mask(masks / "y.png", cls)
+    os.remove(masks / "x.png")
+    voc = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+           "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
+    idx = ingest_masks(imgs, masks, values="classes", classes=write_text(tmp_path / "voc.json", json.dumps(voc)),
+                       progress=False, workers=1)
+    assert idx.label_space.classes == tuple(voc)
+    (r,) = idx.records()
+    assert r.label == voc.index("dog") and r.boxes.tolist() == [[10, 10, 29, 24]]
+    np.testing.assert_array_equal(r.mask(), (cls == 12).astype(np.uint8))
+    assert _reasons(idx) == {"x.jpg": Reject.MISSING_MASK}
+    with pytest.raises(IngestError, match="JSON map of mask values"):
+        ingest_masks(imgs, masks, values="classes", progress=False)
+
+
+def test_coco_with_its_own_categories_as_the_label_space(tmp_path):
+    imgs = tmp_path / "val2017"
+    cats = [{"id": 44, "name": "bottle"}, {"id": 1, "name": "person"}, {"id": 18, "name": "dog"}]
+    order = ["person", "dog", "bottle"]  # by category id
+    rng = np.random.default_rng(0)
+    images, anns, expected = [], [], {}
+    for k in range(1, 21):  # N = 20
+        write_image(imgs / f"{k:012d}.jpg", 40, 30, seed=k)
+        images.append({"id": k, "file_name": f"{k:012d}.jpg", "width": 40, "height": 30})
+        big, small = rng.choice([1, 18, 44], 2, replace=False)
+        for j, (cat, side) in enumerate(((big, 12), (small, 5))):
+            x0 = 2 + 20 * j
+            anns.append({"id": 100 * k + j, "image_id": k, "category_id": int(cat), "iscrowd": 0,
+                         "bbox": [x0, 2, side, side],
+                         "segmentation": [[x0, 2, x0 + side, 2, x0 + side, 2 + side, x0, 2 + side]]})
+        expected[f"{k:012d}.jpg"] = order.index({1: "person", 18: "dog", 44: "bottle"}[int(big)])
+    cj = coco_json(tmp_path / "instances_val2017.json", images, anns, cats)
+    idx = ingest_coco(cj, imgs, label_space="coco", out=tmp_path / "coco.json", progress=False, workers=1)
+    assert idx.label_space.classes == tuple(order) and idx.data["info"]["source"]["category_ids"] == [1, 18, 44]
+    assert {k: r.label for k, r in _by_name(idx).items()} == expected  # the category with the largest mask
+    loaded = DatasetIndex.load(tmp_path / "coco.json")
+    assert [c["name"] for c in loaded.data["categories"]] == order and len(loaded) == 20
+    with pytest.raises(IngestError, match="needs a category map"):
+        ingest_coco(cj, imgs, progress=False)
+    with pytest.raises(IngestError, match="no category map"):
+        ingest_coco(cj, imgs, {"dog": 0}, label_space="coco", progress=False)
+
+
+def test_imagenet_with_all_1000_classes(tmp_path):
+    unmapped = _unmapped_wnid()
+    wnids = [FISH, DOG, unmapped, "n15075141"]  # the last ImageNet-1k class (toilet tissue) maps to no IN-9 class
+    tree = make_imagenet_tree(tmp_path, [{"wnid": w, "name": f"{w}_{i}.JPEG"} for w in wnids for i in range(2)])
+    idx = ingest_imagenet(tree["images"], tree["ann"], label_space="in1k", out=tmp_path / "in1k.json",
+                          progress=False, workers=1)
+    space = idx.label_space
+    assert space.name == "in1k" and space.num_classes == 1000 and list(space.classes) == sorted(space.classes)
+    assert len(idx) == 8 and idx.rejects == [] and not idx.data["info"]["skipped"]
+    for r in idx.records():
+        assert space.classes[r.label] == r.meta["wnid"] == r.file_name.split("/")[0]
+        assert r.label == r.meta["in1k_class"]
+    assert space.classes[-1] == "n15075141" and space.classes[0] == FISH
+    loaded = DatasetIndex.load(tmp_path / "in1k.json")
+    assert len(loaded.data["categories"]) == 1000 and loaded.label_space == space
+    in9 = ingest_imagenet(tree["images"], tree["ann"], progress=False, workers=1)
+    assert len(in9) == 4 and in9.data["info"]["skipped"] == {Reject.UNMAPPED_CLASS: 4}
+
+
+def test_cli_ingest_masks_and_bad_arguments(tmp_path, capsys):
+    from bgsynth.cli import main
+
+    imgs, masks, truth, rejects = _mask_tree(tmp_path)
+    out = tmp_path / "m.json"
+    assert main(["ingest", "masks", str(imgs), str(masks), "--out", str(out), "--no-progress", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == len(truth) and sum(summary["rejects"].values()) == len(rejects)
+    assert summary["label_space"] == "images"  # the images folder's name
+    for bad in (["--workers", "0"], ["--out", str(tmp_path)], ["--classes", str(tmp_path / "none.json")]):
+        args = ["ingest", "masks", str(imgs), str(masks), "--out", str(tmp_path / "n.json"), *bad]
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 2 and "error: argument" in capsys.readouterr().err
+    assert not (tmp_path / "n.json").exists()
+    with pytest.raises(SystemExit):
+        main(["ingest", "imagenet", str(tmp_path / "missing"), "--out", str(tmp_path / "n.json")])
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_ingest_does_not_import_torch(tmp_path):
+    """The IN-9 release, COCO and mask-folder ingests run without torch (start-up: no 2-6 s of imports)."""
+    import subprocess
+    import sys
+
+    make_in9_release(tmp_path / "bg", {IN9_FOLDERS[1]: 1})
+    imgs, masks, _truth, _rejects = _mask_tree(tmp_path)
+    write_image(tmp_path / "c" / "a.jpg", 40, 30)
+    cj = coco_json(tmp_path / "c.json", [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30}],
+                   [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [2, 2, 10, 10],
+                     "segmentation": [[2, 2, 12, 2, 12, 12, 2, 12]]}], [{"id": 1, "name": "dog"}])
+    runs = [["in9", str(tmp_path / "bg")], ["coco", str(cj), "--images", str(tmp_path / "c"), "--label-space", "coco"],
+            ["masks", str(imgs), str(masks)]]
+    code = ("import sys, json; from bgsynth.cli import main\n"
+            f"for k, a in enumerate({runs!r}):\n"
+            f"    assert main(['ingest', *a, '--out', {str(tmp_path)!r} + f'/{{k}}.json', '--no-progress']) == 0\n"
+            "print(json.dumps(sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == []

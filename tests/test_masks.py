@@ -6,10 +6,12 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import cv2
 import numpy as np
@@ -523,8 +525,14 @@ def test_cli_prepare_prints_the_summary(tmp_path, capsys):
     rc = main(["prepare", str(idx.path), "--workers", "1", "--no-progress", "--no-box-size", "--no-bgt-margin"])
     assert rc == 0 and (tmp_path / "data" / "index.prepared.json").is_file()
     assert "kept: 4" in capsys.readouterr().out
-    # errors are reported, not raised
-    assert main(["prepare", str(tmp_path / "missing.json"), "--no-progress"]) == 2
+    # a missing index fails in the argument parser, before any work, with exit code 2
+    with pytest.raises(SystemExit) as e:
+        main(["prepare", str(tmp_path / "missing.json"), "--no-progress"])
+    assert e.value.code == 2 and "missing.json: no such file" in capsys.readouterr().err
+    # an index that is not one is reported by the command (exit code 2), not raised
+    (tmp_path / "not_an_index.json").write_text("[1, 2]")
+    assert main(["prepare", str(tmp_path / "not_an_index.json"), "--no-progress"]) == 2
+    assert "expected a JSON object" in capsys.readouterr().err
 
 
 def test_prepare_journal_resume_and_guards(tmp_path, monkeypatch):
@@ -579,6 +587,23 @@ def _cli(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **kw)
 
 
+def _session(sid: int) -> list[tuple[int, str]]:
+    """``(pid, command line)`` of every live (not zombie) process of a session (the CLI and all it started)."""
+    found = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid and fields[0] != "Z":
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    found.append((int(d), f.read().replace(b"\0", b" ").decode(errors="replace")[:120]))
+        except (OSError, IndexError, ValueError):
+            pass  # the process ended while we looked
+    return found
+
+
 def test_prepare_resumes_after_sigkill(builtin_root, tmp_path):
     common = [str(builtin_root), "--recompute", "--split", "val", "--max-side", "96", "--no-progress",
               "--resize", "72", "--crop", "64", "--checkpoint-every", "2"]
@@ -592,8 +617,20 @@ def test_prepare_resumes_after_sigkill(builtin_root, tmp_path):
                 break
             time.sleep(0.01)
         assert proc.poll() is None, f"prepare ended before it could be killed: {proc.communicate()}"
-        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its workers, without a chance to clean up
+        started = _session(proc.pid)  # the CLI, the forkserver, two workers, the resource tracker
+        os.kill(proc.pid, signal.SIGKILL)  # the CLI alone, without a chance to clean up (as the OOM killer does)
+        proc.wait()
+        left = _session(proc.pid)
+        give_up = time.monotonic() + 30
+        while left and time.monotonic() < give_up:
+            time.sleep(0.1)
+            left = _session(proc.pid)
+        assert len(started) >= 4 and left == [], f"started {started}; still alive after the kill: {left}"
     finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever a failed assertion left
+        except ProcessLookupError:
+            pass
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not killed_out.exists() and jp.exists()
@@ -811,3 +848,116 @@ def test_cli_filter_switches(builtin_root, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["settings"]["tiling"] == "crop" and report["settings"]["filters"]["mask_size"] is False
     assert DatasetIndex.load(tmp_path / "c.json").data["info"]["prepare"]["settings"]["tiling"] == "crop"
+
+
+# ==============================================================================================================
+# Empty input, resource guards, other label spaces
+# ==============================================================================================================
+
+
+def test_prepare_empty_index_or_split_says_so_like_every_command(tmp_path):
+    from bgsynth.errors import EmptyInputError
+
+    empty = DatasetIndex.empty(image_root=str(tmp_path))
+    empty.save(tmp_path / "empty.json")
+    with pytest.raises(EmptyInputError, match=r"empty\.json: no images to prepare: the index is empty"):
+        prepare(DatasetIndex.load(tmp_path / "empty.json"), progress=False)
+    idx = _make_index(tmp_path / "data", n_per_class=1, classes=(0,))
+    with pytest.raises(EmptyInputError) as e:
+        prepare(idx, split="train", progress=False, out=tmp_path / "out.json")
+    # the wording every command uses (DatasetIndex.require_images), naming the splits that exist
+    with pytest.raises(EmptyInputError) as want:
+        idx.require_images(idx.select(split="train"), "prepare", split="train")
+    assert str(e.value) == str(want.value) and "splits present: ['val']" in str(e.value)
+    assert not journal_path(tmp_path / "out.json").exists()  # refused before any work
+
+
+def test_grabcut_cost_grows_with_pixels_and_iterations_and_max_side_bounds_it():
+    from bgsynth.masks import grabcut_cost, max_side_within, working_size
+
+    sizes = [(40, 60), (375, 500), (1000, 750), (2250, 3000), (5000, 5000)]
+    costs = [grabcut_cost(h, w) for h, w in sizes]
+    assert all(a.bytes < b.bytes and a.seconds < b.seconds for a, b in zip(costs, costs[1:]))
+    assert grabcut_cost(1000, 750, iterations=1).seconds < grabcut_cost(1000, 750, iterations=10).seconds
+    # a smaller working resolution never costs more, and the full resolution is the largest
+    for side in (None, 4000, 2000, 1000, 500, 100, 8):
+        c = grabcut_cost(5000, 3000, max_side=side)
+        assert (c.work_height, c.work_width) == working_size(5000, 3000, side)
+    sides = [grabcut_cost(5000, 3000, max_side=s).bytes for s in (8, 100, 500, 1000, 2000, 4000, None)]
+    assert sides == sorted(sides)
+    # the 5.5 GB the issue measured for a 5000x5000 image at full resolution: within 10% of the estimate
+    assert 0.9 * 5.5e9 < grabcut_cost(5000, 5000).bytes < 1.1 * 5.5e9
+    # max_side_within: the largest side that fits, checked against a brute-force search
+    for h, w, budget in ((5000, 5000, 2**30), (3000, 1000, 300 * 2**20), (2250, 3000, 64 * 2**20)):
+        side = max_side_within(h, w, max_bytes=budget)
+        fitting = [s for s in range(8, max(h, w) + 1) if grabcut_cost(h, w, max_side=s).bytes <= budget]
+        assert side == max(fitting)
+    assert max_side_within(375, 500, max_bytes=2**30) is None  # already fits at full resolution
+
+
+def _claimed_index(tmp_path, sizes) -> DatasetIndex:
+    """An index whose entries claim these sizes, with no file behind them: the guard must act before any decode."""
+    idx = DatasetIndex.empty(image_root=str(tmp_path / "nowhere"))
+    for k, (h, w) in enumerate(sizes):
+        idx.add_image({"file_name": f"big_{k}.JPEG", "width": w, "height": h, "label": k % 9, "split": "val"},
+                      [{"bbox": [w // 4, h // 4, w // 2, h // 2]}])
+    return idx
+
+
+def test_prepare_refuses_over_max_memory_and_warns_on_huge_images(tmp_path, capsys):
+    from bgsynth.masks import grabcut_cost
+
+    idx = _claimed_index(tmp_path, [(5000, 5000), (375, 500)])
+    out = tmp_path / "out.json"
+    with pytest.raises(ConfigError, match=r"--max-memory.*big_0\.JPEG \(5000x5000.*--max-side (\d+)") as e:
+        prepare(idx, out=out, max_memory=2**30, workers=1, progress=False)
+    assert not journal_path(out).exists() and not out.exists()  # refused before any work
+    side = int(re.search(r"--max-side (\d+)", str(e.value)).group(1))
+    assert grabcut_cost(5000, 5000, max_side=side).bytes <= 2**30 < grabcut_cost(5000, 5000, max_side=side + 1).bytes
+    # with that side the same budget is accepted; the images (which do not exist) become rejects
+    res = prepare(idx, out=out, max_memory=2**30, max_side=side, workers=1, progress=False)
+    assert {r["reason"] for r in res.rejects} == {Reject.MISSING_FILE}
+    assert res.data["info"]["prepare"]["timing"]["estimate"]["largest_image_bytes"] <= 2**30
+    # two workers may hold the two largest images at once
+    with pytest.raises(ConfigError, match="2 worker"):
+        prepare(_claimed_index(tmp_path, [(3000, 3000)] * 2), max_memory=2**30, max_side=2500, workers=2,
+                progress=False)
+    # no budget: a warning with the estimate and the --max-side that bounds it, then the run goes on
+    with pytest.warns(UserWarning, match=r"5000x5000.*about 5\.\d GiB.*--max-side \d+"):
+        prepare(idx, workers=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare(_claimed_index(tmp_path, [(375, 500)]), workers=1, progress=False)  # ImageNet-sized: silent
+    from bgsynth.cli import main
+
+    idx.save(tmp_path / "big.json")
+    assert main(["prepare", str(tmp_path / "big.json"), "--max-memory", "1G", "--no-progress", "--workers", "1"]) == 2
+    assert "--max-side" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["prepare", str(tmp_path / "big.json"), "--max-memory", "lots"])
+    assert "expected a memory size" in capsys.readouterr().err
+
+
+def test_prepare_on_imagenet_with_1000_classes(tmp_path):
+    from fixtures import make_imagenet_tree
+
+    from bgsynth.sources import ingest_imagenet
+
+    wnids = ["n01440764", "n04579432", "n15075141"]  # tench (fish), whistle, toilet tissue: two outside IN-9
+    tree = make_imagenet_tree(tmp_path, [{"wnid": w, "name": f"{w}_{i}.JPEG", "width": 64, "height": 48,
+                                          "boxes": [(12, 10, 45, 36)]} for w in wnids for i in range(2)])
+    idx = ingest_imagenet(tree["images"], tree["ann"], label_space="in1k", progress=False, workers=1)
+    res = prepare(idx, geometry=CropGeometry(48, 48), workers=1, progress=False)
+    assert res.label_space == idx.label_space and res.label_space.num_classes == 1000
+    kept = res.data["info"]["prepare"]["per_class_kept"]
+    assert set(kept) <= set(wnids) and sum(kept.values()) == len(res)
+    assert all(res.record(i).mask_source == "grabcut" for i in res.ids)
+    assert len(res) + len(res.rejects) == 6
+
+
+def test_masks_doctests():
+    import doctest
+
+    import bgsynth.masks
+
+    assert doctest.testmod(bgsynth.masks).failed == 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from bgsynth.classes import IMAGENET_MEAN, IMAGENET_STD, IN9_MEAN, IN9_STD, in1k_to_in9
+from bgsynth.classes import IMAGENET_MEAN, IMAGENET_STD, IN9_MEAN, IN9_STD, LabelSpace, OutputMap, in1k_to_in9
 from bgsynth.errors import CheckpointError, ConfigError
 from bgsynth.models import (
     CHECKPOINT_FORMAT,
@@ -206,14 +206,67 @@ def test_output_space_rules(tmp_path):
     net = _net(num_classes=10)
     f = tmp_path / "ten.pt"
     torch.save(net.state_dict(), f)
-    with pytest.raises(CheckpointError, match="output space"):
-        load_model("bgsynth_cnn", weights=f)
+    lm = load_model("bgsynth_cnn", weights=f)  # 10 outputs: the classes of some label space, told at scoring
+    assert lm.output_space == "custom" and (lm.mean, lm.std) == (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))
+    with pytest.raises(ConfigError, match=r"ten\.pt: 10 outputs cannot be scored on the 9 classes.*--output-map"):
+        Predictor(lm)  # on IN-9: refused before any work
+    assert Predictor(lm, label_space=LabelSpace.from_names([f"c{i}" for i in range(10)])).output_map.name == "identity"
     lm = load_model("bgsynth_cnn", weights=f, output_space="in9")
     assert lm.num_outputs == 10 and lm.output_space == "in9"
     with pytest.raises(ConfigError, match="1000"):
         load_model("bgsynth_cnn", weights=f, output_space="in1k")
     lm = load_model("bgsynth_cnn", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     assert lm.mean == (0.5, 0.5, 0.5) and lm.std == (0.25, 0.25, 0.25)
+
+
+def _corrupt_files(tmp_path) -> dict:
+    """Files users pass by mistake: name -> (path, a phrase the error must contain)."""
+    good = tmp_path / "good.pt"
+    torch.save(_net().state_dict(), good)
+    data = good.read_bytes()
+    legacy = tmp_path / "legacy.pt"
+    torch.save(_net().state_dict(), legacy, _use_new_zipfile_serialization=False)
+    out = {
+        "empty": (b"", "empty (0 bytes)"),
+        "truncated_zip": (data[: len(data) // 2], "truncated or corrupt"),
+        "truncated_legacy": (legacy.read_bytes()[:300], "re-download or re-save"),
+        "text": (b"this is not a checkpoint\n" * 20, "not a PyTorch checkpoint"),
+        "random": (b"\x00" + np.random.default_rng(0).bytes(400), "not a PyTorch checkpoint"),
+    }
+    files = {}
+    for name, (content, phrase) in out.items():
+        (tmp_path / f"{name}.pt").write_bytes(content)
+        files[name] = (tmp_path / f"{name}.pt", phrase)
+    return files
+
+
+def test_corrupt_checkpoints_are_named_with_what_to_do(tmp_path):
+    for name, (path, phrase) in _corrupt_files(tmp_path).items():
+        for call in (lambda: load_model(path), lambda: load_model("bgsynth_cnn", weights=path)):
+            with pytest.raises(CheckpointError) as e:
+                call()
+            msg = str(e.value)
+            assert msg.startswith(str(path)) and phrase in msg, (name, msg)
+            assert "\x1b" not in msg and "\n" not in msg, (name, msg)
+            assert "unpickle" not in msg and "Python objects" not in msg, (name, msg)  # not "pickled data" advice
+    module = tmp_path / "module.pt"
+    torch.save(_net(), module)  # a whole pickled module: refused with the object it holds, no terminal colours
+    with pytest.raises(CheckpointError) as e:
+        load_model(module)
+    msg = str(e.value)
+    assert "\x1b" not in msg and "--trust-checkpoint" in msg and "BgsynthCNN" in msg, msg
+
+
+def test_unknown_architecture_messages():
+    with pytest.raises(ConfigError) as e:
+        create_model("resnet5")
+    msg = str(e.value)
+    suggested = msg.split("Did you mean ")[1].split("?")[0].split(", ")
+    assert len(suggested) == len(set(suggested)) >= 2 and "resnet50" in suggested  # each name once
+    with pytest.raises(ConfigError) as e:
+        create_model("zzqqxx")
+    msg = str(e.value)
+    assert "did you mean" not in msg.lower() and "timm's). (A checkpoint path" in msg  # sentences end properly
 
 
 # ------------------------------------------------------------------------------------------------ prediction
@@ -235,7 +288,7 @@ class _TableModel(nn.Module):
 
 
 def _loaded(table, space, fail_above=None) -> LoadedModel:
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if space == "in1k" else (IN9_MEAN, IN9_STD)
+    mean, std = (IN9_MEAN, IN9_STD) if space == "in9" else (IMAGENET_MEAN, IMAGENET_STD)
     return LoadedModel(_TableModel(table, fail_above), table.shape[1], space, tuple(mean), tuple(std))
 
 
@@ -267,6 +320,65 @@ def test_label_protocols_on_handmade_logits():
     assert Predictor(_loaded(t9, "in9"), label_protocol="restricted").predict(_rows(2)).tolist() == [8, 0]
     with pytest.raises(ConfigError, match="label_protocol"):
         Predictor(_loaded(t9, "in9"), label_protocol="imagenet")
+
+
+def _reference_in9(logits: torch.Tensor, protocol: str) -> list[int]:
+    """The paper's IN-1000 -> IN-9 scoring written out per row (the reference, not the engine's code)."""
+    table = in1k_to_in9()
+    out = []
+    for row in logits.tolist():
+        if protocol == "official":
+            out.append(int(table[int(np.argmax(row))]))
+        else:
+            best = max((v, -i) for i, v in enumerate(row) if table[i] >= 0)
+            out.append(int(table[-best[1]]))
+    return out
+
+
+def test_output_maps_onto_label_spaces():
+    # IN-1000 -> IN-9: bit-identical to the per-row reference on random logits (ties impossible in float32 noise)
+    t = torch.randn(64, 1000, generator=torch.Generator().manual_seed(3))
+    for protocol in ("official", "restricted"):
+        p = Predictor(_loaded(t, "in1k"), device="cpu", label_protocol=protocol)  # today's call, IN-9 implied
+        assert p.output_map.name == "in1k->in9" and p.label_space.name == "in9"
+        assert p.predict(_rows(64)).tolist() == _reference_in9(t, protocol)
+    # identity: a 2-class model on a 2-class label space
+    birds = LabelSpace.from_names(["landbird", "waterbird"], name="waterbirds")
+    t2 = torch.tensor([[0.2, 0.1], [0.0, 3.0], [-1.0, -2.0]])
+    p = Predictor(_loaded(t2, "custom"), label_space=birds)
+    assert p.output_map.name == "identity" and p.predict(_rows(3)).tolist() == [0, 1, 0]
+    assert p.describe()["label_space"] == "waterbirds" and p.describe()["num_classes"] == 2
+    # a many-to-one JSON map: outputs 0, 1 -> class 0, output 3 -> class 1, outputs 2 and 4 -> no class
+    t5 = torch.tensor([[5.0, 1.0, 0.0, 2.0, 0.0],   # top-1 output 0 -> 0
+                       [0.0, 1.0, 9.0, 2.0, 0.0],   # top-1 output 2 is unmapped: -1; restricted: output 3 -> 1
+                       [0.0, 0.0, 0.0, 0.5, 7.0]])  # top-1 output 4 unmapped: -1; restricted: output 3 -> 1
+    mapping = {"0": 0, "1": 0, "3": 1}
+    official = Predictor(_loaded(t5, "custom"), label_space=birds, output_map=OutputMap.from_dict(mapping, 5))
+    restricted = Predictor(_loaded(t5, "custom"), label_space=birds, output_map=OutputMap.from_dict(mapping, 5),
+                           label_protocol="restricted")
+    assert official.predict(_rows(3)).tolist() == [0, -1, -1]
+    assert restricted.predict(_rows(3)).tolist() == [0, 1, 1]
+
+
+def test_output_map_errors(tmp_path):
+    coco = LabelSpace.from_names([f"cat{i}" for i in range(80)], name="coco")
+    with pytest.raises(ConfigError, match=r"1000 outputs cannot be scored on the 80 classes.*--output-map"):
+        Predictor(_loaded(torch.zeros(1, 1000), "in1k"), label_space=coco)
+    f = tmp_path / "map.json"
+    f.write_text('{"0": 0, "1": 0, "9": 1}')
+    with pytest.raises(ConfigError, match="output 9 outside 0..4"):
+        Predictor(_loaded(torch.zeros(1, 5), "custom"), label_space=coco, output_map=f)
+    f.write_text('{"0": 0, "1": 80}')
+    with pytest.raises(ConfigError, match="names class 80, the label space has 80"):
+        Predictor(_loaded(torch.zeros(1, 5), "custom"), label_space=coco, output_map=f)
+    f.write_text("[0, 0, 1, -1, 79]")
+    p = Predictor(_loaded(torch.zeros(1, 5), "custom"), label_space=coco, output_map=f)
+    assert p.output_map.table.tolist() == [0, 0, 1, -1, 79]
+    f.write_text('{"0": "dog"}')
+    with pytest.raises(ConfigError, match=r"map\.json: expected an output map"):
+        Predictor(_loaded(torch.zeros(1, 5), "custom"), label_space=coco, output_map=f)
+    with pytest.raises(ConfigError, match="LabelSpace"):
+        Predictor(_loaded(torch.zeros(1, 9), "in9"), label_space="in9")
 
 
 def test_oom_backoff_halves_and_goes_on():

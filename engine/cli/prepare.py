@@ -5,11 +5,26 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
 import sys
 
-from ._args import fraction, positive_int
+from ._args import HelpFormatter, existing_file, fraction, out_file, positive_int
 
-__all__ = ["register", "run"]
+__all__ = ["register", "run", "memory_size"]
+
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def memory_size(text: str) -> int:
+    """``--max-memory``: bytes, or a number with a binary unit (``512M``, ``8G``, ``1.5GiB``, ``2t``).
+
+    >>> memory_size("8G"), memory_size("1.5GiB"), memory_size("4096")
+    (8589934592, 1610612736, 4096)
+    """
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if m is None or float(m.group(1)) * _UNITS[m.group(2)] < 1:
+        raise argparse.ArgumentTypeError(f"expected a memory size such as 8G, 512M or 1.5GiB, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -28,10 +43,10 @@ def register(subparsers) -> argparse.ArgumentParser:
             "each rank takes a share of the images (and of the node's cores) with its own journal, and rank 0 writes "
             "the index a single process would: torchrun --nnodes=4 --nproc_per_node=1 ... -m bgsynth.cli prepare INDEX"
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("index", help="input dataset index (COCO-format JSON)")
-    p.add_argument("-o", "--out", default=None,
+    p.add_argument("index", type=existing_file, help="input dataset index (COCO-format JSON)")
+    p.add_argument("-o", "--out", type=out_file, default=None,
                    help="output index path (default: <INDEX stem>.prepared.json beside the input)")
     p.add_argument("--split", action="append", default=None,
                    help="only process this split (repeatable)")
@@ -45,9 +60,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=positive_int, default=None,
                    help="processes (default: all cores; under torchrun, each rank its share of the node's cores)")
     p.add_argument("--max-side", type=positive_int, default=None,
-                   help="run GrabCut on a copy whose longer side is at most this (default: full resolution)")
+                   help="run GrabCut on a copy whose longer side is at most this (default: full resolution; GrabCut "
+                        "needs about 210 bytes per working pixel: 5 GiB for a 5000x5000 image)")
+    p.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
+                   help="refuse, before any work, a run whose GrabCut memory estimate for all workers at once "
+                        "exceeds SIZE (e.g. 8G); the message names the --max-side that fits")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its journal")
-    p.add_argument("--show", default=None, metavar="PNG", help="write a contact sheet of the worst and best masks")
+    p.add_argument("--show", type=out_file, default=None, metavar="PNG",
+                   help="write a contact sheet of the worst and best masks")
     p.add_argument("--show-count", type=positive_int, default=8, help="rows of worst and of best masks")
     p.add_argument("--resize", type=positive_int, default=256, help="crop geometry: shorter side resized to")
     p.add_argument("--crop", type=positive_int, default=224, help="crop geometry: centre crop side")
@@ -103,7 +123,8 @@ def _config(args: argparse.Namespace):
     split = None if not args.split else (args.split[0] if len(args.split) == 1 else args.split)
     return PrepareConfig(filters=_filters(args), recompute=args.recompute, per_class=args.per_class, split=split,
                          iterations=args.iterations, attempts=args.attempts, min_fraction=args.min_fraction,
-                         max_side=args.max_side, workers=args.workers, resume=args.resume,
+                         max_side=args.max_side, max_memory=args.max_memory, workers=args.workers,
+                         resume=args.resume,
                          checkpoint_every=args.checkpoint_every, show=args.show, show_count=args.show_count)
 
 

@@ -1,8 +1,12 @@
 """Ingest of any COCO-format instance-mask JSON into a :class:`~bgsynth.index.DatasetIndex`.
 
 The masks may come from COCO itself or from a segmentation model: polygons, uncompressed or compressed RLE
-(decoded with :mod:`pycocotools.mask`). The user says which source categories are which IN-9 class with a
-category map; annotations of categories outside the map are skipped and counted.
+(decoded with :mod:`pycocotools.mask`). The label space (``label_space``, CLI ``--label-space``):
+
+* ``"in9"`` (default): the user says which source categories are which IN-9 class with a category map;
+  annotations of categories outside the map are skipped and counted;
+* ``"coco"``: the JSON's own categories are the classes (no map): class ``k`` is the category with the ``k``-th
+  smallest id, named by its ``name`` (``info.source.category_ids`` keeps the original ids).
 
 Category map forms (``category_map``):
 
@@ -13,8 +17,10 @@ Category map forms (``category_map``):
 A source category is its ``name`` or its numeric ``id`` (names are matched first); an IN-9 class is its id
 (``0``..``8``), its name (``"dog"``, ``"wheeled vehicle"``) or its release folder (``"02_wheeled vehicle"``).
 
-Each image's IN-9 label is the class with the largest mapped mask area; its annotations of that class become
-the index annotations (``mask_source='external'`` unless told otherwise).
+Each image's label is the class with the largest mapped mask area (ties: the smaller class id); its annotations of
+that class become the index annotations (``mask_source='external'`` unless told otherwise). An image whose
+``file_name`` an index cannot hold (absolute, or with a ``..`` component, :func:`bgsynth.index.check_file_name`) is
+a ``bad_file_name`` reject.
 
 **Boxes** (``box_from``, CLI ``--box-from``). The box is what the selection filters and Only-BG-B use, so it
 matters which one is recorded:
@@ -52,7 +58,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..classes import IN9_CLASSES, IN9_FOLDERS, NUM_IN9
+from ..classes import IN9, IN9_CLASSES, IN9_FOLDERS, NUM_IN9, LabelSpace
 from ..index import (
     MASK_SOURCES,
     DatasetIndex,
@@ -63,9 +69,10 @@ from ..index import (
     rle_encode,
 )
 from ..probe import VERIFY_MODES, probe_file
-from ._probe import IngestError, run_pool, summarize_rejects, with_options
+from ._probe import IngestError, reject_bad_name, run_pool, summarize_rejects, with_options
 
-__all__ = ["ingest_coco", "CocoIngestConfig", "read_category_map", "decode_segmentation", "BOX_SOURCES", "MIN_MASK_INSIDE_BOX"]
+__all__ = ["ingest_coco", "CocoIngestConfig", "read_category_map", "decode_segmentation", "BOX_SOURCES",
+           "MIN_MASK_INSIDE_BOX", "LABEL_SPACES", "coco_label_space"]
 
 UNMAPPED_CATEGORY = "unmapped_category_annotations"
 NO_MAPPED_CATEGORY = "images_without_mapped_category"
@@ -75,6 +82,8 @@ EMPTY_MASK = "empty_mask_annotations"
 BOX_SOURCES = ("bbox", "mask")
 #: A bbox with less than this fraction of its annotation's mask pixels inside is a ``box_mask_mismatch`` reject.
 MIN_MASK_INSIDE_BOX = 0.5
+#: the classes of a COCO ingest: IN-9 through a category map, or the JSON's own categories
+LABEL_SPACES = ("in9", "coco")
 
 
 def _in9_id(value: Any, where: str) -> int:
@@ -224,7 +233,7 @@ def _coco_task(task: tuple) -> dict:
     area = collections.Counter()
     for label, m, _id, _bbox in decoded:
         area[label] += int(m.sum())
-    label = max(sorted(area), key=lambda k: area[k])  # ties: the smaller IN-9 id
+    label = max(sorted(area), key=lambda k: area[k])  # ties: the smaller class id
     out_anns = []
     for lab, m, ann_id, bbox in decoded:
         if lab != label:
@@ -253,6 +262,7 @@ class CocoIngestConfig:
         workers: probing processes (default: CPU count).
         verify: ``'full'`` or ``'header'`` image verification.
         progress: show a progress bar.
+        label_space: ``"in9"`` (through the category map) or ``"coco"`` (the JSON's own categories, no map).
     """
 
     split: str = "val"
@@ -262,8 +272,11 @@ class CocoIngestConfig:
     workers: int | None = None
     verify: str = "full"
     progress: bool = True
+    label_space: str = "in9"
 
     def __post_init__(self):
+        if self.label_space not in LABEL_SPACES:
+            raise IngestError(f"COCO ingest: expected label_space in {LABEL_SPACES}, got {self.label_space!r}")
         if self.box_from not in BOX_SOURCES:
             raise IngestError(f"COCO ingest: expected box_from in {BOX_SOURCES}, got {self.box_from!r}")
         v = self.min_mask_inside
@@ -316,6 +329,29 @@ def _category_labels(categories: list[dict], cmap: Mapping[str, int], where: str
     return cat_label, sorted(k for k in cmap if k not in known)
 
 
+def coco_label_space(categories: list[dict], where: str) -> tuple[LabelSpace, dict[Any, int]]:
+    """The JSON's own categories as a label space (class ``k``: the category with the ``k``-th smallest id) and the
+    source category id -> class id map.
+
+    Raises:
+        IngestError: no categories, or names that are missing or not unique.
+
+    >>> ls, ids = coco_label_space([{"id": 18, "name": "dog"}, {"id": 1, "name": "person"}], "x.json")
+    >>> ls.classes, ids
+    (('person', 'dog'), {1: 0, 18: 1})
+    """
+    try:
+        cats = sorted(categories, key=lambda c: int(c["id"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise IngestError(f"COCO ingest: {where}: every category needs an integer 'id' ({type(e).__name__}: {e})") from e
+    names = [str(c.get("name") or "").strip() for c in cats]
+    dup = sorted({n for n in names if names.count(n) > 1 or not n})
+    if not cats or dup:
+        raise IngestError(f"COCO ingest: {where}: expected categories with unique, non-empty names to use as the label "
+                          f"space, got {'none' if not cats else f'repeated or empty names {dup[:5]}'}")
+    return LabelSpace("coco", tuple(names)), {c["id"]: k for k, c in enumerate(cats)}
+
+
 def _coco_tasks(coco, cat_label: Mapping[int, int], root: pathlib.Path, config: CocoIngestConfig,
                 index: DatasetIndex) -> tuple[list[tuple], list]:
     """One probe task per image with a mapped annotation (the others are counted or rejected in ``index``)."""
@@ -336,8 +372,7 @@ def _coco_tasks(coco, cat_label: Mapping[int, int], root: pathlib.Path, config: 
         except (KeyError, TypeError, ValueError):
             index.add_reject(fn, Reject.BAD_ANNOTATION, f"image entry {im.get('id')} lacks width/height")
             continue
-        if not fn or os.path.isabs(fn) or ".." in pathlib.PurePath(fn).parts:
-            index.add_reject(fn, Reject.BAD_ANNOTATION, f"image entry {im.get('id')}: unusable file_name {fn!r}")
+        if reject_bad_name(index, fn, f"image entry {im.get('id')}: "):
             continue
         tasks.append((str(root / fn), fn, w, h, mapped, config.verify, config.box_from, float(config.min_mask_inside)))
         src_ids.append(im.get("id"))
@@ -368,43 +403,68 @@ def _add_results(index: DatasetIndex, src_ids: list, results: list[dict], config
         index.count_skipped(EMPTY_MASK, empty)
 
 
+def _read_map(config: CocoIngestConfig, category_map) -> dict[str, int] | None:
+    """The normalised category map of an IN-9 ingest (checked before the JSON is read); ``None`` for ``'coco'``."""
+    if config.label_space == "coco":
+        if category_map is not None:
+            raise IngestError("COCO ingest: label_space='coco' takes the JSON's own categories as the classes; "
+                              "give no category map (or label_space='in9' to map categories onto IN-9)")
+        return None
+    if category_map is None:
+        raise IngestError("COCO ingest: label_space='in9' needs a category map (category -> IN-9 class); or use "
+                          "label_space='coco' (--label-space coco) to keep the JSON's own categories")
+    return read_category_map(category_map)
+
+
+def _labels(cmap: dict[str, int] | None, categories: list[dict], where: str
+            ) -> tuple[LabelSpace, dict[Any, int], dict]:
+    """The label space, the source category id -> class id map and what ``info.source`` records about them."""
+    if cmap is None:
+        space, cat_label = coco_label_space(categories, where)
+        return space, cat_label, {"category_ids": [c for c, _k in sorted(cat_label.items(), key=lambda t: t[1])]}
+    cat_label, missing = _category_labels(categories, cmap, where)
+    return IN9, cat_label, {"category_map": {str(k): v for k, v in cmap.items()}, "unknown_map_keys": missing}
+
+
 def ingest_coco(
     annotations: str | os.PathLike | Mapping,
     images_root: str | os.PathLike,
-    category_map: Mapping | str | os.PathLike,
+    category_map: Mapping | str | os.PathLike | None = None,
     config: CocoIngestConfig | None = None,
     *,
     out: str | os.PathLike | None = None,
     **options,
 ) -> DatasetIndex:
-    """Index a COCO-format instance-mask dataset with a user-given category -> IN-9 map.
+    """Index a COCO-format instance-mask dataset, its categories mapped onto IN-9 or kept as the label space.
 
     Args:
         annotations: the COCO JSON file (or its already-loaded dict).
         images_root: folder that the images' ``file_name`` fields are relative to.
-        category_map: source category (name or id) -> IN-9 class; see the module docstring.
+        category_map: source category (name or id) -> IN-9 class (see the module docstring); required with
+            ``label_space="in9"``, not allowed with ``"coco"``.
         config: the ingest's settings (:class:`CocoIngestConfig`: split, mask_source, box_from, min_mask_inside,
-            workers, verify, progress).
+            workers, verify, progress, label_space).
         out: if given, the index is also saved there.
         **options: :class:`CocoIngestConfig` fields by name, overriding ``config``.
 
     Returns:
-        The :class:`~bgsynth.index.DatasetIndex` (image ids follow the source image ids' order).
+        The :class:`~bgsynth.index.DatasetIndex` (image ids follow the source image ids' order); with
+        ``label_space="coco"`` its ``info.label_space`` and ``categories[]`` are the JSON's categories.
 
     Raises:
-        IngestError: unreadable JSON, bad category map, bad option, or nothing valid remaining.
+        IngestError: unreadable JSON, bad or missing category map, bad option, or nothing valid remaining.
     """
     config = with_options("COCO ingest", config, CocoIngestConfig, options)
     root = pathlib.Path(images_root).expanduser()
     if not root.is_dir():
         raise IngestError(f"COCO ingest: images root {root} is not a folder")
-    cmap = read_category_map(category_map)
+    cmap = _read_map(config, category_map)
     coco, where = _load_coco(annotations)
-    cat_label, missing = _category_labels(coco.dataset["categories"], cmap, where)
-    index = DatasetIndex.empty(image_root=str(root.resolve()), description=f"COCO masks from {where}")
+    space, cat_label, about = _labels(cmap, coco.dataset["categories"], where)
+    index = DatasetIndex.empty(image_root=str(root.resolve()), description=f"COCO masks from {where}",
+                               label_space=space)
     index.data["info"]["source"] = {"kind": "coco", "annotations": where, "images_root": str(root),
-                                    "category_map": {str(k): v for k, v in cmap.items()},
-                                    "unknown_map_keys": missing, "box_from": config.box_from,
+                                    "label_space": config.label_space, **about, "box_from": config.box_from,
                                     "min_mask_inside": float(config.min_mask_inside)}
     tasks, src_ids = _coco_tasks(coco, cat_label, root, config, index)
     results = run_pool(_coco_task, tasks, config.workers, desc="ingest coco", progress=config.progress)

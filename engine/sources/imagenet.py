@@ -23,10 +23,18 @@ Accepted annotation layouts (``annotations_root``): ``<ann>/<wnid>/<stem>.xml`` 
 inclusive. A maximum equal to the image width/height (a 1-based file) is clamped to the last pixel; anything
 further outside is a reject.
 
-Each class folder's wnid maps to its ImageNet-1k index (timm's metadata) and then to IN-9; images of classes
-that map to no IN-9 class are counted in ``info.skipped['unmapped_class']`` and not indexed (nor probed).
-Every candidate image is probed in a process pool; bad input becomes a reject with its path (relative to
-``images_root``), reason and detail, and the ingest goes on.
+Each class folder's wnid maps to its ImageNet-1k index (timm's metadata). The label space (``label_space``, CLI
+``--label-space``) says what the index's classes are:
+
+* ``"in9"`` (default): the wnid maps on to IN-9; images of classes that map to no IN-9 class are counted in
+  ``info.skipped['unmapped_class']`` and not indexed (nor probed);
+* ``"in1k"``: all 1000 ImageNet-1k classes, label = class index in the standard sorted-wnid order, class names
+  the wnids (:func:`in1k_label_space`); ``bgsynth prepare`` then runs GrabCut on them as on IN-9.
+
+Every candidate image is probed (in a process pool for long jobs); bad input becomes a reject with its path
+(relative to ``images_root``), reason and detail, and the ingest goes on. A file name that the index could not
+hold (:func:`bgsynth.index.check_file_name`: absolute, or with a ``..`` component such as ``a\\..\\..\\b.JPEG``) is
+a reject too, never an index that later fails to load.
 """
 
 from __future__ import annotations
@@ -38,17 +46,40 @@ import warnings
 import xml.etree.ElementTree as ET
 from typing import Any
 
-from ..classes import in1k_wnids, wnid_to_in1k, wnid_to_in9
+from ..classes import IN9, LabelSpace, in1k_wnids, wnid_to_in1k, wnid_to_in9
 from ..index import DatasetIndex, Reject, inclusive_to_bbox
 from ..probe import VERIFY_MODES, probe_file
-from ._probe import IngestError, run_pool, summarize_rejects
+from ._probe import IngestError, reject_bad_name, run_pool, summarize_rejects
 
-__all__ = ["IMAGE_EXTENSIONS", "ingest_imagenet", "parse_voc_xml", "read_labels_file"]
+__all__ = ["IMAGE_EXTENSIONS", "LABEL_SPACES", "ingest_imagenet", "in1k_label_space", "parse_voc_xml",
+           "read_labels_file", "no_images_error"]
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 _WNID = re.compile(r"^n\d{8}$")
 UNKNOWN_CLASS = "unknown_class"
 NO_LABEL = "no_label"
+#: what an ImageNet ingest's classes are: the 9 IN-9 superclasses, or all 1000 ImageNet-1k classes
+LABEL_SPACES = ("in9", "in1k")
+
+
+def in1k_label_space() -> LabelSpace:
+    """The 1000 ImageNet-1k classes as a label space: class ``k`` is the ``k``-th wnid in the standard sorted order.
+
+    The class names are the wnids (unique, unlike ImageNet's lemmas: there are two "crane" and two "maillot"
+    classes), so the export folders are ``000_n01440764`` ... ``999_n15075141``.
+    """
+    return LabelSpace("in1k", in1k_wnids())
+
+
+def no_images_error(kind: str, root: pathlib.Path, where: str = "") -> IngestError:
+    """The one-line error of an ingest that found no image file to index under ``root`` (``where``: in which
+    sub-folders it looked).
+
+    >>> str(no_images_error("ImageNet", pathlib.Path("/data/empty")))
+    'ImageNet ingest: /data/empty: no image files (*.jpeg, *.jpg, *.png, any case) found; check the path'
+    """
+    exts = ", ".join(f"*{e}" for e in IMAGE_EXTENSIONS)
+    return IngestError(f"{kind} ingest: {root}: no image files ({exts}, any case) found{where}; check the path")
 
 
 class _AnnotationProblem(Exception):
@@ -213,9 +244,13 @@ def _labelled_candidates(root: pathlib.Path, labels_file, index: DatasetIndex) -
         if entry.is_file() and _is_image(entry.name):
             on_disk[entry.name] = entry.name
             on_disk.setdefault(os.path.splitext(entry.name)[0], entry.name)
+    if not on_disk:
+        raise no_images_error("ImageNet", root)
     used = set()
     candidates = []
     for key, wnid in labels.items():
+        if reject_bad_name(index, key, f"listed in {labels_file}: "):
+            continue
         name = on_disk.get(key) or on_disk.get(os.path.splitext(key)[0])
         if name is None:
             index.add_reject(key, Reject.MISSING_FILE, f"listed in {labels_file} but not found in {root}")
@@ -243,6 +278,8 @@ def _folder_candidates(root: pathlib.Path) -> list[tuple[str, str]]:
         candidates.extend((f"{wnid}/{f}", wnid) for f in files)
         if wnid_to_in1k(wnid) is None:
             unknown.append(wnid)
+    if not candidates:
+        raise no_images_error("ImageNet", root, f" in its {len(subdirs)} class folder(s)" if subdirs else "")
     if unknown:
         warnings.warn(
             f"ImageNet ingest: {len(unknown)} folder(s) of {root} are not ImageNet-1k wnids and are skipped: "
@@ -253,18 +290,20 @@ def _folder_candidates(root: pathlib.Path) -> list[tuple[str, str]]:
 
 
 def _probe_tasks(candidates: list[tuple[str, str]], root: pathlib.Path, ann_root: pathlib.Path | None, verify: str,
-                 index: DatasetIndex) -> tuple[list[tuple], list[tuple[str, int, int]]]:
-    """One probe task per candidate of an IN-9 class (the others are counted in ``index``), with its
-    ``(wnid, in1k class, IN-9 label)``."""
+                 index: DatasetIndex, label_space: str) -> tuple[list[tuple], list[tuple[str, int, int]]]:
+    """One probe task per candidate of a class of the label space (the others are counted in ``index``; a file
+    name the index could not hold is a reject), with its ``(wnid, in1k class, label)``."""
     tasks, meta = [], []
     for rel, wnid in sorted(candidates):
         in1k = wnid_to_in1k(wnid)
         if in1k is None:
             index.count_skipped(UNKNOWN_CLASS)
             continue
-        label = wnid_to_in9(wnid)
+        label = in1k if label_space == "in1k" else wnid_to_in9(wnid)
         if label is None:
             index.count_skipped(Reject.UNMAPPED_CLASS)
+            continue
+        if reject_bad_name(index, rel):
             continue
         stem = os.path.splitext(os.path.basename(rel))[0]
         xmls = None
@@ -286,18 +325,22 @@ def _add_probed(index: DatasetIndex, meta: list[tuple[str, int, int]], results: 
         index.add_image(entry, anns)
 
 
-def _imagenet_roots(images_root, annotations_root, verify: str) -> tuple[pathlib.Path, pathlib.Path | None]:
+def _imagenet_roots(images_root, annotations_root, verify: str, label_space: str
+                    ) -> tuple[pathlib.Path, pathlib.Path | None]:
     root = pathlib.Path(images_root).expanduser()
     if not root.is_dir():
         raise IngestError(f"ImageNet ingest: images root {root} is not a folder")
     if verify not in VERIFY_MODES:
         raise IngestError(f"ImageNet ingest: expected verify in {VERIFY_MODES}, got {verify!r}")
+    if label_space not in LABEL_SPACES:
+        raise IngestError(f"ImageNet ingest: expected label_space in {LABEL_SPACES}, got {label_space!r}")
     ann_root = None if annotations_root is None else pathlib.Path(annotations_root).expanduser()
     if ann_root is not None and not ann_root.is_dir():
         raise IngestError(f"ImageNet ingest: annotations root {ann_root} is not a folder")
     return root, ann_root
 
 
+# size: the stable keyword API its callers use (the CLI, the built-in generator), one argument per ingest setting
 def ingest_imagenet(
     images_root: str | os.PathLike,
     annotations_root: str | os.PathLike | None = None,
@@ -307,6 +350,7 @@ def ingest_imagenet(
     workers: int | None = None,
     verify: str = "full",
     progress: bool = True,
+    label_space: str = "in9",
 ) -> DatasetIndex:
     """Index an ImageNet folder (class folders, or a flat folder with a labels file) with its ILSVRC boxes.
 
@@ -320,19 +364,23 @@ def ingest_imagenet(
         workers: probing processes (default: CPU count).
         verify: ``'full'`` (decode every image) or ``'header'`` (header and end marker only; faster).
         progress: show a progress bar.
+        label_space: ``"in9"`` (the 9 IN-9 classes; other ImageNet classes are counted, not indexed) or ``"in1k"``
+            (all 1000 classes, :func:`in1k_label_space`).
 
     Returns:
         The :class:`~bgsynth.index.DatasetIndex`; image ids follow the sorted relative paths. Each image entry
         records ``wnid``, ``in1k_class``, ``split``, ``format``, ``mode`` and ``exif_orientation``.
 
     Raises:
-        IngestError: when ``images_root`` does not exist, or when no image could be indexed (the message counts
-            the rejects per reason and names the root).
+        IngestError: when ``images_root`` does not exist or holds no image file, or when no image could be indexed
+            (the message counts the rejects per reason and names the root).
 
     >>> idx = ingest_imagenet("/data/imagenet/train", "/data/imagenet/bbox/train")   # doctest: +SKIP
     """
-    root, ann_root = _imagenet_roots(images_root, annotations_root, verify)
-    index = DatasetIndex.empty(image_root=str(root.resolve()), description=f"ImageNet {split} from {root}")
+    root, ann_root = _imagenet_roots(images_root, annotations_root, verify, label_space)
+    space = in1k_label_space() if label_space == "in1k" else IN9
+    index = DatasetIndex.empty(image_root=str(root.resolve()), description=f"ImageNet {split} from {root}",
+                               label_space=space)
     index.data["info"]["source"] = {"kind": "imagenet", "images_root": str(root), "split": split,
                                     "annotations_root": None if ann_root is None else str(ann_root),
                                     "labels_file": None if labels_file is None else str(labels_file)}
@@ -340,7 +388,7 @@ def ingest_imagenet(
         candidates = _labelled_candidates(root, labels_file, index)
     else:
         candidates = _folder_candidates(root)
-    tasks, meta = _probe_tasks(candidates, root, ann_root, verify, index)
+    tasks, meta = _probe_tasks(candidates, root, ann_root, verify, index, label_space)
     results = run_pool(_probe_task, tasks, workers, desc=f"ingest imagenet {split}", progress=progress)
     _add_probed(index, meta, results, split)
     if len(index) == 0:

@@ -20,8 +20,8 @@ import numpy as np
 from ..classes import IN9_FOLDERS, folder_to_in9
 from ..index import DatasetIndex, Reject, inclusive_to_bbox, mask_extent, rle_encode
 from ..probe import VERIFY_MODES, probe_file
-from ._probe import IngestError, run_pool, summarize_rejects
-from .imagenet import _is_image
+from ._probe import IngestError, reject_bad_name, run_pool, summarize_rejects
+from .imagenet import _is_image, no_images_error
 
 __all__ = ["ingest_in9_release", "load_release_mask"]
 
@@ -94,6 +94,8 @@ def _release_tasks(images_dir: pathlib.Path, mask_dir: pathlib.Path, policy: tup
             index.count_skipped(UNKNOWN_CLASS, len(files))
             continue
         for f in files:
+            if reject_bad_name(index, f"{folder}/{f}"):
+                continue
             stem = os.path.splitext(f)[0]
             mask_path = str(mask_dir / folder / f"{stem}.npy") if want_masks else None
             tasks.append((str(images_dir / folder / f), f"{folder}/{f}", mask_path, mask_required, verify))
@@ -167,6 +169,8 @@ def ingest_in9_release(
     index = DatasetIndex.empty(image_root=str(images_dir.resolve()), description=f"IN-9 release {variant}/{split}")
     index.data["info"]["source"] = {"kind": "in9_release", "root": str(root), "variant": variant, "split": split}
     tasks, labels = _release_tasks(images_dir, root / "fg_mask" / split, _mask_policy(masks, variant), verify, index)
+    if not tasks and not index.rejects:
+        raise no_images_error("IN-9", images_dir, f" in the IN-9 class folders ({IN9_FOLDERS[0]} ... {IN9_FOLDERS[-1]})")
     results = run_pool(_release_task, tasks, workers, desc=f"ingest in9 {variant}/{split}", progress=progress)
     index.data["info"]["source"]["images_without_mask"] = _add_release_results(index, labels, results, split, variant)
     if len(index) == 0:
