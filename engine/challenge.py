@@ -57,21 +57,27 @@ import pathlib
 import time
 from typing import Mapping, Sequence
 
+import numpy as np
+
 from .challenge_result import (
     NOT_FOOLED,
     REFERENCE_BATCH,
     UNMAPPED_U8,
     ChallengeResult,
+    ids_digest,
     merge_results,
     reference_cost,
 )
 from .challenge_search import ORDERS, ChallengeConfig, ChallengeSearch
 from .config import RunConfig, resolve_options
 from .distributed import current, shard_ids
-from .errors import ConfigError
+from .errors import ConfigError, EmptyInputError
+from .evaluate import claim_output
 from .index import DatasetIndex
 from .pool import build_background_pool, build_background_pool_sharded
 from .report.challenge_plots import challenge_plots
+from .results import model_digest
+from .runs import Fingerprint, OutputFolder, index_digest
 from .types import BackgroundPool
 
 __all__ = [
@@ -88,6 +94,7 @@ __all__ = [
     "reference_cost",
     "challenge_foregrounds",
     "challenge_to_dir",
+    "challenge_fingerprint",
 ]
 
 _PREDICTOR_API = ("mean", "std", "input_dtype", "channels_last", "predict")
@@ -167,11 +174,12 @@ def run_challenge(index: DatasetIndex, predictor, run: RunConfig | None = None, 
     if config.resume and config.checkpoint is None:
         raise ConfigError("run_challenge: resume=True needs a checkpoint path")
     fg_all = challenge_foregrounds(index, config.split, config.fg_ids)
-    if len(fg_all) == 0:
-        raise ConfigError(f"run_challenge: no foreground (image of split {config.split!r} with a mask) in {index!r}")
+    if not fg_all:  # the one wording of empty input
+        index.require_images(index.select(ids=[]), "search", config.split, what="foregrounds (images with a mask)")
     pool = _background_pool(index, run, config, dist)
     if len(pool) == 0:
-        raise ConfigError(f"run_challenge: no Only-BG-T background in split {config.split!r} of {index!r}")
+        raise EmptyInputError(f"{index.path or '<in-memory index>'}: no backgrounds to search in split "
+                              f"{config.split!r}: no image of the split has an Only-BG-T (a margin around its box)")
     search = ChallengeSearch(index, predictor, pool, run, config,
                              fg_ids=shard_ids(fg_all, config.shard_id, config.num_shards), dist=dist)
     if config.resume:
@@ -206,10 +214,44 @@ def _background_pool(index: DatasetIndex, run: RunConfig, config: ChallengeConfi
 # --------------------------------------------------------------------------------------------------------------
 
 
+#: the files a challenge run writes into its folder (result, matrices, checkpoints, plots)
+def _challenge_owned(path: pathlib.Path) -> bool:
+    n = path.name
+    return (n in ("challenge.json", "challenge_matrix.npz") or (n.startswith("challenge.ckpt") and n.endswith(".npz"))
+            or (n.startswith("challenge_") and n.endswith(".png")))
+
+
+def challenge_fingerprint(index: DatasetIndex, predictor, run: RunConfig, config: ChallengeConfig,
+                          world_size: int = 1) -> Fingerprint:
+    """What decides a challenge run's output and its checkpoint (:class:`bgsynth.runs.Fingerprint`): every setting
+    the search depends on (the batch size and window included: they decide the records and the forwards), the
+    index digest and the model's weights digest."""
+    settings = {
+        "split": config.split if config.split is None or isinstance(config.split, str) else list(config.split),
+        "foregrounds": None if config.fg_ids is None else ids_digest(np.asarray(config.fg_ids, np.int64)),
+        "bg_per_class": config.bg_per_class, "order": config.order, "full_matrix": bool(config.full_matrix),
+        "store_predictions": bool(config.store_predictions), "batch_size": int(run.batch_size),
+        "fg_tile": int(config.tile(run.batch_size)), "seed": int(run.seed), "geometry": run.geometry.to_dict(),
+        "tiling": run.tiling, "backend": run.backend, "device_type": run.device.type,
+        "input_dtype": str(getattr(predictor, "input_dtype", "")).replace("torch.", ""),
+        "mean": [float(v) for v in predictor.mean], "std": [float(v) for v in predictor.std],
+        "label_protocol": getattr(predictor, "label_protocol", None), "label_space": index.label_space.name,
+        "world_size": int(world_size), "share_every": int(config.share_every) if world_size > 1 else 0,
+    }
+    return Fingerprint("challenge", settings, index=index_digest(index), model=model_digest(predictor))
+
+
+# size: the API of `bgsynth challenge --out`: the run's inputs and the output folder's options
 def challenge_to_dir(index: DatasetIndex, predictor, out_dir: str | os.PathLike, run: RunConfig | None = None,
-                     config: ChallengeConfig | None = None, *, plots: bool = True,
+                     config: ChallengeConfig | None = None, *, plots: bool = True, overwrite: bool = False,
                      **options) -> tuple[ChallengeResult, dict[str, pathlib.Path]]:
     """Run :func:`run_challenge` with its checkpoint in ``out_dir`` and write the result (and plots) there.
+
+    The folder is claimed for this run before any work (:class:`bgsynth.runs.OutputFolder`, with
+    :func:`challenge_fingerprint`): a folder written by a challenge run with other settings, data or model is
+    refused, naming what differs, unless ``overwrite`` (which deletes that run's files, its checkpoints included,
+    and nothing else); ``resume`` continues from the checkpoint only when the fingerprint is equal. An existing
+    file at ``out_dir``, or a folder that cannot be written, is refused too.
 
     Under ``torchrun`` (:func:`bgsynth.distributed.current` with several ranks) each rank searches its shard of
     the foregrounds (with its own checkpoint, ``challenge.ckpt.rank<R>.npz``), the results are gathered and
@@ -223,25 +265,39 @@ def challenge_to_dir(index: DatasetIndex, predictor, out_dir: str | os.PathLike,
             ``full_matrix`` runs ``challenge_matrix.npz``, ``challenge_gallery.png`` and
             ``challenge_vulnerability.png``.
         plots: write the plots (:func:`bgsynth.report.challenge_plots.challenge_plots`).
+        overwrite: replace the files of another run in ``out_dir``.
 
     Returns:
         ``(result, paths)``; ``paths`` is empty on ranks other than 0.
+
+    Raises:
+        ConfigError: bad options, or the output folder is refused (before any work).
     """
     ctx = current()
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_inputs(index, predictor)
     run, config = resolve_challenge(predictor, run, config, options)
+    folder = OutputFolder(out_dir, challenge_fingerprint(index, predictor, run, config, ctx.world_size),
+                          overwrite=overwrite, resume=config.resume, owned=_challenge_owned)
+    out = folder.path
     if ctx.world_size > 1:
-        config = dataclasses.replace(config, shard_id=ctx.rank, num_shards=ctx.world_size,
-                                     checkpoint=out / f"challenge.ckpt.rank{ctx.rank}.npz")
-        result = merge_results(ctx.all_gather_object(run_challenge(index, predictor, run, config, dist=ctx)))
+        ckpt = out / f"challenge.ckpt.rank{ctx.rank}.npz"
+        config = dataclasses.replace(config, shard_id=ctx.rank, num_shards=ctx.world_size, checkpoint=ckpt)
     else:
         config = dataclasses.replace(config, checkpoint=out / "challenge.ckpt.npz")
+    claim_output(folder, ctx, ctx.is_main, collective=True)
+    if ctx.is_main:  # a killed run leaves its checkpoints recorded as its own
+        folder.commit([out / f"challenge.ckpt.rank{r}.npz" for r in range(ctx.world_size)] if ctx.world_size > 1
+                      else [config.checkpoint])
+    if ctx.world_size > 1:
+        result = merge_results(ctx.all_gather_object(run_challenge(index, predictor, run, config, dist=ctx)))
+    else:
         result = run_challenge(index, predictor, run, config)
     paths: dict[str, pathlib.Path] = {}
     if ctx.is_main:
         paths.update(result.save(out))
+        folder.commit(paths.values())
         if plots:
             paths.update(challenge_plots(result, out, k=config.gallery_k))
+            folder.commit(paths.values())
     ctx.barrier()
     return result, paths

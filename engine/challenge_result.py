@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .classes import IN9_CLASSES, NUM_IN9
+from .classes import IN9, LabelSpace
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_write_bytes, atomic_write_json
 
@@ -71,14 +71,24 @@ def reference_cost(first_fool: np.ndarray, num_backgrounds: int, batch: int = RE
 # --------------------------------------------------------------------------------------------------------------
 
 
-def pred_to_u8(pred: np.ndarray) -> np.ndarray:
-    """Predictions (``-1`` = unmapped) as the ``uint8`` codes of prediction matrices (:data:`UNMAPPED_U8`)."""
+def pred_to_u8(pred: np.ndarray, num_classes: int = 9) -> np.ndarray:
+    """Predictions (``-1`` = unmapped) as the codes of prediction matrices: ``uint8`` with :data:`UNMAPPED_U8` for
+    an unmapped prediction while the label space has fewer than 255 classes, else ``int32`` holding ``-1`` itself.
+
+    >>> pred_to_u8(np.array([3, -1])).tolist(), pred_to_u8(np.array([300, -1]), 1000).dtype.name
+    ([3, 255], 'int32')
+    """
     p = np.asarray(pred, dtype=np.int64)
-    return np.where(p < 0, UNMAPPED_U8, p).astype(np.uint8)
+    if num_classes >= UNMAPPED_U8:
+        return p.astype(np.int32)
+    return np.where((p < 0) | (p >= num_classes), UNMAPPED_U8, p).astype(np.uint8)
 
 
 def _u8_to_pred(code: np.ndarray) -> np.ndarray:
-    c = np.asarray(code).astype(np.int64)
+    c = np.asarray(code)
+    if c.dtype != np.uint8:
+        return c.astype(np.int64)
+    c = c.astype(np.int64)
     return np.where(c == UNMAPPED_U8, -1, c)
 
 
@@ -90,7 +100,7 @@ class ChallengeResult:
     background id), which is also the fixed order of the official loop.
 
     Attributes:
-        fg_ids, fg_labels: ``int64 [F]`` the foregrounds and their IN-9 labels.
+        fg_ids, fg_labels: ``int64 [F]`` the foregrounds and their class ids (in :attr:`label_space`).
         vulnerable: ``bool [F]``.
         fool_bg: ``int64 [F]`` image id of the background that fooled the foreground (``-1`` if robust). With
             the adaptive order it is the first fooling background the search met; with ``full_matrix`` the
@@ -104,14 +114,16 @@ class ChallengeResult:
             robust), known only with ``full_matrix``; else ``None``.
         fool_bits: ``uint8 [F, ceil(N / 8)]`` the fooling matrix, rows bit-packed with :func:`numpy.packbits`
             (``full_matrix`` only).
-        pred_matrix: ``uint8 [F, N]`` prediction per pair (:data:`UNMAPPED_U8` for unmapped), only with
-            ``full_matrix`` and ``store_predictions``.
+        pred_matrix: ``uint8 [F, N]`` prediction per pair (:data:`UNMAPPED_U8` for unmapped; ``int32`` with
+            ``-1`` for label spaces of 255 classes or more), only with ``full_matrix`` and ``store_predictions``.
         failed_ids: ``int64 [K]`` foregrounds that could not be decoded (not counted in the total).
         config: the settings of the run (JSON-able).
         timing: wall time, forwards per second and similar figures of the process(es) that ran it; the only
             part of a result that differs between an uninterrupted and a resumed run.
         gallery_images: for ``full_matrix`` runs, ``{bg_id: uint8 [C, C, 3]}`` of the most adversarial
             backgrounds per class (for :mod:`bgsynth.report.challenge_plots`); not saved.
+        label_space: the classes of the foregrounds and backgrounds (the index's; IN-9 by default): the per-class
+            figures are over its classes and named by it.
     """
 
     fg_ids: np.ndarray
@@ -130,6 +142,13 @@ class ChallengeResult:
     config: dict = dataclasses.field(default_factory=dict)
     timing: dict = dataclasses.field(default_factory=dict)
     gallery_images: dict | None = dataclasses.field(default=None, repr=False, compare=False)
+    label_space: LabelSpace = IN9
+
+    def __post_init__(self):
+        if isinstance(self.label_space, dict):
+            self.label_space = LabelSpace.from_dict(self.label_space)
+        if not isinstance(self.label_space, LabelSpace):
+            raise ConfigError(f"ChallengeResult: expected a LabelSpace, got {type(self.label_space).__name__}")
 
     # ---------------------------------------------------------------------------------------------- counts
     @property
@@ -199,9 +218,9 @@ class ChallengeResult:
 
     # ---------------------------------------------------------------------------------------------- views
     def per_class(self) -> list[dict]:
-        """Per IN-9 class: foregrounds, vulnerable, robust and challenge accuracy."""
+        """Per class of the label space: foregrounds, vulnerable, robust and challenge accuracy."""
         out = []
-        for c, name in enumerate(IN9_CLASSES):
+        for c, name in enumerate(self.label_space.classes):
             m = self.fg_labels == c
             n = int(m.sum())
             v = int((self.vulnerable & m).sum())
@@ -251,7 +270,7 @@ class ChallengeResult:
         """
         frac = self.bg_fool_fraction()
         out: dict[int, list[tuple[int, float]]] = {}
-        for c in range(NUM_IN9):
+        for c in range(self.label_space.num_classes):
             idx = np.flatnonzero((self.bg_labels == c) & ~np.isnan(frac))
             order = idx[np.lexsort((self.bg_ids[idx], -frac[idx]))][:k]
             out[c] = [(int(self.bg_ids[i]), float(frac[i])) for i in order]
@@ -335,13 +354,15 @@ class ChallengeResult:
             if self.first_fool_fixed is not None:
                 rec["first_fool_fixed"] = int(self.first_fool_fixed[i])
             fg.append(rec)
-        d: dict[str, Any] = {"format": "bgsynth-challenge", **self.summary(), "config": self.config}
+        d: dict[str, Any] = {"format": "bgsynth-challenge", **self.summary(), "config": self.config,
+                             "label_space": self.label_space.to_dict()}
         bg: dict[str, Any] = {"ids": self.bg_ids.tolist(), "labels": self.bg_labels.tolist()}
         if self.has_matrix:
             frac = self.bg_fool_fraction()
             bg["fool_fraction"] = [None if math.isnan(f) else float(f) for f in frac]
             d["most_adversarial"] = {
-                IN9_CLASSES[c]: [{"bg": b, "fraction": f} for b, f in lst] for c, lst in self.most_adversarial().items()
+                self.label_space.classes[c]: [{"bg": b, "fraction": f} for b, f in lst]
+                for c, lst in self.most_adversarial().items()
             }
             d["vulnerability_histogram"] = np.bincount(self.vulnerability_counts(), minlength=self.num_backgrounds + 1).tolist()
         d["pool"] = bg
@@ -403,6 +424,7 @@ class ChallengeResult:
             failed_ids=np.array(d.get("failed_foregrounds_ids", []), np.int64),
             config=d.get("config", {}),
             timing=d.get("timing", {}),
+            label_space=LabelSpace.from_dict(d["label_space"]) if d.get("label_space") else IN9,
         )
         mat = js.parent / "challenge_matrix.npz"
         if mat.is_file():
@@ -437,6 +459,8 @@ def merge_results(results: Sequence[ChallengeResult]) -> ChallengeResult:
     for k, r in enumerate(results[1:], 1):
         if not np.array_equal(r.bg_ids, first.bg_ids):
             raise ConfigError(f"merge_results: result {k} has other backgrounds than result 0")
+        if r.label_space != first.label_space:
+            raise ConfigError(f"merge_results: result {k} is in another label space than result 0")
         if comparable(r.config) != comparable(first.config):
             diff = sorted(key for key in set(r.config) | set(first.config)
                           if key not in per_shard and r.config.get(key) != first.config.get(key))
@@ -477,6 +501,7 @@ def merge_results(results: Sequence[ChallengeResult]) -> ChallengeResult:
         failed_ids=np.sort(np.concatenate([r.failed_ids for r in results])),
         config=cfg,
         timing={"wall_s": max(wall), "shards": [r.timing for r in results]},
+        label_space=first.label_space,
     )
     if merged.has_matrix:
         keep = {b for lst in merged.most_adversarial().values() for b, _ in lst}

@@ -41,12 +41,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .challenge_result import NOT_FOOLED, UNMAPPED_U8, ChallengeResult, ids_digest, pred_to_u8
-from .classes import NUM_IN9
+from .classes import IN9, NUM_IN9, LabelSpace, in1k_to_in9
 from .config import RunConfig, check_positive_int
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_write_bytes
 from .index import DatasetIndex
 from .pipeline import create_loader
+from .results import model_digest
 from .types import BackgroundPool
 from .variants import composite
 
@@ -58,16 +59,18 @@ __all__ = [
     "ChallengeSearch",
     "class_orders",
     "model_fingerprint",
+    "output_table",
+    "label_mass",
 ]
 
 ORDERS = ("adaptive", "reference")
 CKPT_FORMAT = "bgsynth-challenge-state"
-CKPT_VERSION = 1
+CKPT_VERSION = 2  # 2: soft order statistics (float64 pair mass)
 
 # status codes of a foreground in the search state
 PENDING, ACTIVE, VULNERABLE, ROBUST, FAILED = 0, 1, 2, 3, 4
 # shrinkage (pseudo-counts) of the adaptive order's fooling-rate estimates
-_M_CLASS, _M_OTHER = 2.0, 2.0
+_M_CLASS, _M_OTHER, _M_CELL = 2.0, 2.0, 4.0
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -160,7 +163,8 @@ class SearchState:
     """The state of one shard's search; the schedule is a deterministic function of it.
 
     Attributes:
-        fg_ids, labels: ``int64 [F]`` this shard's foregrounds (sorted) and their IN-9 labels.
+        fg_ids, labels: ``int64 [F]`` this shard's foregrounds (sorted) and their class ids (``0..C-1`` in the
+            index's label space of ``C`` classes).
         status: ``int8 [F]``: pending, active (in the window), vulnerable, robust, failed (undecodable).
         fool_idx: ``int64 [F]`` pool index of the recorded fooling background (``-1``).
         fool_pred: ``int64 [F]`` the prediction on that composite (:data:`NOT_FOOLED`).
@@ -168,8 +172,9 @@ class SearchState:
         next_pos: foregrounds admitted to the window so far (positions below it are not pending).
         window: ``int64 [A]`` positions of the active foregrounds, ascending (the active set).
         window_tried: ``bool [A, N]`` which backgrounds each active foreground has tried.
-        pair_counts: ``int64 [N, 9, 10]`` the order statistics: pairs by (background, foreground class,
-            prediction; 9 = unmapped).
+        pair_counts: ``float64 [N, C, C + 1]`` the order statistics: per (background, foreground class), the
+            model's probability mass on each class (``C`` = unmapped) summed over the pairs tried; one count per pair
+            on its predicted class when the predictor gives no logits.
         forwards, steps: composites classified and forward batches run.
         fool_bits: ``uint8 [F, ceil(N / 8)]`` the fooling matrix so far (full matrix).
         preds: ``uint8 [F, N]`` every pair's prediction (full matrix with ``store_predictions``).
@@ -192,25 +197,32 @@ class SearchState:
     preds: np.ndarray | None
     first_fixed: np.ndarray | None
 
+    # size: the state's shape is fixed by these five (and the class count)
     @classmethod
     def new(cls, fg_ids: np.ndarray, labels: np.ndarray, n_bg: int, full_matrix: bool,
-            store_predictions: bool) -> "SearchState":
-        """The state before the first forward: every foreground pending."""
+            store_predictions: bool, num_classes: int = NUM_IN9) -> "SearchState":
+        """The state before the first forward: every foreground pending (``num_classes``: the label space's ``C``)."""
         f = len(fg_ids)
+        c = int(num_classes)
         return cls(
             fg_ids=fg_ids.astype(np.int64), labels=labels.astype(np.int64),
             status=np.zeros(f, np.int8), fool_idx=np.full(f, -1, np.int64), fool_pred=np.full(f, NOT_FOOLED, np.int64),
             tried=np.zeros(f, np.int64), next_pos=0, window=np.zeros(0, np.int64),
-            window_tried=np.zeros((0, n_bg), bool), pair_counts=np.zeros((n_bg, NUM_IN9, NUM_IN9 + 1), np.int64),
+            window_tried=np.zeros((0, n_bg), bool), pair_counts=np.zeros((n_bg, c, c + 1), np.float64),
             forwards=0, steps=0,
             fool_bits=np.zeros((f, (n_bg + 7) // 8), np.uint8) if full_matrix else None,
-            preds=np.full((f, n_bg), UNMAPPED_U8, np.uint8) if (full_matrix and store_predictions) else None,
+            preds=pred_to_u8(np.full((f, n_bg), -1), c) if (full_matrix and store_predictions) else None,
             first_fixed=np.full(f, -1, np.int64) if full_matrix else None,
         )
 
     @property
     def num_backgrounds(self) -> int:
         return int(self.window_tried.shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        """``C``, the classes of the label space."""
+        return int(self.pair_counts.shape[1])
 
     @property
     def complete(self) -> bool:
@@ -229,15 +241,23 @@ class SearchState:
             self.window = np.concatenate([self.window, new])
             self.window_tried = np.concatenate([self.window_tried, np.zeros((len(new), self.num_backgrounds), bool)])
 
-    def next_pairs(self, batch_size: int, orders: np.ndarray, full_matrix: bool) -> tuple[np.ndarray, np.ndarray]:
+    # size: the schedule of one forward batch, in one place (chunks, ramp-up, priority, spreading)
+    def next_pairs(self, batch_size: int, orders: np.ndarray, full_matrix: bool,
+                   spread: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The pairs of the next forward batch: ``(rows, bgs)``, window rows and pool indices (``int64 [P]``).
 
-        Each active foreground contributes a chunk of its next untried backgrounds in ``orders[its class]``,
-        growing by half of what it has survived (1, 1, 1, 2, 3, ...); the full matrix takes every remaining
-        background. Early stop: the first batches ramp up (8, 16, 32, ... pairs) so the order has learnt something
-        before many foregrounds are probed (a few small batches at the start of a run, no extra forwards), and the
-        foregrounds with the fewest backgrounds tried go first, so new foregrounds get their cheap probes before
+        Each active foreground contributes a chunk of its next untried backgrounds in ``orders[its class]``; the
+        chunk grows with the square root of what it has survived (1, 1, 1, 1, 2, 2, 2, 2, 2, 3, ...: a foreground
+        fooled at its ``j``-th background costs at most about ``j + sqrt(j)`` forwards, a robust one exactly the
+        number of backgrounds); the full matrix takes every remaining background. Early stop: the first batches
+        ramp up (8, 16, 32, ... pairs) so the order has learnt something before many foregrounds are probed, and
+        the foregrounds with the fewest backgrounds tried go first, so new foregrounds get their cheap probes before
         long robust walks; full matrix: in admission order, so foregrounds finish one after the other.
+
+        ``spread`` (the adaptive order): the foregrounds of one class in one batch do not all take the same top
+        backgrounds: each background the batch has already given to ``a`` foregrounds of the class moves ``a``
+        places down that class's order for the next one (:func:`_spread_pairs`). A batch then tries several of
+        the promising backgrounds at once instead of one, which is what the order learns from.
         """
         win = self.window
         t = self.tried[win]
@@ -245,7 +265,7 @@ class SearchState:
         if full_matrix:
             k = remaining
         else:
-            k = np.minimum(np.maximum(t // 2, 1), remaining)
+            k = np.minimum(np.maximum(np.sqrt(t).astype(np.int64), 1), remaining)
             batch_size = min(batch_size, 8 << min(self.steps, 20))
         k = np.minimum(k, batch_size)
         prio = np.arange(len(win)) if full_matrix else np.lexsort((win, t))
@@ -260,7 +280,10 @@ class SearchState:
             which = np.flatnonzero(sel_cls == c)  # indices into sel
             o = orders[c]
             untried = ~self.window_tried[sel[which]][:, o]
-            take = untried & (np.cumsum(untried, axis=1) <= ks[which][:, None])
+            if spread and len(which) > 1:
+                take = _spread_pairs(untried, ks[which])
+            else:
+                take = untried & (np.cumsum(untried, axis=1) <= ks[which][:, None])
             r, col = np.nonzero(take)  # row-major: each foreground's pairs in its priority order
             rank_parts.append(which[r])
             row_parts.append(sel[which[r]])
@@ -268,17 +291,26 @@ class SearchState:
         perm = np.argsort(np.concatenate(rank_parts), kind="stable")
         return np.concatenate(row_parts)[perm], np.concatenate(bg_parts)[perm].astype(np.int64)
 
-    def record(self, rows: np.ndarray, bgs: np.ndarray, pred: np.ndarray, full_matrix: bool) -> np.ndarray:
+    def record(self, rows: np.ndarray, bgs: np.ndarray, pred: np.ndarray, full_matrix: bool,
+               mass: np.ndarray | None = None) -> np.ndarray:
         """Book the model's predictions ``pred`` (``int64 [P]``) on the pairs ``(rows, bgs)``, decide foregrounds
-        and retire the decided ones from the window; returns the positions that left it."""
+        and retire the decided ones from the window; returns the positions that left it.
+
+        ``mass`` (``float [P, C + 1]``, rows summing to 1): the model's probability of each class (and of no class)
+        on each pair, for the order statistics; without it each pair counts once for its predicted class.
+        """
         win = self.window
         pos = win[rows]
         lab = self.labels[pos]
         fooled = pred != lab
         self.window_tried[rows, bgs] = True
         np.add.at(self.tried, pos, 1)
-        code = np.where(pred < 0, NUM_IN9, pred)
-        np.add.at(self.pair_counts, (bgs, lab, code), 1)
+        c = self.num_classes
+        if mass is None:
+            code = np.where((pred < 0) | (pred >= c), c, pred)  # a prediction outside the label space: unmapped
+            np.add.at(self.pair_counts, (bgs, lab, code), 1.0)
+        else:
+            np.add.at(self.pair_counts, (bgs, lab), np.asarray(mass, np.float64))
         self.forwards += len(pos)
         self.steps += 1
         if full_matrix:
@@ -305,7 +337,7 @@ class SearchState:
         f_pos, f_bg = pos[fooled], bgs[fooled]
         np.bitwise_or.at(self.fool_bits, (f_pos, f_bg >> 3), (0x80 >> (f_bg & 7)).astype(np.uint8))
         if self.preds is not None:
-            self.preds[pos, bgs] = pred_to_u8(pred)
+            self.preds[pos, bgs] = pred_to_u8(pred, self.num_classes)
         # first fooling background of each row in the fixed order: the pairs of a row arrive in increasing pool
         # index (fixed order, contiguous chunks), so the first fooling pair of a row in this step is its minimum
         uniq, first = np.unique(f_pos, return_index=True)
@@ -341,21 +373,43 @@ class SearchState:
 
     @classmethod
     def from_file(cls, path: pathlib.Path) -> tuple["SearchState", dict, np.ndarray]:
-        """``(state, record, bg_ids)`` of a checkpoint written from :meth:`to_bytes`."""
+        """``(state, record, bg_ids)`` of a checkpoint written from :meth:`to_bytes`.
+
+        Raises:
+            CheckpointError: the file cannot be read, is not a challenge checkpoint, or is damaged (truncated,
+                corrupt, inconsistent); the message names the file and says how to start over.
+        """
+        start_over = "delete it, or run without resume (--resume) to start the search over"
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read the challenge checkpoint ({e.strerror or e})") from e
+        if head[:2] != b"PK":  # .npz files are zip archives; anything else would reach NumPy's pickle branch
+            raise CheckpointError(f"{path}: not a readable challenge checkpoint (expected the .npz archive bgsynth "
+                                  f"writes, the file starts with {head!r}); {start_over}")
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(bytes(z["meta"]).decode("utf-8"))
-                if meta.get("format") != CKPT_FORMAT or meta.get("version") != CKPT_VERSION:
+                if not isinstance(meta, dict) or meta.get("format") != CKPT_FORMAT or meta.get("version") != CKPT_VERSION:
+                    got = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else (None, None)
                     raise CheckpointError(
-                        f"{path}: expected a {CKPT_FORMAT} v{CKPT_VERSION} checkpoint, got "
-                        f"{meta.get('format')!r} v{meta.get('version')!r}"
+                        f"{path}: expected a {CKPT_FORMAT} v{CKPT_VERSION} checkpoint, got {got[0]!r} v{got[1]!r} "
+                        f"(written by another version of bgsynth?); {start_over}"
                     )
-                n_bg = int(meta["num_backgrounds"])
                 get = {k: z[k] for k in z.files}
+            state = cls._from_arrays(get, meta)
         except CheckpointError:
             raise
-        except (OSError, ValueError, KeyError, json.JSONDecodeError, EOFError) as e:
-            raise CheckpointError(f"{path}: not a readable challenge checkpoint ({type(e).__name__}: {e})") from e
+        except Exception as e:  # noqa: BLE001 - zipfile, zlib, NumPy, JSON and shape errors: every way a file is damaged
+            raise CheckpointError(f"{path}: not a readable challenge checkpoint (truncated or corrupt: "
+                                  f"{type(e).__name__}: {e}); {start_over}") from e
+        return state, meta["config"], get["bg_ids"]
+
+    @classmethod
+    def _from_arrays(cls, get: dict, meta: dict) -> "SearchState":
+        """The state from a checkpoint's arrays, checked for consistency (a damaged file raises ``ValueError``)."""
+        n_bg = int(meta["num_backgrounds"])
         state = cls(
             fg_ids=get["fg_ids"], labels=get["labels"], status=get["status"], fool_idx=get["fool_idx"],
             fool_pred=get["fool_pred"], tried=get["tried"], next_pos=int(meta["next_pos"]), window=get["window"],
@@ -363,7 +417,48 @@ class SearchState:
             pair_counts=get["pair_counts"], forwards=int(meta["forwards"]), steps=int(meta["steps"]),
             fool_bits=get.get("fool_bits"), preds=get.get("preds"), first_fixed=get.get("first_fixed"),
         )
-        return state, meta["config"], get["bg_ids"]
+        f = len(state.fg_ids)
+        per_fg = ("labels", "status", "fool_idx", "fool_pred", "tried")
+        if any(getattr(state, k).shape != (f,) for k in per_fg) or state.window_tried.shape != (len(state.window), n_bg):
+            raise ValueError("arrays of inconsistent sizes")
+        if state.pair_counts.ndim != 3 or state.pair_counts.shape[0] != n_bg or len(get["bg_ids"]) != n_bg:
+            raise ValueError("order statistics of inconsistent size")
+        if not 0 <= state.next_pos <= f or (len(state.window) and (state.window.min() < 0 or state.window.max() >= f)):
+            raise ValueError("search positions out of range")
+        return state
+
+
+def _spread_pairs(untried: np.ndarray, ks: np.ndarray) -> np.ndarray:
+    """Which backgrounds the foregrounds of one class take in one batch, spread over the class's order.
+
+    Args:
+        untried: ``bool [m, N]``: per foreground (priority order) which backgrounds it has not tried, columns in the
+            class's order (best first).
+        ks: ``int [m]`` the chunk of each foreground.
+
+    Returns:
+        ``bool [m, N]``: the taken pairs. Foreground ``j`` takes its ``ks[j]`` untried columns of lowest
+        ``position + a``, where ``a`` counts the foregrounds before it in this batch that took that column (ties
+        to the better position), so one batch tries several promising backgrounds rather than the first one
+        ``m`` times.
+
+    >>> _spread_pairs(np.ones((4, 3), bool), np.array([1, 1, 1, 2])).astype(int).tolist()
+    [[1, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]]
+    """
+    m, n = untried.shape
+    taken = np.zeros((m, n), bool)
+    used = np.zeros(n, np.int64)
+    pos = np.arange(n, dtype=np.int64)
+    big = np.int64(4 * n + 4)
+    for j in range(m):
+        key = np.where(untried[j], (pos + used) * big + pos, np.iinfo(np.int64).max)
+        k = int(min(ks[j], int(untried[j].sum())))
+        if k <= 0:
+            continue
+        cols = np.argpartition(key, k - 1)[:k] if k < n else np.arange(n)
+        taken[j, cols] = True
+        used[cols] += 1
+    return taken
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -372,26 +467,81 @@ class SearchState:
 
 
 def class_orders(counts: np.ndarray, tiebreak: np.ndarray, bg_labels: np.ndarray) -> np.ndarray:
-    """Background order per foreground class from the pair counts: ``int64 [9, N]``, most promising first.
+    """Background order per foreground class from the order statistics: ``int64 [C, N]``, most promising first.
 
-    ``counts[b, d, k]``: pairs of background ``b`` with a foreground of class ``d`` that the model classified
-    as ``k`` (``k = 9``: unmapped). For target class ``c`` the score of ``b`` is its fooling rate on class ``c``
-    (fooled / tried), shrunk towards ``prior_c(b)``: the rate at which ``b`` made foregrounds of *other* classes
-    predicted as a class that is neither theirs nor ``c`` (evidence that ``b`` pulls predictions away from
-    ``c``), itself shrunk towards the global fooling rate. Among equal scores (e.g. backgrounds never tried),
-    backgrounds of class ``c`` itself come last (they support the right answer), then the seeded ``tiebreak``.
-    Exact float64 arithmetic on integer counts, so the order is a deterministic function of the counts.
+    ``counts[b, d, k]`` (``[N, C, C + 1]``): the model's probability mass on class ``k`` (``k = C``: no class of
+    the label space) summed over the pairs of background ``b`` with a foreground of class ``d`` (with predictions
+    only, the number of such pairs predicted as ``k``). For target class ``c`` the score of ``b`` is its (soft)
+    fooling rate on class ``c``: the mass away from ``c`` per pair, shrunk towards ``prior_c(b)``, the rate at which
+    ``b`` moved foregrounds of *other* classes to a class that is neither theirs nor ``c`` (evidence that ``b``
+    pulls predictions away from ``c``), itself shrunk towards the fooling rate of the backgrounds of ``b``'s class
+    on class ``c`` (backgrounds of one scene class act alike), itself shrunk towards the global rate. Among equal
+    scores (e.g. backgrounds never tried), backgrounds of class ``c`` itself come last (they support the right
+    answer), then the seeded ``tiebreak``. Exact float64 arithmetic on the statistics, so the order is a
+    deterministic function of them.
     """
-    T = counts.sum(axis=2).astype(np.float64)  # [N, 9] tried per fg class
-    diag = counts[:, np.arange(NUM_IN9), np.arange(NUM_IN9)].astype(np.float64)  # correct
-    Fo = T - diag  # fooled per fg class
-    pred_to = counts[:, :, :NUM_IN9].sum(axis=1).astype(np.float64)  # [N, 9] pairs predicted as class c
-    X = (Fo.sum(axis=1, keepdims=True) - Fo) - (pred_to - diag)  # other-class pairs fooled to a class != c
+    C = counts.shape[1]
+    T = counts.sum(axis=2).astype(np.float64)  # [N, C] pairs per fg class
+    diag = counts[:, np.arange(C), np.arange(C)].astype(np.float64)  # mass on the right class
+    Fo = T - diag  # (soft) fooled per fg class
+    pred_to = counts[:, :, :C].sum(axis=1).astype(np.float64)  # [N, C] mass to class c
+    X = (Fo.sum(axis=1, keepdims=True) - Fo) - (pred_to - diag)  # other-class pairs moved to a class != c
     Y = T.sum(axis=1, keepdims=True) - T
     p_glob = (Fo.sum() + 1.0) / (T.sum() + 2.0)
-    prior = (X + _M_OTHER * p_glob) / (Y + _M_OTHER)
+    group = np.where((bg_labels >= 0) & (bg_labels < C), bg_labels, C)  # background class (C: none)
+    cell_fo, cell_t = np.zeros((C + 1, C)), np.zeros((C + 1, C))
+    np.add.at(cell_fo, group, Fo)
+    np.add.at(cell_t, group, T)
+    cell = (cell_fo + _M_CELL * p_glob) / (cell_t + _M_CELL)  # [bg class, fg class]
+    prior = (X + _M_OTHER * cell[group]) / (Y + _M_OTHER)
     score = (Fo + _M_CLASS * prior) / (T + _M_CLASS)
-    return np.stack([np.lexsort((tiebreak, bg_labels == c, -score[:, c])) for c in range(NUM_IN9)])
+    return np.stack([np.lexsort((tiebreak, bg_labels == c, -score[:, c])) for c in range(C)])
+
+
+def output_table(predictor, num_classes: int) -> torch.Tensor | None:
+    """``int64 [K]``: the class of each of the predictor's ``K`` outputs (``-1``: none), or ``None`` when unknown.
+
+    From the predictor's :class:`~bgsynth.classes.OutputMap` (``predictor.output_map``) when it has one; else the
+    identity for a model with one output per class, or the IN-1000 -> IN-9 map for an ``'in1k'`` model on IN-9.
+    Predictors without ``logits``/``labels_from_logits`` (fakes, wrappers) give ``None``: the order then counts
+    predictions.
+    """
+    if not (callable(getattr(predictor, "logits", None)) and callable(getattr(predictor, "labels_from_logits", None))):
+        return None
+    omap = getattr(predictor, "output_map", None)
+    if omap is not None and hasattr(omap, "table"):
+        k = getattr(predictor, "num_outputs", None)
+        table = np.arange(num_classes) if omap.table is None else np.asarray(omap.table)
+        if k is not None and len(table) != k:
+            return None
+    elif getattr(predictor, "output_space", None) == "in1k" and num_classes == NUM_IN9:
+        table = in1k_to_in9()
+    elif getattr(predictor, "num_outputs", None) == num_classes:
+        table = np.arange(num_classes)
+    else:
+        return None
+    if table.max(initial=-1) >= num_classes:
+        return None
+    return torch.as_tensor(table, dtype=torch.int64)
+
+
+def label_mass(logits: torch.Tensor, table: torch.Tensor, num_classes: int, restricted: bool = False) -> np.ndarray:
+    """``float64 [B, C + 1]``: the softmax probability of each class of the label space (the sum over the outputs
+    that map to it) and, last, of the outputs that map to none (``0`` under the ``restricted`` protocol, which
+    ignores them).
+
+    >>> label_mass(torch.tensor([[0.0, 0.0, 0.0]]), torch.tensor([0, 0, -1]), 2).round(3).tolist()
+    [[0.667, 0.0, 0.333]]
+    """
+    x = logits.detach().to(torch.float64)
+    t = table.to(x.device)
+    if restricted:
+        x = x.masked_fill((t < 0)[None, :], float("-inf"))
+    p = torch.softmax(x, dim=1)
+    idx = torch.where(t < 0, torch.full_like(t, num_classes), t)
+    out = torch.zeros(p.shape[0], num_classes + 1, dtype=torch.float64, device=p.device)
+    out.index_add_(1, idx, p)
+    return out.cpu().numpy()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -508,21 +658,9 @@ class ForegroundWindow:
 
 
 def model_fingerprint(predictor) -> str:
-    """A hash of the predictor's weights and settings (a checkpoint only resumes with the same model)."""
-    h = hashlib.sha256()
-    loaded = getattr(predictor, "loaded", None)
-    module = getattr(loaded, "module", None) if loaded is not None else getattr(predictor, "module", None)
-    if isinstance(module, torch.nn.Module):
-        for k, v in sorted(module.state_dict().items()):
-            h.update(k.encode())
-            t = v.detach().cpu().contiguous()
-            h.update(str(t.dtype).encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    else:
-        h.update(f"{type(predictor).__module__}.{type(predictor).__qualname__}".encode())
-        fp = getattr(predictor, "fingerprint", None)
-        if fp is not None:
-            h.update(str(fp() if callable(fp) else fp).encode())
+    """A hash of the predictor's weights (:func:`bgsynth.results.model_digest`) and settings (what it describes,
+    but its device): a checkpoint only resumes with the same model."""
+    h = hashlib.sha256(model_digest(predictor).encode())
     describe = getattr(predictor, "describe", None)
     if callable(describe):
         d = dict(describe())
@@ -571,9 +709,11 @@ class ChallengeSearch:
         self.tile = config.tile(run.batch_size)
         self.sharing = bool(dist is not None and dist.enabled and config.order == "adaptive"
                             and not config.full_matrix and config.share_every > 0)
+        self.label_space: LabelSpace = index.label_space
         fg = np.asarray(fg_ids, np.int64)
         labels = index.labels(fg.tolist()) if len(fg) else np.zeros(0, np.int64)
-        self.state = SearchState.new(fg, labels, len(pool), config.full_matrix, config.store_predictions)
+        self.state = SearchState.new(fg, labels, len(pool), config.full_matrix, config.store_predictions,
+                                     num_classes=self.label_space.num_classes)
         self.record = self._record(fg)
         self.tiebreak = np.random.default_rng([int(run.seed), 0xC4A1]).permutation(len(pool))
         # the other ranks' pair statistics at the last exchange; a resumed rank relearns them at its first exchange
@@ -584,6 +724,9 @@ class ChallengeSearch:
         self._kdtype = self._dtype if self._dtype in _KERNEL_DTYPES else torch.float32
         self._mean = torch.tensor([float(v) for v in predictor.mean], dtype=torch.float32, device=run.device)
         self._std = torch.tensor([float(v) for v in predictor.std], dtype=torch.float32, device=run.device)
+        # the adaptive order learns from the model's probabilities when the outputs map onto the label space
+        self._table = output_table(predictor, self.label_space.num_classes) if config.order == "adaptive" else None
+        self._restricted = getattr(predictor, "label_protocol", "official") == "restricted"
         # counters of this process
         self.resumed = False
         self.checkpoints_written = 0
@@ -607,6 +750,7 @@ class ChallengeSearch:
             "input_dtype": str(p.input_dtype).replace("torch.", ""), "device_type": run.device.type,
             "mean": [float(v) for v in p.mean], "std": [float(v) for v in p.std], "decode_backend": run.backend,
             "order_sharing": int(cfg.share_every) if self.sharing else 0,
+            **({} if self.label_space == IN9 else {"label_space": self.label_space.to_dict()}),
         }
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -671,39 +815,49 @@ class ChallengeSearch:
         return len(new)
 
     def orders(self) -> np.ndarray:
-        """``int64 [9, N]``: the background order per foreground class for the next forward batch."""
+        """``int64 [C, N]``: the background order per foreground class for the next forward batch."""
         n_bg = len(self.bg_ids)
         if self.config.order != "adaptive":
-            return np.broadcast_to(np.arange(n_bg, dtype=np.int64), (NUM_IN9, n_bg))
+            return np.broadcast_to(np.arange(n_bg, dtype=np.int64), (self.state.num_classes, n_bg))
         counts = self.state.pair_counts
         if self.peer_counts is not None:
             counts = counts + self.peer_counts
         return class_orders(counts, self.tiebreak, self.bg_labels)
 
-    def classify(self, positions: np.ndarray, bgs: np.ndarray) -> np.ndarray:
+    def classify(self, positions: np.ndarray, bgs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """The model's predictions (``int64 [P]``) on the composites of foregrounds ``positions`` over pool rows
-        ``bgs``: gathered, composited, normalised and cast on the device in one pass
-        (:func:`bgsynth.variants.composite`)."""
+        ``bgs`` (gathered, composited, normalised and cast on the device in one pass,
+        :func:`bgsynth.variants.composite`), and the probability mass per class (``float64 [P, C + 1]``, for the
+        order statistics; ``None`` when the predictor gives no logits or its outputs cannot be mapped)."""
         fg, keep = self.window.gather(positions)
         x = composite(fg, keep, self.pool.images, torch.as_tensor(bgs, device=fg.device), mean=self._mean,
                       std=self._std, dtype=self._kdtype, channels_last=bool(self.predictor.channels_last),
                       backend=self.run_config.kernel_backend)
         if self._kdtype != self._dtype:
             x = x.to(self._dtype)
-        pred = self.predictor.predict(x).detach().to("cpu").numpy().astype(np.int64)
+        mass = None
+        if self._table is not None:
+            logits = self.predictor.logits(x)
+            pred_t = self.predictor.labels_from_logits(logits)
+            mass = label_mass(logits, self._table, self.state.num_classes, self._restricted)
+        else:
+            pred_t = self.predictor.predict(x)
+        pred = pred_t.detach().to("cpu").numpy().astype(np.int64)
         if pred.shape != (len(positions),):
             raise ConfigError(f"run_challenge: predictor returned {pred.shape} predictions for {len(positions)} "
                               f"composites")
-        return pred
+        return pred, mass
 
-    def update(self, rows: np.ndarray, bgs: np.ndarray, pred: np.ndarray) -> None:
+    def update(self, rows: np.ndarray, bgs: np.ndarray, pred: np.ndarray, mass: np.ndarray | None = None) -> None:
         """Book predictions on the pairs ``(rows, bgs)`` and free the slots of the foregrounds decided."""
-        self.window.release(self.state.record(rows, bgs, pred, self.config.full_matrix))
+        self.window.release(self.state.record(rows, bgs, pred, self.config.full_matrix, mass))
 
     def step(self) -> int:
         """One forward batch: choose the pairs, classify their composites, book the answers. Returns the forwards."""
-        rows, bgs = self.state.next_pairs(self.run_config.batch_size, self.orders(), self.config.full_matrix)
-        self.update(rows, bgs, self.classify(self.state.window[rows], bgs))
+        rows, bgs = self.state.next_pairs(self.run_config.batch_size, self.orders(), self.config.full_matrix,
+                                          spread=self.config.order == "adaptive")
+        pred, mass = self.classify(self.state.window[rows], bgs)
+        self.update(rows, bgs, pred, mass)
         return len(rows)
 
     def exchange(self) -> int:
@@ -785,6 +939,7 @@ class ChallengeSearch:
             pred_matrix=None if st.preds is None else st.preds[ok].copy(),
             failed_ids=st.fg_ids[~ok].copy(),
             config=self.record,
+            label_space=self.label_space,
             timing={
                 "wall_s": wall_s,
                 "forwards_this_process": int(done),

@@ -49,7 +49,6 @@ import numpy as np
 import torch
 
 from . import __version__
-from .classes import NUM_IN9
 from .config import RunConfig, check_positive_int, resolve_options
 from .distributed import DistContext, current, shard_ids
 from .errors import ConfigError
@@ -58,6 +57,7 @@ from .models import LABEL_PROTOCOLS, LoadedModel, Predictor
 from .pipeline import create_loader
 from .pool import build_background_pool_sharded, gather_background_pool, pool_from_batches
 from .report import write_report
+from .runs import Fingerprint, OutputFolder, index_digest
 from .results import (
     RECORD_COLUMNS,
     SCHEMA,
@@ -67,6 +67,8 @@ from .results import (
     load_result,
     merge_results,
     metrics_from_records,
+    model_digest,
+    normalise_pairing,
     pick_examples,
 )
 from .types import BackgroundPool, Batch
@@ -77,6 +79,10 @@ __all__ = [
     "EvalConfig",
     "evaluate",
     "evaluate_to_dir",
+    "eval_fingerprint",
+    "claim_output",
+    "cpu_thread_split",
+    "EVAL_OUTPUTS",
     "resolve_variants",
     "MIXED_VARIANTS",
 ]
@@ -109,6 +115,10 @@ class EvalConfig:
         prefetch: batches the loader decodes ahead.
         shard_id, num_shards: evaluate ``ids[shard_id::num_shards]`` of the sorted image ids (a manual shard,
             merged later with :func:`~bgsynth.results.merge_results`; no collectives).
+        groups: add per-group metrics (foreground class x background class: accuracy per group, average and worst
+            group) to the Mixed-* variants (:func:`bgsynth.results.group_metrics`).
+        pairing: ``{fg_class: [aligned bg classes]}``: which groups are aligned (adds ``aligned_gap``; implies
+            ``groups``).
     """
 
     variants: tuple[str, ...] | str = "all"
@@ -121,9 +131,14 @@ class EvalConfig:
     prefetch: int = 2
     shard_id: int = 0
     num_shards: int = 1
+    groups: bool = False
+    pairing: Any = None
 
     def __post_init__(self):
         object.__setattr__(self, "variants", resolve_variants(self.variants))
+        object.__setattr__(self, "pairing", normalise_pairing(self.pairing))
+        if self.pairing is not None:
+            object.__setattr__(self, "groups", True)
         if self.split is not None and not isinstance(self.split, str):
             object.__setattr__(self, "split", tuple(self.split))
         if self.per_class is not None:
@@ -143,6 +158,7 @@ class EvalConfig:
         d = dataclasses.asdict(self)
         d["variants"] = list(self.variants)
         d["split"] = self.split if self.split is None or isinstance(self.split, str) else list(self.split)
+        d["pairing"] = None if self.pairing is None else {str(k): list(v) for k, v in self.pairing.items()}
         return d
 
 
@@ -183,6 +199,12 @@ def evaluate(
     Returns:
         An :class:`~bgsynth.results.EvalResult`; ``config`` in its JSON holds the run's and the job's settings.
     """
+    predictor, run, config = _resolve(index, model, run, config, options)
+    return _Evaluation(index, predictor, run, config, pool, dist).run()
+
+
+def _resolve(index, model, run, config, options) -> tuple[Predictor, RunConfig, EvalConfig]:
+    """The predictor and the resolved run and job configurations of an evaluation (checked before any work)."""
     _check_index(index, "evaluate")
     loaded = _loaded_model(model)
     defaults = dict(batch_kind="eval", progress=True, device="cpu", amp=None,
@@ -196,7 +218,7 @@ def evaluate(
         run = run.replace(device=predictor.device, amp=predictor.amp)  # the Predictor's placement is the run's
     else:
         predictor = Predictor(model, device=run.device, amp=run.amp, label_protocol=config.label_protocol)
-    return _Evaluation(index, predictor, run, config, pool, dist).run()
+    return predictor, run, config
 
 
 def _check_index(index, owner: str) -> None:
@@ -231,10 +253,40 @@ def _select(index: DatasetIndex, config: EvalConfig) -> DatasetIndex:
     sub = index.select(split=config.split) if config.split is not None else index
     if config.per_class is not None:
         sub = sub.select(per_class=int(config.per_class), seed=0)
-    if len(sub) == 0:
-        splits = sorted({str(index.image(i).get("split")) for i in index.ids})
-        raise ConfigError(f"evaluate: no images in split {config.split!r} of {index.path}; splits present: {splits}")
+    index.require_images(sub, "evaluate", config.split)
     return sub
+
+
+def cpu_thread_split(device: torch.device | str, model_threads: int | None = None,
+                     decode_threads: int | None = None) -> tuple[int | None, int | None]:
+    """How a command that owns its process splits the CPU between the model and the decoder.
+
+    On a CPU device the model's intra-op threads and the decoder threads share the cores: torch's OpenMP threads
+    spin at every barrier, so one that is descheduled by a decoder thread (or by another process on a shared
+    machine) stalls the whole forward (measured on 2 cores at load 7: 3,600 forwards of the demo CNN took 5.2 s
+    with 1 thread and 29 s with 2). The default therefore gives the decoder one core and the model the others
+    (at least one), so the two overlap instead of preempting each other. On CUDA the model runs on the GPU:
+    ``(None, None)`` keeps torch's and the decoder's own defaults.
+
+    Args:
+        device: the run's device.
+        model_threads, decode_threads: what the user asked for (``None``: the default).
+
+    Returns:
+        ``(model_threads, decode_threads)``; ``None`` for "leave the default".
+
+    >>> cpu_thread_split("cpu", 3, 2)
+    (3, 2)
+    """
+    if torch.device(device).type != "cpu":
+        return model_threads, decode_threads
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    decode = decode_threads if decode_threads is not None else 1
+    model = model_threads if model_threads is not None else max(1, min(torch.get_num_threads(), cores - decode))
+    return model, decode
 
 
 def _default_cache_bytes(device: torch.device) -> int:
@@ -311,9 +363,15 @@ class _Evaluation:
             self.pool = build_background_pool_sharded(
                 self.sub, self.ctx, geometry=r.geometry, backend=r.backend, device=r.device, progress=self.progress,
                 tiling=r.tiling, kernel_backend=r.kernel_backend, num_threads=r.num_threads)
+            self.pool = self._in_label_space(self.pool)
             self.t_pool = time.perf_counter() - t
         if self.pool is not None:
             self.pool = self.pool.to(r.device)
+
+    def _in_label_space(self, pool: BackgroundPool) -> BackgroundPool:
+        """A pool of this index's backgrounds knows the index's class count (Mixed-Next's ``(y + 1) mod N``)."""
+        n = self.index.label_space.num_classes
+        return pool if pool.num_classes == n else dataclasses.replace(pool, num_classes=n)
 
     # ------------------------------------------------------------------------------------------ the passes
     def _passes(self) -> None:
@@ -355,7 +413,8 @@ class _Evaluation:
         r = self.run_cfg
         t = time.perf_counter()
         pool = pool_from_batches(self.kept, r.geometry.crop, r.device, backend=r.kernel_backend)
-        self.pool = gather_background_pool(pool, self.ctx) if self.distributed else pool
+        pool = gather_background_pool(pool, self.ctx) if self.distributed else pool
+        self.pool = self._in_label_space(pool)
         self.t_pool = time.perf_counter() - t
         kept, self.kept = self.kept, []
         for batch in kept:
@@ -404,7 +463,8 @@ class _Evaluation:
 
     # ------------------------------------------------------------------------------------------ the result
     def _result(self, records: EvalRecords, tally: dict) -> EvalResult:
-        metrics = metrics_from_records(records)
+        c = self.config
+        metrics = metrics_from_records(records, self.index.label_space, groups=c.groups or None, pairing=c.pairing)
         seconds = time.perf_counter() - self.t_start
         examples = pick_examples(records, int(self.config.examples_per_class))
         return EvalResult(
@@ -415,6 +475,7 @@ class _Evaluation:
             timing=self._timing_dict(records, tally, seconds), versions=_versions(), examples=examples,
             records=records if self.config.record_provenance else None,
             example_images=self._example_images(examples["image_ids"], records),
+            label_space=self.index.label_space,
         )
 
     def _config_dict(self) -> dict:
@@ -445,11 +506,12 @@ class _Evaluation:
         done_ids = np.unique(records.image_id)
         n_done = int(len(done_ids))
         labels = self.sub.labels(done_ids.tolist())
+        n = self.index.label_space.num_classes
         return {
             "images": n_done,
             "planned": int(tally["planned"]),
             "split_images": int(len(self.all_ids)),
-            "per_class": np.bincount(labels, minlength=NUM_IN9)[:NUM_IN9].tolist() if n_done else [0] * NUM_IN9,
+            "per_class": np.bincount(labels, minlength=n)[:n].tolist() if n_done else [0] * n,
             "rejects": tally["rejects"],
         }
 
@@ -576,6 +638,54 @@ def _advance(bar, composites: int, images: int | None) -> None:
             bar.set_postfix_str(f"{images / el:.0f} img/s", refresh=False)
 
 
+#: the files an evaluation writes into its folder (results, provenance, the report and its figures)
+EVAL_OUTPUTS = ("results.json", "results.csv", "provenance.csv", "report.md", "accuracy.png", "per_class.png",
+                "bg_class.png", "examples.png")
+
+
+def _eval_owned(path: pathlib.Path) -> bool:
+    return path.name in EVAL_OUTPUTS
+
+
+def eval_fingerprint(index: DatasetIndex, predictor: Predictor, run: RunConfig, config: EvalConfig) -> Fingerprint:
+    """What decides an evaluation's output (:class:`bgsynth.runs.Fingerprint`): the settings that change its
+    numbers (not the batch size, device or progress), the index digest and the model's weights digest."""
+    c = config.to_dict()
+    settings = {k: c[k] for k in ("variants", "split", "per_class", "shard_id", "num_shards", "groups", "pairing")}
+    settings.update(seed=int(run.seed), geometry=run.geometry.to_dict(), tiling=run.tiling, backend=run.backend,
+                    amp=run.amp, label_protocol=predictor.label_protocol, mean=[float(v) for v in predictor.mean],
+                    std=[float(v) for v in predictor.std], input_dtype=str(predictor.input_dtype).replace("torch.", ""),
+                    label_space=index.label_space.name)
+    return Fingerprint("eval", settings, index=index_digest(index), model=model_digest(predictor))
+
+
+def claim_output(folder: OutputFolder, ctx: DistContext, writes: bool, collective: bool) -> None:
+    """Claim ``folder`` (:meth:`bgsynth.runs.OutputFolder.claim`) and record the run in it before any work.
+
+    Args:
+        folder: the output folder with the run's fingerprint.
+        ctx: the distributed context.
+        writes: this process writes the folder (rank 0, or a manual shard).
+        collective: every rank takes part (the ranks of one job): a refusal on rank 0 stops every rank.
+
+    Raises:
+        ConfigError: the folder is refused (another run's, a file, not writable), on every rank of the job.
+    """
+    err: ConfigError | None = None
+    if writes:
+        try:
+            folder.claim().commit()
+        except ConfigError as e:
+            err = e
+    if collective and ctx.enabled:
+        msg = ctx.broadcast_object(None if err is None else str(err))
+        if msg is not None and err is None:
+            raise ConfigError(f"rank 0 refused the output folder: {msg}")
+    if err is not None:
+        raise err
+
+
+# size: the API of `bgsynth eval --out`: the evaluation's inputs and the output folder's options
 def evaluate_to_dir(
     index: DatasetIndex,
     model: LoadedModel | Predictor,
@@ -583,35 +693,60 @@ def evaluate_to_dir(
     provenance: bool = False,
     report: bool = True,
     name: str | None = None,
+    overwrite: bool = False,
     **kwargs: Any,
 ) -> tuple[EvalResult, dict[str, pathlib.Path]]:
     """:func:`evaluate`, then write ``results.json``, ``results.csv``, optionally ``provenance.csv``, and the
     report (``report.md``, ``accuracy.png``, ``per_class.png``, ``bg_class.png``, ``examples.png``) into ``out_dir``.
 
+    The folder is claimed for this run before any work (:class:`bgsynth.runs.OutputFolder`): the run's
+    fingerprint (:func:`eval_fingerprint`: settings, index digest, model digest) is recorded in
+    ``bgsynth-run.json``; a folder written by an evaluation with other settings, data or model is refused, naming
+    what differs, unless ``overwrite`` (which deletes that run's files and nothing else); a path that is an existing
+    file, or a folder that cannot be written, is refused too. Files the evaluation does not write are never
+    touched.
+
     Args:
         index, model: as for :func:`evaluate`.
         out_dir: output folder (created).
         provenance: also write ``provenance.csv`` (one row per composite).
-        report: also write the Markdown report and figures.
+        report: also write the Markdown report and figures. Without it no report work is done: no example
+            composites are rendered unless ``examples_per_class`` is given.
         name: display name of the model in tables (default: its arch or file stem).
+        overwrite: replace the files of another run in ``out_dir``.
         **kwargs: passed to :func:`evaluate` (``run``, ``config``, ``pool``, ``dist`` and options).
 
     Returns:
         ``(result, paths)`` with ``paths`` keyed ``json``, ``csv``, ``provenance``, ``report``.
 
+    Raises:
+        ConfigError: bad options, or the output folder is refused (before any work).
+
     Under ``torchrun`` every rank calls it; every rank gets the merged result, rank 0 alone writes the files
     (``paths`` is empty on the other ranks).
     """
-    ctx = kwargs.get("dist") or current()
-    result = evaluate(index, model, **kwargs)
+    run, config, pool, dist = (kwargs.pop(k, None) for k in ("run", "config", "pool", "dist"))
+    ctx = dist or current()
+    if not report and "examples_per_class" not in kwargs:
+        kwargs["examples_per_class"] = 0  # examples only feed the report
+    predictor, run, config = _resolve(index, model, run, config, kwargs)
+    manual_shard = config.num_shards > 1  # a manual shard writes its own folder; ranks merge first
+    writes = ctx.is_main or manual_shard
+    folder = OutputFolder(out_dir, eval_fingerprint(index, predictor, run, config), overwrite=overwrite,
+                          owned=_eval_owned)
+    claim_output(folder, ctx, writes, collective=not manual_shard)
+    result = _Evaluation(index, predictor, run, config, pool, dist).run()
     if name:
         result.model["name"] = str(name)
-    manual_shard = result.config["num_shards"] > 1  # a manual shard writes its own folder; ranks merge first
     paths: dict[str, pathlib.Path] = {}
-    if ctx.is_main or manual_shard:
-        paths = result.save(out_dir, provenance=provenance)
+    if writes:
+        paths = result.save(folder.path, provenance=provenance)
+        folder.commit(paths.values())
         if report:
-            paths["report"] = write_report(result, out_dir)
+            t = time.time()
+            paths["report"] = write_report(result, folder.path)
+            folder.commit([p for p in (folder.path / n for n in EVAL_OUTPUTS)
+                           if p.is_file() and p.stat().st_mtime >= t - 1.0] + [paths["report"]])
     if not manual_shard:
         ctx.barrier()  # every rank returns once the files are there
     return result, paths

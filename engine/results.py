@@ -9,6 +9,11 @@ background id and class, validity), and every metric is a pure function of those
 :func:`bgsynth.evaluate.evaluate` makes these objects; :mod:`bgsynth.report` reads them. Nothing here decodes an
 image or runs a model.
 
+Class counts and names come from a :class:`~bgsynth.classes.LabelSpace` (the index's; IN-9 by default): per-class
+lists have ``N`` entries, confusion matrices are ``N x (N + 1)``. With ``groups`` (or a ``pairing``) the metrics of
+every variant with backgrounds also hold per-group accuracy (foreground class x background class), the average
+and worst group, and the gap between aligned and conflicting groups.
+
 >>> rec = EvalRecords(("original",), 0, [1, 2], [0, 0], [3, 4], [3, 0], [-1, -1], [-1, -1], [True, True])
 >>> metrics_from_records(rec)["variants"]["original"]["accuracy"]
 0.5
@@ -19,6 +24,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime as _dt
+import hashlib
 import io
 import json
 import os
@@ -28,7 +34,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .classes import IN9_CLASSES, NUM_IN9
+from .classes import IN9, LabelSpace
 from .errors import ConfigError
 from .fileio import atomic_write_bytes
 from .variants import VARIANTS
@@ -43,12 +49,53 @@ __all__ = [
     "merge_results",
     "load_result",
     "pick_examples",
+    "normalise_pairing",
+    "group_metrics",
+    "model_digest",
 ]
 
 SCHEMA = "bgsynth.eval/1"
 #: the paper's table order: the variant registry's order (:data:`bgsynth.variants.VARIANTS`, Original ... Mixed-Next)
 VARIANT_ORDER: tuple[str, ...] = tuple(VARIANTS)
 RECORD_COLUMNS = ("image_id", "variant", "label", "pred", "bg_id", "bg_label", "valid")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model digest
+# --------------------------------------------------------------------------------------------------------------
+
+
+def model_digest(model) -> str:
+    """SHA-256 of a model's weights: the model part of a run's fingerprint (:class:`bgsynth.runs.Fingerprint`).
+
+    Args:
+        model: a :class:`~bgsynth.models.Predictor`, a :class:`~bgsynth.models.LoadedModel`, an ``nn.Module``, or
+            any predictor-like object (its ``fingerprint()`` or ``fingerprint`` attribute is hashed, else its type).
+
+    Returns:
+        The hex digest. It depends on the parameters and buffers (names, dtypes, values), not on the device or on
+        where the weights were loaded from, so the same weights give the same digest on any machine.
+
+    >>> a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    >>> _ = b.load_state_dict(a.state_dict())
+    >>> model_digest(a) == model_digest(b)
+    True
+    """
+    loaded = getattr(model, "loaded", model)
+    module = getattr(loaded, "module", loaded)
+    h = hashlib.sha256()
+    if isinstance(module, torch.nn.Module):
+        for k, v in sorted(module.state_dict().items()):
+            h.update(k.encode())
+            t = v.detach().cpu().contiguous()
+            h.update(str(t.dtype).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    else:
+        h.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+        fp = getattr(model, "fingerprint", None)
+        if fp is not None:
+            h.update(str(fp() if callable(fp) else fp).encode())
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -194,18 +241,141 @@ def _ratio(a: int, b: int) -> float | None:
     return None if b == 0 else float(a) / float(b)
 
 
-def metrics_from_records(records: EvalRecords) -> dict:
+def _label_space(label_space) -> LabelSpace:
+    """A :class:`LabelSpace` from ``None`` (IN-9), a LabelSpace, its dict, or a list of class names."""
+    if label_space is None:
+        return IN9
+    if isinstance(label_space, LabelSpace):
+        return label_space
+    if isinstance(label_space, Mapping):
+        return LabelSpace.from_dict(label_space)
+    if isinstance(label_space, (list, tuple)):
+        return LabelSpace.from_names(label_space)
+    raise ConfigError(f"expected a LabelSpace, its dict or a list of class names, got {type(label_space).__name__}")
+
+
+def _check_labels(values: np.ndarray, n: int, what: str) -> None:
+    bad = values[(values < 0) | (values >= n)]
+    if len(bad):
+        raise ConfigError(f"metrics_from_records: expected {what} in 0..{n - 1} (the label space's classes), got "
+                          f"{int(bad[0])}; give the label space the records were made in")
+
+
+def _counts(labels: np.ndarray, ok: np.ndarray, n: int) -> dict:
+    """``correct``/``total``/``accuracy`` lists indexed by class id ``0..n-1``."""
+    total = np.bincount(labels, minlength=n)[:n]
+    correct = np.bincount(labels[ok], minlength=n)[:n]
+    return {"correct": correct.tolist(), "total": total.tolist(),
+            "accuracy": [_ratio(int(c), int(t)) for c, t in zip(correct, total)]}
+
+
+def normalise_pairing(pairing, num_fg: int | None = None, num_bg: int | None = None) -> dict[int, tuple[int, ...]] | None:
+    """A pairing ``{fg_class: [aligned bg classes]}`` (JSON keys may be strings; one class may stand for a
+    one-element list) as ``{int: sorted tuple of int}``, checked against the class counts when given.
+
+    >>> normalise_pairing({"0": [0], 1: 1})
+    {0: (0,), 1: (1,)}
+    """
+    if pairing is None:
+        return None
+    if not isinstance(pairing, Mapping):
+        raise ConfigError(f"pairing: expected a mapping {{fg_class: [aligned bg classes]}}, got {type(pairing).__name__}")
+    out: dict[int, tuple[int, ...]] = {}
+    for k, v in pairing.items():
+        try:
+            fg = int(k)
+            bgs = (int(v),) if isinstance(v, (int, np.integer, str)) else tuple(int(b) for b in v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"pairing: expected integer class ids, got {k!r}: {v!r}") from None
+        if num_fg is not None and not 0 <= fg < num_fg:
+            raise ConfigError(f"pairing: expected foreground classes in 0..{num_fg - 1}, got {fg}")
+        if num_bg is not None and any(not 0 <= b < num_bg for b in bgs):
+            raise ConfigError(f"pairing: expected background classes in 0..{num_bg - 1}, got {list(bgs)} for {fg}")
+        out[fg] = tuple(sorted(set(bgs)))
+    return dict(sorted(out.items()))
+
+
+def group_metrics(label: np.ndarray, bg_label: np.ndarray, ok: np.ndarray, fg_space: LabelSpace,
+                  bg_space: LabelSpace, pairing: Mapping[int, Sequence[int]] | None = None) -> dict:
+    """Accuracy per group (foreground class ``y`` x background class ``b``) of valid composites with a background.
+
+    Args:
+        label, bg_label, ok: ``int64 [R]`` foreground classes, background classes and ``bool [R]`` correctness of
+            the rows (valid rows with ``bg_label >= 0``).
+        fg_space, bg_space: the label spaces of the foregrounds and of the backgrounds (e.g. scene classes).
+        pairing: ``{fg_class: aligned bg classes}`` (:func:`normalise_pairing`); groups not named are conflicting.
+
+    Returns:
+        ``groups``: the non-empty groups, sorted by ``(fg_class, bg_class)``, each ``{"fg_class", "bg_class",
+        "fg_name", "bg_name", "correct", "total", "accuracy"}`` (plus ``"aligned"`` with a pairing);
+        ``average_group`` (mean of the group accuracies), ``worst_group`` (the lowest) and ``worst_group_of``
+        (its ``[fg_class, bg_class]``); with a pairing ``aligned_accuracy`` and ``conflicting_accuracy`` (pooled
+        over the composites of the aligned, resp. conflicting, groups) and ``aligned_gap`` = their difference
+        (``None`` where a side is empty). Without rows every figure is ``None``.
+    """
+    nb = bg_space.num_classes
+    key = label.astype(np.int64) * nb + bg_label.astype(np.int64)
+    keys, inv = np.unique(key, return_inverse=True)
+    total = np.bincount(inv, minlength=len(keys))
+    correct = np.bincount(inv, weights=ok.astype(np.float64), minlength=len(keys)).astype(np.int64)
+    groups = []
+    for g, t, c in zip(keys.tolist(), total.tolist(), correct.tolist()):
+        y, b = divmod(int(g), nb)
+        groups.append({"fg_class": y, "bg_class": b, "fg_name": fg_space.classes[y], "bg_name": bg_space.classes[b],
+                       "correct": int(c), "total": int(t), "accuracy": c / t})
+    accs = [g["accuracy"] for g in groups]
+    worst = int(np.argmin(accs)) if accs else None
+    out = {
+        "groups": groups,
+        "average_group": float(np.mean(accs)) if accs else None,
+        "worst_group": accs[worst] if accs else None,
+        "worst_group_of": [groups[worst]["fg_class"], groups[worst]["bg_class"]] if accs else None,
+    }
+    if pairing is not None:
+        aligned = np.array([b in pairing.get(y, ()) for y, b in zip(label.tolist(), bg_label.tolist())], bool)
+        for g in groups:
+            g["aligned"] = g["bg_class"] in pairing.get(g["fg_class"], ())
+        a = _ratio(int(ok[aligned].sum()), int(aligned.sum()))
+        c = _ratio(int(ok[~aligned].sum()), int((~aligned).sum()))
+        out.update(aligned_accuracy=a, conflicting_accuracy=c, aligned_gap=None if a is None or c is None else a - c)
+    return out
+
+
+# size: the one metric function of every evaluation; the label spaces and the group options are keyword-only
+def metrics_from_records(records: EvalRecords, label_space=None, *, bg_label_space=None, groups: bool | None = None,
+                         pairing: Mapping | None = None) -> dict:
     """All metrics of a run from its per-composite records (the same records give the same numbers).
+
+    Args:
+        records: the per-composite records.
+        label_space: the classes of the labels and predictions (:class:`~bgsynth.classes.LabelSpace`, its dict or
+            a list of names); default IN-9.
+        bg_label_space: the classes of ``bg_label`` (default: ``label_space``; e.g. scene classes for composites
+            of a controlled-correlation set).
+        groups: add the per-group metrics (:func:`group_metrics`) to every variant with backgrounds (default: only
+            when a ``pairing`` is given).
+        pairing: ``{fg_class: [aligned bg classes]}``: which groups are aligned, for ``aligned_gap``.
 
     Returns:
         ``{"variants": {name: {...}}, "bg_gap": float | None}`` where each variant entry holds ``accuracy``
         (fraction in [0, 1] or ``None`` without valid rows), ``correct``, ``total`` (valid rows), ``invalid``,
-        ``unmapped`` (predictions of an unmapped ImageNet class), ``per_class`` (``correct``/``total``/``accuracy``
-        lists indexed by IN-9 id), ``confusion`` (9 x 10 counts: rows the true class, columns the predicted class
-        then ``unmapped``), and for variants with backgrounds ``by_bg_class`` (the same three lists indexed by the
-        background's class) and ``pred_is_bg_class`` (fraction of predictions equal to the background's class).
+        ``unmapped`` (predictions of no class of the label space, e.g. an unmapped ImageNet class), ``per_class``
+        (``correct``/``total``/``accuracy`` lists indexed by class id), ``confusion`` (``N x (N + 1)`` counts: rows
+        the true class, columns the predicted class then ``unmapped``), and for variants with backgrounds
+        ``by_bg_class`` (the same three lists indexed by the background's class) and ``pred_is_bg_class`` (fraction
+        of predictions equal to the background's class; meaningful when both share a label space). With groups:
+        ``groups``, ``average_group``, ``worst_group``, ``worst_group_of`` and, with a pairing,
+        ``aligned_accuracy``, ``conflicting_accuracy``, ``aligned_gap`` (``None`` for variants without backgrounds).
         ``bg_gap`` = accuracy(mixed_same) - accuracy(mixed_rand) when both exist.
+
+    Raises:
+        ConfigError: a label or background class outside its label space, or a malformed pairing.
     """
+    space = _label_space(label_space)
+    bg_space = space if bg_label_space is None else _label_space(bg_label_space)
+    n, nb = space.num_classes, bg_space.num_classes
+    pairing = normalise_pairing(pairing, n, nb)
+    with_groups = bool(groups) or (groups is None and pairing is not None)
     out: dict[str, Any] = {}
     for vi, name in enumerate(records.variants):
         sel = records.variant == vi
@@ -213,37 +383,33 @@ def metrics_from_records(records: EvalRecords) -> dict:
         lab = records.label[sel][valid]
         pred = records.pred[sel][valid]
         bgl = records.bg_label[sel][valid]
+        _check_labels(lab, n, "labels")
         ok = pred == lab
-        pc_total = np.bincount(lab, minlength=NUM_IN9)[:NUM_IN9]
-        pc_correct = np.bincount(lab[ok], minlength=NUM_IN9)[:NUM_IN9]
-        conf = np.zeros((NUM_IN9, NUM_IN9 + 1), np.int64)
-        col = np.where((pred >= 0) & (pred < NUM_IN9), pred, NUM_IN9)
+        conf = np.zeros((n, n + 1), np.int64)
+        col = np.where((pred >= 0) & (pred < n), pred, n)
         np.add.at(conf, (lab, col), 1)
         entry: dict[str, Any] = {
             "accuracy": _ratio(int(ok.sum()), int(valid.sum())),
             "correct": int(ok.sum()),
             "total": int(valid.sum()),
             "invalid": int((~valid).sum()),
-            "unmapped": int((col == NUM_IN9).sum()),
-            "per_class": {
-                "correct": pc_correct.tolist(),
-                "total": pc_total.tolist(),
-                "accuracy": [_ratio(int(c), int(t)) for c, t in zip(pc_correct, pc_total)],
-            },
+            "unmapped": int((col == n).sum()),
+            "per_class": _counts(lab, ok, n),
             "confusion": conf.tolist(),
             "by_bg_class": None,
             "pred_is_bg_class": None,
         }
         has_bg = bgl >= 0
         if has_bg.any():
-            bt = np.bincount(bgl[has_bg], minlength=NUM_IN9)[:NUM_IN9]
-            bc = np.bincount(bgl[has_bg & ok], minlength=NUM_IN9)[:NUM_IN9]
-            entry["by_bg_class"] = {
-                "correct": bc.tolist(),
-                "total": bt.tolist(),
-                "accuracy": [_ratio(int(c), int(t)) for c, t in zip(bc, bt)],
-            }
+            _check_labels(bgl[has_bg], nb, "background classes")
+            entry["by_bg_class"] = _counts(bgl[has_bg], ok[has_bg], nb)
             entry["pred_is_bg_class"] = _ratio(int((pred[has_bg] == bgl[has_bg]).sum()), int(has_bg.sum()))
+        if with_groups:
+            empty = {"groups": None, "average_group": None, "worst_group": None, "worst_group_of": None}
+            if pairing is not None:
+                empty.update(aligned_accuracy=None, conflicting_accuracy=None, aligned_gap=None)
+            entry.update(group_metrics(lab[has_bg], bgl[has_bg], ok[has_bg], space, bg_space, pairing)
+                         if has_bg.any() else empty)
         out[name] = entry
     gap = None
     if "mixed_same" in out and "mixed_rand" in out:
@@ -262,7 +428,9 @@ class EvalResult:
     """The outcome of :func:`evaluate`: metrics, run configuration, model provenance and (optionally) records.
 
     JSON (:meth:`to_json`) has the same schema for every run (see ``docs/eval.md``); records are kept in memory
-    and written to ``provenance.csv`` on request, or embedded with ``to_json(include_records=True)``.
+    and written to ``provenance.csv`` on request, or embedded with ``to_json(include_records=True)``. The classes
+    are those of :attr:`label_space` (the index's; IN-9 by default): JSON ``classes`` holds their names and
+    ``label_space`` the whole definition.
     """
 
     variants: list[str]
@@ -279,6 +447,10 @@ class EvalResult:
     schema: str = SCHEMA
     records: EvalRecords | None = dataclasses.field(default=None, repr=False)
     example_images: dict | None = dataclasses.field(default=None, repr=False)
+    label_space: LabelSpace = IN9
+
+    def __post_init__(self):
+        self.label_space = _label_space(self.label_space)
 
     # ------------------------------------------------------------------------------------------ access
     def accuracy(self, variant: str) -> float | None:
@@ -306,7 +478,8 @@ class EvalResult:
             "accuracy": {v: self.metrics[v]["accuracy"] for v in self.variants},
             "bg_gap": self.bg_gap,
             "label_protocol": self.label_protocol,
-            "classes": list(IN9_CLASSES),
+            "classes": list(self.label_space.classes),
+            "label_space": self.label_space.to_dict(),
             "metrics": self.metrics,
             "model": self.model,
             "config": self.config,
@@ -350,6 +523,7 @@ class EvalResult:
             config=d.get("config", {}), dataset=d.get("dataset", {}), timing=d.get("timing", {}),
             versions=d.get("versions", {}), examples=d.get("examples", {}), created=d.get("created", ""),
             schema=d["schema"], records=recs,
+            label_space=LabelSpace.from_dict(d["label_space"]) if d.get("label_space") else IN9,
         )
 
     # ------------------------------------------------------------------------------------------ CSV
@@ -357,14 +531,14 @@ class EvalResult:
         """One row per variant (accuracy %, counts, per-class accuracy %) and a ``bg_gap`` row."""
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["variant", "accuracy", "correct", "total", "invalid", "unmapped"] + [f"acc_{c}" for c in IN9_CLASSES])
+        w.writerow(["variant", "accuracy", "correct", "total", "invalid", "unmapped"] + [f"acc_{c}" for c in self.label_space.classes])
         pct = lambda x: "" if x is None else f"{100.0 * x:.4f}"  # noqa: E731
         for v in self.variants:
             m = self.metrics[v]
             w.writerow([v, pct(m["accuracy"]), m["correct"], m["total"], m["invalid"], m.get("unmapped", 0)]
                        + [pct(a) for a in m["per_class"]["accuracy"]])
         if self.bg_gap is not None:
-            w.writerow(["bg_gap", f"{100.0 * self.bg_gap:.4f}", "", "", "", ""] + [""] * NUM_IN9)
+            w.writerow(["bg_gap", f"{100.0 * self.bg_gap:.4f}", "", "", "", ""] + [""] * self.label_space.num_classes)
         text = buf.getvalue()
         if path is not None:
                 atomic_write_bytes(path, text.encode("utf-8"))
@@ -407,14 +581,17 @@ def merge_results(results: Sequence[EvalResult]) -> EvalResult:
     if any(r.records is None for r in results):
         raise ConfigError("merge_results: every part needs its records (run with record_provenance=True)")
     recs = EvalRecords.cat([r.records for r in results])
-    m = metrics_from_records(recs)
     first = results[0]
+    m = metrics_from_records(recs, first.label_space, **_group_options(first.config))
     cfg = dict(first.config)
     cfg.update(shard_id=0, num_shards=1, merged_from=len(results))
     ds = dict(first.dataset)
     ids, first_row = np.unique(recs.image_id, return_index=True)
     ds["images"] = int(len(ids))
-    ds["per_class"] = np.bincount(recs.label[first_row], minlength=NUM_IN9)[:NUM_IN9].tolist()
+    n = first.label_space.num_classes
+    if any(r.label_space != first.label_space for r in results[1:]):
+        raise ConfigError("merge_results: the parts were evaluated in different label spaces")
+    ds["per_class"] = np.bincount(recs.label[first_row], minlength=n)[:n].tolist()
     ds["planned"] = sum(int(r.dataset.get("planned", 0)) for r in results)
     ds["rejects"] = [rej for r in results for rej in r.dataset.get("rejects", [])]
     timing = dict(first.timing)
@@ -434,12 +611,17 @@ def merge_results(results: Sequence[EvalResult]) -> EvalResult:
                                example_images=None)
 
 
+def _group_options(config: Mapping) -> dict:
+    """The group-metric options a result's ``config`` records (so that merged shards are scored the same way)."""
+    return {"groups": bool(config.get("groups")) or None, "pairing": config.get("pairing")}
+
+
 def pick_examples(records: EvalRecords, per_class: int) -> dict:
-    """Example images for the contact sheet: the ``per_class`` smallest image ids of each class."""
+    """Example images for the contact sheet: the ``per_class`` smallest image ids of each class, in class order."""
     ids: list[int] = []
     if per_class > 0 and len(records):
         ids_all, first = np.unique(records.image_id, return_index=True)
         labels = records.label[first]
-        for c in range(NUM_IN9):
+        for c in np.unique(labels).tolist():
             ids += ids_all[labels == c][:per_class].tolist()
     return {"per_class": int(per_class), "image_ids": [int(i) for i in ids]}

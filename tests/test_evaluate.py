@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from bgsynth.classes import IN9_MEAN, IN9_STD, NUM_IN9
+from bgsynth.classes import IN9, IN9_CLASSES, IN9_MEAN, IN9_STD, NUM_IN9, LabelSpace, OutputMap
 from bgsynth.config import resolve_run
-from bgsynth.errors import ConfigError
+from bgsynth.errors import ConfigError, EmptyInputError
 from bgsynth.evaluate import EvalConfig, evaluate
 from bgsynth.models import LoadedModel, Predictor, create_model
 from bgsynth.results import (
@@ -325,7 +325,8 @@ def test_result_json_schema_and_csv(full_run, tmp_path):
     d = json.loads(full_run.to_json())
     assert d["schema"] == SCHEMA
     assert set(d) == {"schema", "created", "variants", "accuracy", "bg_gap", "label_protocol", "classes", "metrics",
-                      "model", "config", "dataset", "timing", "versions", "examples", "records"}
+                      "model", "config", "dataset", "timing", "versions", "examples", "records", "label_space"}
+    assert d["classes"] == list(IN9_CLASSES) and d["label_space"] == IN9.to_dict()
     assert d["records"] is None and d["variants"] == list(VARIANT_ORDER)
     assert set(d["config"]) >= {"index", "split", "seed", "geometry", "backend", "device", "batch_size", "pool"}
     assert d["config"]["geometry"] == {"resize": 72, "crop": 64} and d["config"]["seed"] == SEED
@@ -378,7 +379,7 @@ def test_errors(setup):
     kw = dict(geometry=geometry, backend="pil", progress=False)
     with pytest.raises(ConfigError, match="unknown variant"):
         evaluate(index, _loaded(net), variants="original,mixed_everything", **kw)
-    with pytest.raises(ConfigError, match="no images in split"):
+    with pytest.raises(EmptyInputError, match="no images to evaluate in split 'test'.*splits present: \\['train', 'val'\\]"):
         evaluate(index, _loaded(net), split="test", **kw)
     with pytest.raises(ConfigError, match="batch_size"):
         evaluate(index, _loaded(net), batch_size=0, **kw)
@@ -408,3 +409,212 @@ def test_run_and_job_config_objects(setup, full_run):
     r2 = evaluate(index, _loaded(net), run, cfg, variants="original", batch_size=9)
     assert r2.variants == ["original"] and r2.config["batch_size"] == 9
     assert np.array_equal(r2.records.pred, full_run.records.of_variant("original").pred)
+
+
+# ------------------------------------------------------------------------------------------------ label spaces
+def relabel(index, n: int):
+    """The tiny index in a label space of ``n`` classes (``c0``, ``c1``, ...): image ``i`` of IN-9 label ``y`` gets
+    class ``(7 i + y) mod n`` (every class is used for n <= 20 on the tiny val split)."""
+    d = copy.deepcopy(index.data)
+    ls = LabelSpace.from_names([f"c{k}" for k in range(n)], name=f"n{n}")
+    d["info"]["label_space"] = ls.to_dict()
+    d["categories"] = ls.categories()
+    new = {}
+    for im in d["images"]:
+        im["label"] = new[im["id"]] = (7 * im["id"] + im["label"]) % n
+    for a in d["annotations"]:
+        a["category_id"] = new[a["image_id"]]
+    from bgsynth.index import DatasetIndex
+
+    return DatasetIndex(d, index.path), ls
+
+
+class IdentityPredictor(Predictor):
+    """A Predictor whose ``N`` outputs are the ``N`` classes of the label space (OutputMap.identity)."""
+
+    def labels_from_logits(self, logits):
+        return OutputMap.identity().predict(logits, self.label_protocol)
+
+    def predict(self, x):
+        return self.labels_from_logits(self.logits(x))
+
+
+@pytest.mark.parametrize("n", [2, 20])
+def test_label_space_end_to_end(setup, n):
+    """Eval in a label space of N classes: records, Mixed-Same/Next backgrounds ((y + 1) mod N), per-class metrics
+    and confusion of N classes, the names in the result, all checked against counts made here from the index."""
+    index, geometry, _ = setup
+    idx, ls = relabel(index, n)
+    torch.manual_seed(0)
+    net = create_model("bgsynth_cnn", n)
+    sub = idx.select(split="train", per_class=3)
+    net = calibrate_batchnorm(net, torch.cat([_normalise64(_ref_decode(r, geometry)[0]) for r in sub.records()]).float())
+    lm = LoadedModel(net, n, "custom", tuple(IN9_MEAN), tuple(IN9_STD), provenance={"spec": f"n{n}"})
+    r = evaluate(idx, IdentityPredictor(lm), variants="original,mixed_same,mixed_next", geometry=geometry,
+                 backend="pil", batch_size=32, progress=False, examples_per_class=1, seed=SEED)
+    assert r.label_space == ls and json.loads(r.to_json())["classes"] == list(ls.classes)
+    val = idx.select(split="val")
+    truth = {i: val.image(i)["label"] for i in val.ids}
+    recs = r.records
+    assert {int(i): int(y) for i, y in zip(recs.image_id, recs.label)} == truth
+    assert sorted(set(truth.values())) == list(range(n))  # every class occurs
+    for v, shift in (("mixed_same", 0), ("mixed_next", 1)):
+        m = recs.of_variant(v)
+        ok = m.valid
+        assert ok.sum() >= len(m) - 2  # the tiny split has a background of every class
+        np.testing.assert_array_equal(m.bg_label[ok], (m.label[ok] + shift) % n)
+        assert all(truth[int(b)] == int(lab) for b, lab in zip(m.bg_id[ok], m.bg_label[ok]))  # the background's class
+    assert (recs.pred >= 0).all() and recs.pred.max() < n
+    for v in r.variants:
+        met, rows = r.metrics[v], recs.of_variant(v)
+        rows = rows.take(rows.valid)
+        assert len(met["per_class"]["total"]) == n and np.array(met["confusion"]).shape == (n, n + 1)
+        assert met["per_class"]["total"] == [int((rows.label == c).sum()) for c in range(n)]
+        assert met["per_class"]["correct"] == [int(((rows.label == c) & (rows.pred == c)).sum()) for c in range(n)]
+        assert met["accuracy"] == pytest.approx(float((rows.pred == rows.label).mean()))
+    assert r.dataset["per_class"] == [sum(1 for y in truth.values() if y == c) for c in range(n)]
+    assert r.example_images["labels"] == sorted(set(truth.values()))  # one example per class, in class order
+    back = EvalResult.from_json(r.to_json())
+    assert back.label_space == ls and back.metrics == r.metrics
+
+
+def _random_records(seed: int, n_fg: int, n_bg: int, rows: int = 400) -> EvalRecords:
+    rng = np.random.default_rng(seed)
+    lab = rng.integers(0, n_fg, rows)
+    pred = np.where(rng.random(rows) < 0.6, lab, rng.integers(-1, n_fg, rows))
+    bg = rng.integers(0, n_bg, rows)
+    var = rng.integers(0, 2, rows)  # original (no background), mixed_rand
+    bg = np.where(var == 1, bg, -1)
+    valid = rng.random(rows) < 0.9
+    return EvalRecords(("original", "mixed_rand"), 0, np.arange(rows), var, lab, pred, np.where(bg >= 0, 1000 + bg, -1),
+                       bg, valid)
+
+
+def test_group_metrics_against_brute_force():
+    """Per-group accuracy (fg class x bg class in another label space), average, worst group and the aligned gap,
+    against plain loops over the rows."""
+    fg_space = LabelSpace.from_names(["bird", "dog", "fish"])
+    bg_space = LabelSpace.from_names(["sky", "grass", "water", "road"])
+    rec = _random_records(3, 3, 4)
+    pairing = {"0": [0], 1: [1, 3], 2: 2}
+    m = metrics_from_records(rec, fg_space, bg_label_space=bg_space, pairing=pairing)
+    mr = m["variants"]["mixed_rand"]
+    sel = (rec.variant == 1) & rec.valid
+    want = {}
+    for y, b, p in zip(rec.label[sel], rec.bg_label[sel], rec.pred[sel]):
+        c, t = want.get((int(y), int(b)), (0, 0))
+        want[(int(y), int(b))] = (c + int(p == y), t + 1)
+    got = {(g["fg_class"], g["bg_class"]): (g["correct"], g["total"]) for g in mr["groups"]}
+    assert got == want
+    for g in mr["groups"]:
+        assert g["accuracy"] == g["correct"] / g["total"]
+        assert (g["fg_name"], g["bg_name"]) == (fg_space.classes[g["fg_class"]], bg_space.classes[g["bg_class"]])
+        assert g["aligned"] == (g["bg_class"] in {0: [0], 1: [1, 3], 2: [2]}[g["fg_class"]])
+    accs = {k: c / t for k, (c, t) in want.items()}
+    assert mr["average_group"] == pytest.approx(sum(accs.values()) / len(accs))
+    assert mr["worst_group"] == min(accs.values()) and accs[tuple(mr["worst_group_of"])] == min(accs.values())
+    aligned = [(c, t) for (y, b), (c, t) in want.items() if b in {0: [0], 1: [1, 3], 2: [2]}[y]]
+    conflict = [(c, t) for (y, b), (c, t) in want.items() if b not in {0: [0], 1: [1, 3], 2: [2]}[y]]
+    a = sum(c for c, _ in aligned) / sum(t for _, t in aligned)
+    b = sum(c for c, _ in conflict) / sum(t for _, t in conflict)
+    assert mr["aligned_accuracy"] == pytest.approx(a) and mr["conflicting_accuracy"] == pytest.approx(b)
+    assert mr["aligned_gap"] == pytest.approx(a - b)
+    assert len(mr["by_bg_class"]["total"]) == 4  # indexed by the background label space
+    o = m["variants"]["original"]  # no backgrounds: the group keys are there, empty
+    assert o["groups"] is None and o["aligned_gap"] is None
+    # no groups unless asked; IN-9 records give the same numbers with or without the explicit label space
+    plain = metrics_from_records(_handmade())
+    assert "groups" not in plain["variants"]["mixed_rand"] and plain == metrics_from_records(_handmade(), IN9)
+    assert metrics_from_records(_handmade(), groups=True)["variants"]["mixed_rand"]["groups"]
+    with pytest.raises(ConfigError, match="labels in 0..2"):
+        metrics_from_records(_handmade(), fg_space)
+    with pytest.raises(ConfigError, match="pairing"):
+        metrics_from_records(rec, fg_space, bg_label_space=bg_space, pairing={0: [7]})
+
+
+def test_group_metrics_in_an_evaluation(full_run, setup):
+    """EvalConfig(groups=...) puts the groups of the Mixed-* variants in the result, equal to the records' own."""
+    index, geometry, net = setup
+    pairing = {c: [c] for c in range(NUM_IN9)}  # aligned: the background of the foreground's class
+    r = evaluate(index, _loaded(net), variants="mixed_same,mixed_rand", seed=SEED, geometry=geometry, backend="pil",
+                 batch_size=32, progress=False, examples_per_class=0, pairing=pairing)
+    assert r.config["groups"] and r.config["pairing"]["3"] == [3]
+    ms, mr = r.metrics["mixed_same"], r.metrics["mixed_rand"]
+    assert all(g["aligned"] for g in ms["groups"]) and ms["conflicting_accuracy"] is None
+    assert mr["groups"] == metrics_from_records(full_run.records, pairing=pairing)["variants"]["mixed_rand"]["groups"]
+    assert r.metrics["mixed_rand"]["accuracy"] == full_run.metrics["mixed_rand"]["accuracy"]
+
+
+# ------------------------------------------------------------------------------------------------ output folders
+def test_output_folder_belongs_to_one_run(setup, tmp_path):
+    """evaluate_to_dir claims its folder before any work: a rerun with other settings is refused (naming them), a
+    file as --out is refused, --overwrite removes the other run's files (an old provenance.csv included) and never
+    a file it did not write."""
+    from bgsynth.evaluate import evaluate_to_dir
+
+    index, geometry, net = setup
+    kw = dict(variants="original,mixed_rand", geometry=geometry, backend="pil", batch_size=32, progress=False,
+              per_class=1)
+    out = tmp_path / "run"
+    r1, paths = evaluate_to_dir(index, _loaded(net), out, provenance=True, report=False, seed=1, **kw)
+    assert {p.name for p in paths.values()} == {"results.json", "results.csv", "provenance.csv"}
+    assert r1.example_images is None and r1.examples["image_ids"] == []  # no report work without a report
+    record = json.loads((out / "bgsynth-run.json").read_text())
+    assert record["fingerprint"]["settings"]["seed"] == 1 and "provenance.csv" in record["files"]
+    (out / "notes.txt").write_text("mine")
+    pred = Predictor(_loaded(net))
+    with pytest.raises(ConfigError, match=r"seed: 1 -> 2"):
+        evaluate_to_dir(index, pred, out, report=False, seed=2, **kw)
+    assert pred.forwards == 0  # refused before any work
+    evaluate_to_dir(index, _loaded(net), out, report=False, seed=1, **kw)  # the same run again: fine
+    r3, _ = evaluate_to_dir(index, _loaded(net), out, report=False, seed=2, overwrite=True, **kw)
+    assert not (out / "provenance.csv").exists() and (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "results.json").read_text())["config"]["seed"] == 2
+    # an existing file as the output folder, and output of no recorded run
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="existing file"):
+        evaluate_to_dir(index, pred, tmp_path / "file", report=False, **kw)
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "results.json").write_text("{}")
+    with pytest.raises(ConfigError, match="no recorded run"):
+        evaluate_to_dir(index, pred, stray, report=False, **kw)
+    assert pred.forwards == 0
+
+
+def test_cli_refuses_bad_output_before_work(builtin_root, tmp_path, capsys):
+    """`bgsynth eval --out FILE` stops at the argument check (exit 2), before any index or model is loaded."""
+    from bgsynth.cli import main
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(builtin_root), "--model", "no-such-model", "--out", str(tmp_path / "f")])
+    assert e.value.code == 2 and "is an existing file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(builtin_root), "--model", "x", "--examples-per-class", "-1"])
+    assert e.value.code == 2
+    assert main(["eval", str(builtin_root), "--model", "bgsynth_cnn", "--variants", "original,nonsense",
+                 "--out", str(tmp_path / "o")]) != 0
+    assert "unknown variant" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_cpu_thread_split():
+    """The model and the decoder share a CPU device's cores; explicit values win; CUDA keeps the defaults."""
+    import os
+
+    from bgsynth.evaluate import cpu_thread_split
+
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_thread_split("cpu") == (max(1, min(torch.get_num_threads(), cores - 1)), 1)
+    assert cpu_thread_split("cpu", 3, 2) == (3, 2) and cpu_thread_split("cpu", None, 4)[1] == 4
+
+
+def test_docstring_examples():
+    import doctest
+
+    import bgsynth.evaluate
+    import bgsynth.results
+
+    for mod in (bgsynth.results, bgsynth.evaluate):
+        res = doctest.testmod(mod)
+        assert res.attempted > 0 and res.failed == 0, mod.__name__

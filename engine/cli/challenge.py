@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from ._args import add_model_args, add_tiling_arg, positive_int, predictor_from_args, resolve_index, seconds
+from ._args import (
+    HelpFormatter,
+    add_model_args,
+    add_tiling_arg,
+    nonneg_int,
+    out_dir,
+    positive_int,
+    predictor_from_args,
+    resolve_index,
+    seconds,
+)
 
 __all__ = ["register", "run"]
 
@@ -20,9 +30,11 @@ def register(subparsers) -> argparse.ArgumentParser:
             "the device, composites are made there in batches, a foreground leaves the search when it is fooled, "
             "and the most fooling backgrounds are tried first: the identical answer for a fraction of the forwards. "
             "Writes challenge.json (and, with --full-matrix, challenge_matrix.npz and plots) into --out; "
-            "checkpoints there and continues with --resume. INDEX is a dataset index JSON, or 'builtin'."
+            "checkpoints there and continues with --resume. The output folder belongs to one run: a folder written "
+            "with other settings, data or model is refused (naming what differs) unless --overwrite, and --resume "
+            "continues only a run with the same settings. INDEX is a dataset index JSON, or 'builtin'."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("index", help="dataset index (COCO-format JSON) or 'builtin'")
     add_model_args(p, unmapped="fooled")
@@ -46,9 +58,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="composites per forward (default 512 CUDA, 64 CPU)")
     s.add_argument("--fg-tile", type=positive_int, default=None,
                    help="foregrounds searched at once (default 4 x batch size)")
-    s.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    s.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --out (only a run with the same settings, data and model)")
     s.add_argument("--checkpoint-every", type=seconds, default=60.0, help="seconds between checkpoints")
-    s.add_argument("--share-every", type=int, default=8,
+    s.add_argument("--share-every", type=nonneg_int, default=8,
                    help="under torchrun, adaptive order: exchange the ranks' fooling statistics every N search steps "
                         "(0: never; the answer does not depend on it)")
     r = p.add_argument_group("runtime")
@@ -61,35 +74,52 @@ def register(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--max-batch", type=positive_int, default=None,
                    help="largest forward chunk (halved automatically on out-of-memory)")
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
+    r.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU device: the model's intra-op threads (default: the cores less the decoder's, at least 1)")
+    r.add_argument("--decode-threads", type=positive_int, default=None,
+                   help="decoder threads (default: 1 on a CPU device; the decoder's own default on CUDA)")
     o = p.add_argument_group("output")
-    o.add_argument("--out", required=True, help="output folder (result, checkpoint, plots)")
+    o.add_argument("--out", type=out_dir, required=True, help="output folder (result, checkpoint, plots)")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace the files of another run in --out (only the files that run wrote, its checkpoints "
+                        "included)")
     o.add_argument("--no-plots", dest="plots", action="store_false", help="skip the plots")
     o.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
     from ..challenge import ChallengeConfig, challenge_foregrounds, challenge_to_dir
     from ..distributed import init_distributed
+    from ..evaluate import cpu_thread_split
     from ..index import DatasetIndex
 
-    ctx = init_distributed()
-    device = ctx.device(None if args.device == "auto" else args.device)
-    index = DatasetIndex.load(resolve_index(args.index, ctx, progress=args.progress and ctx.is_main))
     split = None if args.split == "all" else args.split
-    _loaded, predictor = predictor_from_args(args, device)
-    fg_ids = None
-    if args.fg_per_class is not None:
-        fg_ids = challenge_foregrounds(index, split, fg_per_class=args.fg_per_class, seed=args.seed)
-    config = ChallengeConfig(split=split, fg_ids=fg_ids, bg_per_class=args.bg_per_class, fg_tile=args.fg_tile,
+    # the job's settings first: refused before the index or the model is loaded
+    config = ChallengeConfig(split=split, bg_per_class=args.bg_per_class, fg_tile=args.fg_tile,
                              order=args.order, full_matrix=args.full_matrix, store_predictions=args.store_predictions,
                              resume=args.resume, checkpoint_every=args.checkpoint_every, share_every=args.share_every)
+    ctx = init_distributed()
+    device = ctx.device(None if args.device == "auto" else args.device)
+    model_threads, decode_threads = cpu_thread_split(device, args.threads, args.decode_threads)
+    if model_threads is not None:
+        torch.set_num_threads(model_threads)  # this process is the command's: the model's share of the cores
+    index = DatasetIndex.load(resolve_index(args.index, ctx, progress=args.progress and ctx.is_main))
+    _loaded, predictor = predictor_from_args(args, device)
+    if args.fg_per_class is not None:
+        fg_ids = challenge_foregrounds(index, split, fg_per_class=args.fg_per_class, seed=args.seed)
+        config = dataclasses.replace(config, fg_ids=fg_ids)
     # the run's options: resolve_run turns them into the RunConfig (the crop geometry from --resize/--crop over the
     # checkpoint's, the batch size as composites per forward)
+    # the output folder is claimed (fingerprint: settings, index, model) before the search starts
     result, paths = challenge_to_dir(
-        index, predictor, args.out, config=config, plots=args.plots, resize=args.resize, crop=args.crop,
-        backend=args.backend, device=device, seed=args.seed, batch_size=args.batch_size, tiling=args.tiling,
-        progress=args.progress and ctx.is_main,
+        index, predictor, args.out, config=config, plots=args.plots, overwrite=args.overwrite, resize=args.resize,
+        crop=args.crop, backend=args.backend, device=device, seed=args.seed, batch_size=args.batch_size,
+        tiling=args.tiling, progress=args.progress and ctx.is_main, num_threads=decode_threads,
     )
     if ctx.is_main:
         print(result.format())
