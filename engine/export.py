@@ -411,7 +411,8 @@ class _Tally:
 class _Writer:
     """Encodes and writes files on a thread pool, one job per image, a bounded number in flight; re-raises the
     first failure. A job is a list of ``(kind, path, payload)``: ``'hwc'`` or ``'chw'`` (an ``H x W x 3`` or
-    ``3 x H x W`` uint8 array, encoded in the job), ``'mask'`` (a 0/1 array, written as ``.npy``) or ``'bytes'`` (already encoded)."""
+    ``3 x H x W`` uint8 array, encoded in the job), ``'mask'`` (a 0/1 array, written as ``.npy``) or ``'bytes'``
+    (already encoded)."""
 
     def __init__(self, threads: int, image_format: str, quality: int):
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bgsynth-export")
