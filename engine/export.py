@@ -549,7 +549,8 @@ class _Export:
                 self.pool = _with_classes(pool_from_batches(batches, r.geometry.crop, r.device, r.kernel_backend),
                                           self.space.num_classes)
                 wanted = torch.tensor(todo, dtype=torch.int64)
-                for batch in batches:
+                while batches:
+                    batch = batches.popleft()  # released once written
                     keep = torch.isin(batch.image_ids.cpu(), wanted)
                     # a fresh run writes every row: the batch as decoded (a row selection would copy it)
                     self._write_batch(batch if bool(keep.all()) else batch.slice(keep.to(batch.device)), writer, bar)
@@ -570,7 +571,7 @@ class _Export:
                 bar.close()
 
     def _decode(self, ids: list[int], only_bg_t: bool, stream: bool = False):
-        """The decoded batches of ``ids`` (a list, or with ``stream`` a generator); rejects are tallied."""
+        """The decoded batches of ``ids`` (a deque, or with ``stream`` a generator); rejects are tallied."""
         loader = self._loader(ids, only_bg_t)
 
         def gen():
@@ -581,7 +582,19 @@ class _Export:
             finally:
                 loader.close()
 
-        return gen() if stream else list(gen())
+        if stream:
+            return gen()
+        bar = _progress(self.run_cfg.progress, len(ids), "decode")
+        kept = collections.deque()
+        try:
+            for batch in gen():
+                kept.append(batch)
+                if bar is not None:
+                    bar.update(len(batch))
+        finally:
+            if bar is not None:
+                bar.close()
+        return kept
 
     def _retain_fits(self, n: int) -> bool:
         """Whether ``n`` decoded images (crop, mask, Only-BG-T) plus their pool fit in :data:`RETAIN_HEADROOM` of
@@ -714,12 +727,12 @@ def _prune_empty(root: pathlib.Path, top: list[str]) -> None:
                 pass
 
 
-def _progress(enabled: bool, total: int):
+def _progress(enabled: bool, total: int, desc: str = "export"):
     if not enabled:
         return None
     from tqdm.auto import tqdm  # tqdm only for a visible bar
 
-    return tqdm(total=total, desc="export", unit="img")
+    return tqdm(total=total, desc=desc, unit="img")
 
 
 def _channels_last(t: torch.Tensor) -> bool:

@@ -269,7 +269,7 @@ def test_group_metrics_are_rendered_when_present(tmp_path):
 
 def test_report_owns_its_files(tmp_path, capsys):
     """Another set of runs is refused by name; --overwrite replaces only the report's files; a rerun of the same
-    report drops its own figures that no longer apply; --out naming a file is refused up front."""
+    runs (any names, title) drops its own figures that no longer apply; --out naming a file is refused up front."""
     from bgsynth.cli import main
 
     a, b = _result(CORRECT_A, name="A"), _result(CORRECT_B, name="B")
@@ -279,8 +279,11 @@ def test_report_owns_its_files(tmp_path, capsys):
     write_report([tmp_path / "a", tmp_path / "b"], out, names=["x", "y"])
     (out / "notes.txt").write_text("mine")
     assert (out / "per_class_2.png").is_file() and (out / "report.md.bgsynth-run.json").is_file()
-    with pytest.raises(Exception, match=r"names: \[\"x\", \"y\"\] -> \[\"x\", \"z\"\].*--overwrite"):
-        write_report([tmp_path / "a", tmp_path / "b"], out, names=["x", "z"])
+    with pytest.raises(Exception, match=r'run 2: "../b" -> null; runs: 2 -> 1\).*--overwrite'):
+        write_report([tmp_path / "a"], out, names=["x"])
+    assert (out / "per_class_2.png").is_file()
+    write_report([tmp_path / "a", tmp_path / "b"], out, names=["x", "z"], title="renamed")  # the same runs
+    assert "| z |" in (out / "report.md").read_text()
     write_report([tmp_path / "a"], out, names=["x"], overwrite=True)
     assert not (out / "per_class_2.png").exists() and not (out / "comparison.csv").exists()
     assert (out / "per_class.png").is_file() and (out / "notes.txt").read_text() == "mine"

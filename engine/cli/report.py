@@ -18,8 +18,7 @@ def register(subparsers) -> argparse.ArgumentParser:
             "table (one row per run), a grouped bar chart of variant accuracies with the chance line, per-class and "
             "per-background-class heatmaps, group accuracy (foreground class x background class) where the results "
             "have it, and each run's example sheet. Class names come from each result's label space. The report "
-            "belongs to one set of runs: a report of other runs, names or title in --out is refused unless "
-            "--overwrite."
+            "belongs to one set of runs: a report of other runs in --out is refused unless --overwrite."
         ),
         formatter_class=HelpFormatter,
     )
@@ -28,7 +27,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--names", default=None, help="comma-separated display names, one per run")
     p.add_argument("--title", default=None, help="report title")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a report of other runs, names or title in --out (only that report's files)")
+                   help="replace a report of other runs in --out (only that report's files)")
     return p
 
 

@@ -10,8 +10,8 @@ them) and writes text and figures; nothing decodes an image or runs a model.
 * Class names and the chance level come from each result's label space (IN-9 unless the result records another).
 * A report belongs to one run (:mod:`bgsynth.runs`): ``report.md`` and its figures are claimed together, the record
   kept as ``report.md.bgsynth-run.json``, so a report can share a folder with the run it describes. A report of
-  other runs, names or title at the same place is refused unless ``overwrite``; a rerun of the same report
-  rewrites it and removes its own figures that no longer apply. A writer that owns the folder already (an
+  other runs at the same place is refused unless ``overwrite``; the same runs written again (with any names or
+  title) rewrite the report and remove its own figures that no longer apply. A writer that owns the folder already (an
   evaluation writing its own report) passes its claim as ``folder``.
 
 >>> write_report("runs/resnet50", "runs/resnet50")                       # doctest: +SKIP
@@ -149,7 +149,7 @@ def write_report(
         out_dir: output folder (created).
         names: display names of the runs (default: each model's name).
         title: report title.
-        overwrite: replace a report of other runs, names or title in ``out_dir`` (only its files).
+        overwrite: replace a report of other runs in ``out_dir`` (only its files).
         folder: the claim of a writer that owns ``out_dir`` already (e.g. an evaluation writing its report into
             its own folder): the report's files are recorded as that writer's, and no claim of its own is made.
 
@@ -159,14 +159,14 @@ def write_report(
         available (``_<k>`` suffixes with several runs).
 
     Raises:
-        ConfigError: ``out_dir`` is a file, or holds a report of other runs (the message names what differs).
+        ConfigError: ``out_dir`` is a file, or holds a report of other runs (the message names them).
     """
     single = not isinstance(result_or_dir, (list, tuple))
     sources = [result_or_dir] if single else list(result_or_dir)
     results = load_results(sources)
     names = _names(results, names)
     out = pathlib.Path(out_dir).expanduser()
-    claim = folder or _claim(out, sources, results, names, title, overwrite)
+    claim = folder or _claim(out, sources, results, overwrite)
     written: list[pathlib.Path] = []
 
     md: list[str] = [f"# {title or _default_title(names)}", ""]
@@ -199,19 +199,22 @@ def _accuracy_note(results: list[EvalResult]) -> str:
     return f"Accuracy is top-1 on {on}; BG-Gap = Mixed-Same - Mixed-Rand in points."
 
 
-def _source_key(source, result: EvalResult) -> str:
-    """How a report names a run in its fingerprint: the results file's path, or the in-memory run's model and
-    data."""
+def _source_key(source, result: EvalResult, out: pathlib.Path) -> str:
+    """How a report names a run in its fingerprint: the results' path relative to the report (short enough to be
+    read in a refusal message), or the in-memory run's model and data."""
     if isinstance(source, (str, os.PathLike)):
-        return os.path.abspath(os.path.expanduser(os.fspath(source)))
-    return f"{result.name}: {result.config.get('index')} / {result.config.get('split')}"
+        return os.path.relpath(os.path.abspath(os.path.expanduser(os.fspath(source))), os.path.abspath(out))
+    index = result.config.get("index")
+    return f"{result.name}: {os.path.basename(str(index)) if index else None} / {result.config.get('split')}"
 
 
-# size: the claim's four ingredients (where, what, names, title) and the overwrite switch
-def _claim(out: pathlib.Path, sources, results, names, title, overwrite: bool) -> OutputFolder:
-    """Claim ``report.md`` and its figures for this report before anything is drawn."""
+def _claim(out: pathlib.Path, sources, results, overwrite: bool) -> OutputFolder:
+    """Claim ``report.md`` and its figures for this report before anything is drawn. What a report reports is its
+    runs; names and title are how it shows them, so the same runs written again with another title are the same
+    report, rewritten."""
     check_output_path(out, "folder")
-    settings = {"runs": [_source_key(s, r) for s, r in zip(sources, results)], "names": list(names), "title": title}
+    settings = {"runs": len(results), **{f"run {k + 1}": _source_key(s, r, out)
+                                         for k, (s, r) in enumerate(zip(sources, results))}}
     return OutputFolder(out / REPORT_FILE, Fingerprint("report", settings), overwrite=overwrite,
                         single_file=True).claim()
 
