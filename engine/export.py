@@ -588,7 +588,7 @@ class _Export:
         kept = collections.deque()
         try:
             for batch in gen():
-                kept.append(batch)
+                kept.append(_planar(batch))  # laid out once: the pool and every variant read it
                 if bar is not None:
                     bar.update(len(batch))
         finally:
@@ -646,9 +646,8 @@ class _Export:
         kernels composite fastest in NCHW, so the crops are laid out planar once per batch instead of once per
         variant, and the encoder reads the planes as they are."""
         r = self.run_cfg
-        planar = dataclasses.replace(batch, images=batch.images.contiguous(),
-                                     bgt=None if batch.bgt is None else batch.bgt.contiguous())
-        return synthesize(planar, list(self.layout.variants), pool=self.pool, seed=r.seed, backend=r.kernel_backend)
+        return synthesize(_planar(batch), list(self.layout.variants), pool=self.pool, seed=r.seed,
+                          backend=r.kernel_backend)
 
     def _encode_on_device(self, outs: dict, rows: list[int]) -> dict[str, list[bytes]]:
         """JPEG bytes of the rows of every variant, batched through ``torchvision.io.encode_jpeg`` (nvJPEG on CUDA)
@@ -692,6 +691,15 @@ class _Export:
         # another batch size must end with the same manifest
         extra = {k: v for k, v in r.to_dict().items() if k not in d and k != "batch_size"}
         return {**d, **extra, "masks": self.layout.masks}
+
+
+def _planar(batch: Batch) -> Batch:
+    """The batch with its images (and Only-BG-T images) in NCHW memory: where the CPU kernels are fastest, and what
+    the encoder reads plane by plane (itself when they are already)."""
+    if batch.images.is_contiguous() and (batch.bgt is None or batch.bgt.is_contiguous()):
+        return batch
+    return dataclasses.replace(batch, images=batch.images.contiguous(),
+                               bgt=None if batch.bgt is None else batch.bgt.contiguous())
 
 
 def _resolve_encoder(config: ExportConfig, device: torch.device) -> str:
