@@ -282,11 +282,6 @@ class ReleaseLayout:
         out = [p for i in self.where for p in self.paths(i)]
         return out + [str(self.manifest), str(self.backgrounds)]
 
-    def folders(self) -> set[str]:
-        """The class folders the export writes into."""
-        names = list(self.variants) + ([MASK_FOLDER] if self.masks else [])
-        return {os.path.join(self.root, n, s, c) for n in names for s, c, _ in self.where.values()}
-
     def is_complete(self, image_id: int) -> bool:
         """All files of the image exist and are not empty (an empty file is what a power cut can leave)."""
         return all(_nonempty(p) for p in self.paths(image_id))
@@ -501,8 +496,6 @@ class _Export:
         todo = [i for i in self.sub.ids if not (resume and self.layout.is_complete(i))]
         mixed = [n for n in self.layout.variants if n in MIXED_VARIANTS]
         need_pool = bool(mixed) and self.pool is None and (bool(todo) or not self._backgrounds_complete(mixed))
-        for d in self.layout.folders():
-            os.makedirs(d, exist_ok=True)
         self._write_images(todo, need_pool)
         exported = self.layout.exported(self.sub.ids, c.consistent)
         if self.pool is not None or not mixed:
@@ -620,11 +613,10 @@ class _Export:
         ok = np.logical_and.reduce([valid[n] for n in lay.variants] + ([has_mask] if lay.masks else []))
         ids = batch.image_ids.cpu().tolist()
         rows = [k for k in range(len(ids)) if ok[k] or not c.consistent]
-        for k in np.flatnonzero(~ok):
+        for k in np.flatnonzero(~ok) if c.consistent else ():
             missing = [f"no {n}" for n in lay.variants if not valid[n][k]] + (
                 ["no mask"] if lay.masks and not has_mask[k] else [])
-            if c.consistent:
-                self.tally.exclude(ids[k], self.sub.image(ids[k]).get("file_name"), ", ".join(missing))
+            self.tally.exclude(ids[k], self.sub.image(ids[k]).get("file_name"), ", ".join(missing))
         encoded = self._encode_on_device(outs, rows)
         host = {n: _host_rows(o.images) for n, o in outs.items() if n not in encoded}
         masks = batch.masks[:, 0].cpu().numpy() if lay.masks else None
@@ -788,7 +780,14 @@ def _put(path: str, data: bytes) -> None:
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "xb") as f:
+        try:
+            f = open(tmp, "xb")
+        except FileNotFoundError:
+            # the folder's first file: folders are made on demand, as readers such as torchvision's ImageFolder
+            # refuse a class folder without images
+            os.makedirs(folder, exist_ok=True)
+            f = open(tmp, "xb")
+        with f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:

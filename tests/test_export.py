@@ -284,14 +284,14 @@ def test_label_space_folders_and_mixed_next(tiny_index, tiny_geometry, tmp_path,
     idx = _relabelled(val, space, label_of)
     res = export(idx, tmp_path / "out", variants="original,mixed_next", geometry=tiny_geometry, backend="pil",
                  progress=False, seed=1)
-    width = 1 if n_classes == 2 else 2
-    folders = {f"{y:0{width}d}_c{y}" for y in set(idx.labels().tolist())}
-    assert {p.name for p in (tmp_path / "out" / "original" / "val").iterdir()} == folders
     labels = {i: idx.image(i)["label"] for i in idx.ids}
     rows = [r for r in csv.DictReader(io.StringIO(res.backgrounds.read_text())) if r["variant"] == "mixed_next"]
     assert rows and all(int(r["bg_label"]) == (labels[int(r["image_id"])] + 1) % n_classes for r in rows)
     present = set(labels.values())
     expect = [i for i in idx.ids if (labels[i] + 1) % n_classes in present]  # a next-class background exists
+    width = 1 if n_classes == 2 else 2
+    folders = {f"{labels[i]:0{width}d}_c{labels[i]}" for i in expect}  # the label space's folder names
+    assert {p.name for p in (tmp_path / "out" / "original" / "val").iterdir()} == folders
     assert sorted(int(r["image_id"]) for r in rows) == expect and res.images == len(expect)
     assert res.excluded.get("no mixed_next", 0) == len(idx) - len(expect)
     # the files hold the engine's pixels for this label space
@@ -402,6 +402,9 @@ def test_subset_of_variants_and_consistency(val_index, tiny_geometry, tmp_path):
     part = export(idx, tmp_path / "b", variants=["original", "no_fg"], geometry=tiny_geometry, backend="pil",
                   progress=False, consistent=False, masks=False)
     assert part.files == {"original": len(idx), "no_fg": len(idx) - 1}
+    # no empty class folder (torchvision's ImageFolder refuses one)
+    for d in (tmp_path / "b").glob("*/val/*"):
+        assert any(d.iterdir()), d
     with pytest.raises(ConfigError, match="jpeg_quality"):
         export(idx, tmp_path / "c", jpeg_quality=0)
     with pytest.raises(ConfigError, match="unknown variant"):

@@ -48,7 +48,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"), help="variant kernels backend")
     p.add_argument("--encoder", default="auto", choices=("auto", "pil", "torchvision"),
                    help="JPEG encoder: auto = nvJPEG (torchvision) on CUDA, PIL threads on the CPU")
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per decoded batch")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", dest="resume", action="store_true", default=True,
                        help="continue an earlier export of the same settings in DIR, keeping its finished images "
