@@ -45,7 +45,9 @@ Mixed-* variants need the background pool, the decoded batches are kept in memor
 them (above a quarter of the free memory, the pool is decoded in a pass of its own). Every variant is made
 batched on the device in the channels-last layout the decoders produce, so each row is a plain ``H x W x 3`` array
 for the encoder; JPEGs are encoded by a thread pool (PIL, which releases the GIL) one job per image, or batched on
-the GPU with nvJPEG (``encoder="torchvision"``, the default on CUDA).
+the GPU with nvJPEG (``encoder="torchvision"``, the default on CUDA). On the CPU, torch's intra-op threads are set to
+one for the duration of the writing (and restored after): the encoder threads use the cores, and OpenMP threads
+spinning beside them made the composites several times slower.
 
 The run's settings (geometry, device, decode and kernel backends, tiling, batch size, seed, threads) are a
 :class:`~bgsynth.config.RunConfig`, the export's own (variants, split, format, resume, overwrite, consistency,

@@ -300,6 +300,14 @@ def test_report_owns_its_files(tmp_path, capsys):
     write_report(tmp_path / "b", tmp_path / "b")
     write_report(tmp_path / "b", tmp_path / "b", title="again", overwrite=True)
     assert (tmp_path / "b" / "results.json").is_file() and (tmp_path / "b" / "report.md").is_file()
+    # a writer that owns the folder passes its claim: the report's files are recorded as that writer's
+    from bgsynth.runs import RUN_FILE, Fingerprint, OutputFolder
+
+    claim = OutputFolder(tmp_path / "ev", Fingerprint("eval", {"seed": 0})).claim()
+    write_report(a, tmp_path / "ev", folder=claim)
+    recorded = json.loads((tmp_path / "ev" / RUN_FILE).read_text())
+    assert recorded["fingerprint"]["writer"] == "eval" and {"report.md", "accuracy.png"} <= set(recorded["files"])
+    assert not (tmp_path / "ev" / "report.md.bgsynth-run.json").exists()
     f = tmp_path / "file"
     f.write_text("x")
     with pytest.raises(SystemExit) as e:
