@@ -1,6 +1,8 @@
 """``bgsynth show``: decode a few images of an index, synthesize their variants and draw them as a contact sheet.
 
-A short pipeline over the floors below: choose the images (:func:`_choose_ids`), decode them in one batch
+A short pipeline over the floors below: claim the output file for this run (:class:`bgsynth.runs.OutputFolder`,
+``single_file=True``: a sheet of other settings already there is refused unless ``overwrite``), choose the images
+(:func:`_choose_ids`), decode them in one batch
 (:func:`bgsynth.pipeline.create_loader`), make the Mixed-* pool when needed (:func:`bgsynth.pool.build_background_pool`,
 the Only-BG-T images of the split), synthesize (:func:`bgsynth.variants.synthesize`) and draw
 (:mod:`bgsynth.report.sheets`). The run's settings (geometry, device, backends, tiling, seed) are a
@@ -18,12 +20,12 @@ import os
 import pathlib
 from typing import Any
 
-from .classes import NUM_IN9
 from .config import RunConfig, check_positive_int, resolve_options
 from .errors import ConfigError
 from .index import DatasetIndex
-from .pipeline import create_loader
+from .pipeline import auto_backend, create_loader
 from .pool import build_background_pool
+from .runs import Fingerprint, OutputFolder, index_digest
 from .report.sheets import decoded_sheet, variant_sheet
 from .types import Batch
 from .variants import MIXED_VARIANTS, resolve_variants, synthesize
@@ -36,13 +38,15 @@ class ShowConfig:
     """What a contact sheet shows.
 
     Attributes:
-        n: number of images (rows): the first ``n`` by id, or with ``per_class`` about ``n / 9`` of each class.
+        n: number of images (rows): the first ``n`` by id, or with ``per_class`` about ``n / N`` of each of the
+            label space's ``N`` classes.
         per_class: spread the images over the classes (seeded choice, the run's seed).
         variants: ``'all'`` or a selection (stored resolved, in the order given); Mixed-* draw their backgrounds
             from the Only-BG-T images of ``split``.
         split: split to draw from (``None``: every image).
         tile: side of each tile in pixels (``None``: the crop size, at most 128).
         decoded: draw the decoded crops with mask and box instead of the variants.
+        overwrite: replace a sheet made with other settings (or a file of no recorded run) at the output path.
     """
 
     n: int = 8
@@ -51,6 +55,7 @@ class ShowConfig:
     split: str | None = "val"
     tile: int | None = None
     decoded: bool = False
+    overwrite: bool = False
 
     def __post_init__(self):
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
@@ -66,15 +71,20 @@ def show_index(index: DatasetIndex, out_path: str | os.PathLike, run: RunConfig 
 
     Args:
         index: the loaded :class:`~bgsynth.index.DatasetIndex`.
-        out_path: PNG to write.
+        out_path: PNG to write (claimed for this run before any work; its record is
+            ``<name>.bgsynth-run.json`` beside it).
         run: the resolved run configuration (default: from ``options``; the CPU, 256 -> 224, paper tiling).
         config: the sheet's :class:`ShowConfig` (default: from ``options``).
         **options: run options (``seed``, ``resize``, ``crop``, ``geometry``, ``backend``, ``kernel_backend``,
             ``device``, ``tiling``, ...) and :class:`ShowConfig` fields (``n``, ``per_class``, ``variants``,
-            ``split``, ``tile``, ``decoded``).
+            ``split``, ``tile``, ``decoded``, ``overwrite``).
 
     Returns:
         ``(path written, number of images drawn)``.
+
+    Raises:
+        ConfigError: ``out_path`` is a folder, or a sheet of other settings is there (the message names them).
+        EmptyInputError: no image in the split.
     """
     if not isinstance(index, DatasetIndex):
         raise ConfigError(f"show: expected a DatasetIndex, got {type(index).__name__}; load an index file once "
@@ -82,27 +92,41 @@ def show_index(index: DatasetIndex, out_path: str | os.PathLike, run: RunConfig 
     run, config = resolve_options("show", run, config, ShowConfig, options, batch_kind="decode", device="cpu",
                                   amp=None)
     pool_index = index.select(split=config.split) if config.split is not None else index
+    index.require_images(pool_index, "show", config.split)
+    claim = OutputFolder(out_path, _fingerprint(pool_index, run, config), overwrite=config.overwrite,
+                         single_file=True).claim()
+    names = index.label_space.classes
     batch = _decode(index, _choose_ids(index, pool_index, run, config), run)
     if config.decoded:
-        return decoded_sheet(batch, out_path, tile=config.tile), len(batch)
-    pool = None
-    if any(v in MIXED_VARIANTS for v in config.variants):
-        pool = build_background_pool(pool_index, geometry=run.geometry, backend=run.backend, device=run.device,
-                                     batch_size=run.batch_size, num_threads=run.num_threads, tiling=run.tiling,
-                                     kernel_backend=run.kernel_backend)
-    outs = synthesize(batch, list(config.variants), pool=pool, seed=run.seed, backend=run.kernel_backend)
-    return variant_sheet(batch, outs, out_path, tile=config.tile), len(batch)
+        path = decoded_sheet(batch, claim.path, tile=config.tile, classes=names)
+    else:
+        pool = None
+        if any(v in MIXED_VARIANTS for v in config.variants):
+            pool = build_background_pool(pool_index, geometry=run.geometry, backend=run.backend, device=run.device,
+                                         batch_size=run.batch_size, num_threads=run.num_threads, tiling=run.tiling,
+                                         kernel_backend=run.kernel_backend)
+            pool = dataclasses.replace(pool, num_classes=index.label_space.num_classes)
+        outs = synthesize(batch, list(config.variants), pool=pool, seed=run.seed, backend=run.kernel_backend)
+        path = variant_sheet(batch, outs, claim.path, tile=config.tile, classes=names)
+    claim.commit([path])
+    return path, len(batch)
+
+
+def _fingerprint(pool_index: DatasetIndex, run: RunConfig, config: ShowConfig) -> Fingerprint:
+    """What decides the sheet: its own settings, the run's geometry, seed, tiling and decoder, the images."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "overwrite"}
+    settings.update(seed=run.seed, resize=run.geometry.resize, crop=run.geometry.crop, tiling=run.tiling,
+                    backend=auto_backend(run.device) if run.backend == "auto" else run.backend,
+                    device=run.device.type, label_space=pool_index.label_space.name)
+    return Fingerprint("show", settings, index=index_digest(pool_index))
 
 
 def _choose_ids(index: DatasetIndex, pool_index: DatasetIndex, run: RunConfig, config: ShowConfig) -> list[int]:
     """The images of the sheet: the first ``n`` of the split by id, or ``n`` spread over the classes."""
     if config.per_class:
-        ids = pool_index.select(per_class=-(-config.n // NUM_IN9), seed=run.seed).ids[: config.n]
-    else:
-        ids = pool_index.ids[: config.n]
-    if not ids:
-        raise ConfigError(f"show: no images in split {config.split!r} of {index.path or 'the index'}")
-    return ids
+        n_cls = index.label_space.num_classes
+        return pool_index.select(per_class=-(-config.n // n_cls), seed=run.seed).ids[: config.n]
+    return pool_index.ids[: config.n]
 
 
 def _decode(index: DatasetIndex, ids: list[int], run: RunConfig) -> Batch:

@@ -85,3 +85,71 @@ def test_cli_show(builtin_root, tmp_path, capsys):
     rc = main(["show", str(builtin_root), "--out", str(tmp_path / "d.png"), "-n", "9", "--per-class", "--decoded",
                "--resize", "72", "--crop", "64", "--backend", "pil"])
     assert rc == 0 and Image.open(tmp_path / "d.png").size == sheet_size(2, 8, 64)
+
+
+def test_show_owns_its_sheet(tiny_index, tmp_path, capsys):
+    """A sheet belongs to one run: another seed at the same path is refused by name; --overwrite replaces it; a
+    folder at --out is refused before any work."""
+    from bgsynth.cli import main
+    from bgsynth.show import show_index
+
+    out = tmp_path / "sheet.png"
+    kw = dict(n=2, resize=72, crop=64, backend="pil", variants="original,mixed_rand")
+    show_index(tiny_index, out, seed=0, **kw)
+    assert (tmp_path / "sheet.png.bgsynth-run.json").is_file()
+    first = out.read_bytes()
+    show_index(tiny_index, out, seed=0, **kw)  # the same settings: written again, the same pixels
+    assert out.read_bytes() == first
+    with pytest.raises(ConfigError, match=r"seed: 0 -> 1.*--overwrite"):
+        show_index(tiny_index, out, seed=1, **kw)
+    assert out.read_bytes() == first
+    show_index(tiny_index, out, seed=1, overwrite=True, **kw)
+    with pytest.raises(ConfigError, match="is an existing folder"):
+        show_index(tiny_index, tmp_path, **kw)
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"not a sheet of bgsynth")
+    with pytest.raises(ConfigError, match="no recorded run"):
+        show_index(tiny_index, mine, **kw)
+    assert mine.read_bytes() == b"not a sheet of bgsynth"
+    with pytest.raises(SystemExit) as e:  # argparse: before anything is decoded or drawn
+        main(["show", str(tiny_index.path), "--out", str(tmp_path), "-n", "1"])
+    assert e.value.code == 2 and f"argument --out: {tmp_path}: is an existing folder" in capsys.readouterr().err
+
+
+def test_show_empty_split_has_the_one_wording(tiny_index, tmp_path):
+    from bgsynth.errors import EmptyInputError
+    from bgsynth.show import show_index
+
+    with pytest.raises(EmptyInputError, match=r"no images to show in split 'test'; the index holds 126 images"):
+        show_index(tiny_index, tmp_path / "s.png", split="test", backend="pil")
+    assert not (tmp_path / "s.png").exists()
+
+
+@pytest.mark.parametrize("n_classes", [2, 20])
+def test_show_per_class_follows_the_label_space(tiny_index, tmp_path, n_classes):
+    """``per_class`` spreads the rows over the label space's N classes (not IN-9's 9); rows are labelled with its
+    names."""
+    from bgsynth.classes import LabelSpace
+    from bgsynth.index import DatasetIndex
+    from bgsynth.report.sheets import _label
+    from bgsynth.show import show_index
+
+    names = [f"k{c}" for c in range(n_classes)]
+    space = LabelSpace.from_names(names)
+    val = tiny_index.select(split="val")
+    idx = DatasetIndex.empty(str(val.image_root.resolve()), label_space=space)
+    for i in val.ids:
+        im = dict(val.image(i))
+        im["label"] = im["label"] % 2 if n_classes == 2 else 2 * im["label"] + i % 2
+        anns = [{k: v for k, v in a.items() if k not in ("id", "image_id")} | {"category_id": im["label"]}
+                for a in val.annotations(i)]
+        idx.add_image(im, anns)
+    n = 2 * n_classes if n_classes == 2 else n_classes
+    out, drawn = show_index(idx, tmp_path / "s.png", n=n, per_class=True, decoded=True, resize=72, crop=64,
+                            backend="pil", tile=32)
+    present = sorted(set(idx.labels().tolist()))
+    want = min(n, 2 * len(present)) if n_classes == 2 else len(present)  # ceil(n / N) per present class
+    assert drawn == want
+    assert Image.open(out).size == sheet_size(-(-drawn // 8), min(8, drawn), 32)
+    assert _label(1, names) == "k1" and _label(n_classes, names) == f"label {n_classes}"
+    assert _label(8) == "fish" and _label(9) == "label 9"  # IN-9 names without a label space

@@ -3,7 +3,7 @@
 * :func:`adversarial_gallery`: per background class, the most adversarial backgrounds (the paper's figure of
   adversarial backgrounds): each image with the fraction of foregrounds of the other classes it fools above it.
 * :func:`vulnerability_histogram`: how many backgrounds fool each foreground (0 = robust).
-* :func:`class_accuracy_bars`: challenge accuracy per IN-9 class.
+* :func:`class_accuracy_bars`: challenge accuracy per class.
 * :func:`challenge_plots`: all that apply to a result, written into a folder.
 
 The first two need a ``full_matrix`` result (:attr:`bgsynth.challenge.ChallengeResult.has_matrix`).
@@ -19,9 +19,9 @@ import pathlib
 
 import numpy as np
 
-from ..classes import IN9_CLASSES, NUM_IN9
 from ..errors import ConfigError
 from .plots import _plt, _save
+from .tables import class_names
 
 __all__ = ["adversarial_gallery", "vulnerability_histogram", "class_accuracy_bars", "challenge_plots"]
 
@@ -41,7 +41,8 @@ def adversarial_gallery(result, path: str | os.PathLike, k: int = 8, classes=Non
             tile with its id.
         path: output PNG.
         k: backgrounds per class (columns).
-        classes: IN-9 ids to show (rows; default: every class that has backgrounds).
+        classes: class ids to show (rows; default: every class that has backgrounds); names come from the
+            result's label space (IN-9 unless it records another).
 
     Returns:
         The path written.
@@ -49,7 +50,8 @@ def adversarial_gallery(result, path: str | os.PathLike, k: int = 8, classes=Non
     _need_matrix(result, "adversarial_gallery")
     plt = _plt()
     top = result.most_adversarial(k)
-    rows = [c for c in (range(NUM_IN9) if classes is None else classes) if top.get(c)]
+    rows = [c for c in (sorted(top) if classes is None else classes) if top.get(c)]
+    names = class_names(result)
     if not rows:
         raise ConfigError("adversarial_gallery: the result has no background to show")
     cols = max(len(top[c]) for c in rows)
@@ -71,7 +73,7 @@ def adversarial_gallery(result, path: str | os.PathLike, k: int = 8, classes=Non
                 ax.text(0.5, 0.5, f"bg {bg}", ha="center", va="center", fontsize=7, transform=ax.transAxes)
             ax.set_title(f"{frac:.0%}", fontsize=9)
             if j == 0:
-                ax.set_ylabel(IN9_CLASSES[c], fontsize=9)
+                ax.set_ylabel(names[c] if 0 <= c < len(names) else f"class {c}", fontsize=9)
     fig.suptitle("Most adversarial backgrounds per class\n(fraction of foregrounds of the other classes they fool)",
                  fontsize=10)
     fig.tight_layout()
@@ -107,7 +109,7 @@ def vulnerability_histogram(result, path: str | os.PathLike, bins: int = 40) -> 
 
 
 def class_accuracy_bars(result, path: str | os.PathLike) -> pathlib.Path:
-    """Challenge accuracy per IN-9 class, with the overall accuracy as a line."""
+    """Challenge accuracy per class (named by the result's ``per_class()``), with the overall accuracy as a line."""
     plt = _plt()
     rows = [r for r in result.per_class() if r["foregrounds"]]
     if not rows:

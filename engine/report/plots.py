@@ -1,11 +1,14 @@
 """Plots of evaluation results (matplotlib, Agg backend) and a contact sheet of example predictions (PIL).
 
 * :func:`accuracy_bars`: variant accuracies as bars, grouped by model when several runs are compared, with the
-  11.1% chance line of 9 classes.
-* :func:`per_class_heatmap`: accuracy per variant (rows) and IN-9 class (columns).
+  chance line ``1 / N`` of the label space (11.1% for IN-9's 9 classes).
+* :func:`per_class_heatmap`: accuracy per variant (rows) and class (columns).
 * :func:`bg_class_heatmap`: Mixed-* accuracy per variant and background class.
+* :func:`group_bars`: accuracy per group (foreground class x background class) for results with group metrics.
 * :func:`prediction_sheet`: example composites (rows: images, columns: variants) framed green where the model is
   right and red where it is wrong, with the prediction written under each tile.
+
+Class names and their number come from each result's label space (:func:`bgsynth.report.tables.label_space_of`).
 """
 
 from __future__ import annotations
@@ -17,12 +20,10 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..classes import IN9_CLASSES, NUM_IN9
-from .tables import _columns, variant_label
+from ..classes import IN9_CLASSES
+from .tables import _class_name, _columns, _group_value, class_names, label_space_of, space_label, variant_label
 
-__all__ = ["accuracy_bars", "per_class_heatmap", "bg_class_heatmap", "prediction_sheet"]
-
-CHANCE = 1.0 / NUM_IN9
+__all__ = ["accuracy_bars", "per_class_heatmap", "bg_class_heatmap", "group_bars", "prediction_sheet"]
 
 
 def _plt():
@@ -44,8 +45,10 @@ def _save(fig, path) -> pathlib.Path:
     return path
 
 
-def accuracy_bars(results, path: str | os.PathLike, names: Sequence[str] | None = None, title: str | None = None) -> pathlib.Path:
-    """Bar chart of variant accuracies (%), one group per variant and one bar per run, with the chance line.
+def accuracy_bars(results, path: str | os.PathLike, names: Sequence[str] | None = None,
+                  title: str | None = None) -> pathlib.Path:
+    """Bar chart of variant accuracies (%), one group per variant and one bar per run, with the chance line of each
+    label space among the runs (``1 / N``).
 
     Args:
         results: one or several :class:`~bgsynth.results.EvalResult`.
@@ -70,10 +73,14 @@ def accuracy_bars(results, path: str | os.PathLike, names: Sequence[str] | None 
         if n <= 3:
             for b, v in zip(bars, vals):
                 ax.text(b.get_x() + b.get_width() / 2, v + 1, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
-    ax.axhline(100 * CHANCE, color="black", linestyle="--", linewidth=1, label="chance (11.1%)")
+    spaces = list(dict.fromkeys(label_space_of(r) for r in results))
+    for sp in spaces:
+        chance = 100.0 / sp.num_classes
+        what = "" if len(spaces) == 1 else f", {sp.name}"
+        ax.axhline(chance, color="black", linestyle="--", linewidth=1, label=f"chance ({chance:.1f}%{what})")
     ax.set_xticks(x)
     ax.set_xticklabels([variant_label(v) for v in cols], rotation=25, ha="right")
-    ax.set_ylabel("top-1 accuracy on IN-9 (%)")
+    ax.set_ylabel("top-1 accuracy (%)" if len(spaces) > 1 else f"top-1 accuracy on {space_label(spaces[0])} (%)")
     ax.set_ylim(0, 105)
     ax.set_title(title or "Accuracy per variant")
     ax.legend(fontsize=8, loc="upper right")
@@ -101,12 +108,10 @@ def _heatmap(matrix: np.ndarray, rows: list[str], cols: list[str], path, title: 
 
 
 def per_class_heatmap(result, path: str | os.PathLike, title: str | None = None) -> pathlib.Path:
-    """Heatmap of accuracy (%) per variant (rows) and IN-9 class (columns)."""
-    m = np.array(
-        [[np.nan if a is None else 100 * a for a in result.metrics[v]["per_class"]["accuracy"]] for v in result.variants],
-        dtype=float,
-    )
-    return _heatmap(m, [variant_label(v) for v in result.variants], list(IN9_CLASSES), path,
+    """Heatmap of accuracy (%) per variant (rows) and class of the result's label space (columns)."""
+    m = np.array([[np.nan if a is None else 100 * a for a in result.metrics[v]["per_class"]["accuracy"]]
+                  for v in result.variants], dtype=float)
+    return _heatmap(m, [variant_label(v) for v in result.variants], list(class_names(result)), path,
                     title or "Accuracy per class (%)", "accuracy (%)")
 
 
@@ -115,14 +120,57 @@ def bg_class_heatmap(result, path: str | os.PathLike, title: str | None = None) 
     vs = [v for v in result.variants if result.metrics[v].get("by_bg_class") is not None]
     if not vs:
         return None
-    m = np.array(
-        [[np.nan if a is None else 100 * a for a in result.metrics[v]["by_bg_class"]["accuracy"]] for v in vs], dtype=float
-    )
-    return _heatmap(m, [variant_label(v) for v in vs], list(IN9_CLASSES), path,
+    m = np.array([[np.nan if a is None else 100 * a for a in result.metrics[v]["by_bg_class"]["accuracy"]]
+                  for v in vs], dtype=float)
+    return _heatmap(m, [variant_label(v) for v in vs], list(class_names(result)), path,
                     title or "Accuracy by background class (%)", "accuracy (%)")
 
 
-def prediction_sheet(examples: dict, path: str | os.PathLike, tile: int = 96, title: str | None = None) -> pathlib.Path:
+def group_bars(result, path: str | os.PathLike, title: str | None = None) -> pathlib.Path | None:
+    """Bar chart of accuracy (%) per group (foreground class on background class), one bar per variant with group
+    metrics; groups whose foreground and background classes agree (aligned) are hatched, and each variant's
+    worst group is drawn darker. ``None`` when the result has no group metrics.
+
+    Args:
+        result: an :class:`~bgsynth.results.EvalResult` with ``metrics[v]["groups"]`` (list of ``{"fg_class",
+            "bg_class", "correct", "total", "accuracy"}``).
+        path: output PNG.
+        title: figure title.
+    """
+    vs = [v for v in result.variants if (result.metrics.get(v) or {}).get("groups")]
+    if not vs:
+        return None
+    plt = _plt()
+    names = class_names(result)
+    keys = sorted({(g["fg_class"], g["bg_class"]) for v in vs for g in result.metrics[v]["groups"]},
+                  key=lambda k: (str(type(k[0])), k[0], str(type(k[1])), k[1]))
+    width = 0.8 / len(vs)
+    x = np.arange(len(keys))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(keys) * len(vs) + 1.5), 4.0))
+    for j, v in enumerate(vs):
+        acc = {(g["fg_class"], g["bg_class"]): _group_value(g) for g in result.metrics[v]["groups"]}
+        vals = [100 * (acc.get(k) if acc.get(k) is not None else np.nan) for k in keys]
+        worst = np.nanmin(vals) if np.isfinite(vals).any() else np.nan
+        bars = ax.bar(x - 0.4 + width * (j + 0.5), vals, width, label=variant_label(v))
+        for b, k, val in zip(bars, keys, vals):
+            if k[0] == k[1]:
+                b.set_hatch("//")
+            if val == worst:
+                b.set_edgecolor("black")
+                b.set_linewidth(1.5)
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"{_class_name(f, names)} on {_class_name(b, names)}" for f, b in keys], rotation=35,
+                       ha="right", fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(title or "Accuracy per group (hatched: aligned; black edge: worst group)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def prediction_sheet(examples: dict, path: str | os.PathLike, tile: int = 96, title: str | None = None,
+                     classes: Sequence[str] | None = None) -> pathlib.Path:
     """Contact sheet of example composites with predictions marked right (green) or wrong (red).
 
     Args:
@@ -132,6 +180,7 @@ def prediction_sheet(examples: dict, path: str | os.PathLike, tile: int = 96, ti
         path: output PNG.
         tile: side of each tile in pixels.
         title: text in the top band.
+        classes: the class names of labels and predictions (the result's label space; default IN-9's).
 
     Returns:
         The path written. Invalid composites (variant undefined for the image) are drawn grey and crossed.
@@ -143,20 +192,23 @@ def prediction_sheet(examples: dict, path: str | os.PathLike, tile: int = 96, ti
     valid = np.asarray(examples["valid"], bool)
     labels = list(examples["labels"])
     names = list(examples["variants"])
+    classes = list(IN9_CLASSES if classes is None else classes)
     pad, cap, left, top = 4, 14, 112, 34
     W = left + V * (tile + pad) + pad
     H = top + n * (tile + cap + pad) + pad
     sheet = Image.new("RGB", (W, H), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
-    draw.text((pad, 2), title or "Examples: green = correct, red = wrong, grey = variant undefined", fill=(0, 0, 0), font=font)
+    draw.text((pad, 2), title or "Examples: green = correct, red = wrong, grey = variant undefined", fill=(0, 0, 0),
+              font=font)
     for j, v in enumerate(names):
         draw.text((left + j * (tile + pad) + pad, 18), variant_label(v)[: tile // 6], fill=(0, 0, 0), font=font)
     for i in range(n):
         y = top + i * (tile + cap + pad)
         lab = int(labels[i])
         draw.text((pad, y + tile // 2 - 12), f"id {int(examples['image_ids'][i])}", fill=(0, 0, 0), font=font)
-        draw.text((pad, y + tile // 2), IN9_CLASSES[lab] if 0 <= lab < NUM_IN9 else str(lab), fill=(0, 0, 0), font=font)
+        draw.text((pad, y + tile // 2), classes[lab] if 0 <= lab < len(classes) else str(lab), fill=(0, 0, 0),
+                  font=font)
         for j in range(V):
             x = left + j * (tile + pad) + pad
             arr = np.ascontiguousarray(imgs[i, j].transpose(1, 2, 0)).astype(np.uint8)
@@ -170,7 +222,7 @@ def prediction_sheet(examples: dict, path: str | os.PathLike, tile: int = 96, ti
                 text = "n/a"
             else:
                 p = int(pred[i, j])
-                text = IN9_CLASSES[p] if 0 <= p < NUM_IN9 else "unmapped"
+                text = classes[p] if 0 <= p < len(classes) else "unmapped"
             draw.text((x, y + tile), text[: tile // 6], fill=colour, font=font)
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

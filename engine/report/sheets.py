@@ -22,7 +22,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..classes import IN9_CLASSES, NUM_IN9
+from collections.abc import Sequence
+
+from ..classes import IN9_CLASSES
 from ..errors import ConfigError
 from ..variants import VARIANTS
 
@@ -48,8 +50,10 @@ def _hwc(img) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(1, 2, 0))
 
 
-def _label(label: int) -> str:
-    return IN9_CLASSES[label] if 0 <= label < NUM_IN9 else f"label {label}"
+def _label(label: int, classes: Sequence[str] | None = None) -> str:
+    """The class name of a label in ``classes`` (default: IN-9's), or ``'label k'`` outside it."""
+    names = IN9_CLASSES if classes is None else classes
+    return str(names[label]) if 0 <= label < len(names) else f"label {label}"
 
 
 def _canvas(rows: int, cols: int, tile: int, title: str, headers: list[str]):
@@ -64,10 +68,10 @@ def _canvas(rows: int, cols: int, tile: int, title: str, headers: list[str]):
     return sheet, draw, font
 
 
-def _row_label(draw, font, i: int, tile: int, image_id: int, label: int) -> None:
+def _row_label(draw, font, i: int, tile: int, image_id: int, label: int, classes) -> None:
     y = TOP + i * (tile + PAD) + PAD
     draw.text((PAD, y + max(0, tile // 2 - 12)), f"id {image_id}", fill=(0, 0, 0), font=font)
-    draw.text((PAD, y + max(12, tile // 2)), _label(label)[: (LEFT - PAD) // 6], fill=(0, 0, 0), font=font)
+    draw.text((PAD, y + max(12, tile // 2)), _label(label, classes)[: (LEFT - PAD) // 6], fill=(0, 0, 0), font=font)
 
 
 def _save(sheet, out_path) -> pathlib.Path:
@@ -84,6 +88,7 @@ def variant_sheet(
     tile: int | None = None,
     max_rows: int | None = None,
     title: str | None = None,
+    classes: Sequence[str] | None = None,
 ) -> pathlib.Path:
     """Contact sheet of variants: one row per image, one column per variant (the paper's figure).
 
@@ -95,6 +100,7 @@ def variant_sheet(
         tile: side of each tile (default: the crop size, at most 128).
         max_rows: at most this many images (default: all of the batch).
         title: text of the title band.
+        classes: the class names of the labels (the index's label space; default IN-9's).
 
     Returns:
         The path written.
@@ -116,7 +122,7 @@ def variant_sheet(
     labels = batch.labels.cpu().tolist()
     valid = {k: o.valid.cpu().tolist() for k, o in outputs.items()}
     for i in range(n):
-        _row_label(draw, font, i, tile, ids[i], labels[i])
+        _row_label(draw, font, i, tile, ids[i], labels[i], classes)
         y = TOP + i * (tile + PAD) + PAD
         for j, k in enumerate(names):
             x = LEFT + j * (tile + PAD) + PAD
@@ -140,6 +146,7 @@ def decoded_sheet(
     columns: int = 8,
     alpha: float = 0.45,
     title: str | None = None,
+    classes: Sequence[str] | None = None,
 ) -> pathlib.Path:
     """Decoded crops with the foreground mask overlaid (red) and the union box drawn (yellow), in a grid.
 
@@ -151,6 +158,7 @@ def decoded_sheet(
         columns: images per row.
         alpha: opacity of the mask overlay.
         title: text of the title band.
+        classes: the class names of the labels (the index's label space; default IN-9's).
 
     Returns:
         The path written; the sheet is :func:`sheet_size` ``(ceil(n / columns), columns, tile)``.
@@ -190,5 +198,6 @@ def decoded_sheet(
             draw.rectangle([x + int(x0 * scale), y + int(y0 * scale),
                             x + int((x1 + 1) * scale) - 1, y + int((y1 + 1) * scale) - 1],
                            outline=(255, 220, 0), width=1)
-        draw.text((x + 2, y + 2), f"{ids[k]} {_label(labels[k])}"[: tile // 6], fill=(255, 255, 255), font=font)
+        caption = f"{ids[k]} {_label(labels[k], classes)}"[: tile // 6]
+        draw.text((x + 2, y + 2), caption, fill=(255, 255, 255), font=font)
     return _save(sheet, out_path)
