@@ -122,6 +122,10 @@ class TrainIterator:
     >>> # for images, labels in it: ...
     """
 
+    #: whether the backgrounds are the split's own Only-BG-T (a subclass with a pool of its own sets False, so
+    #: the decoded split carries no Only-BG-T crops)
+    OWN_BACKGROUNDS = True
+
     def __init__(self, index: DatasetIndex | str, run: RunConfig | None = None, config: LoaderConfig | None = None,
                  *, swap: BackgroundSwap | SwapConfig | None = None, pool: BackgroundPool | None = None,
                  dist: DistContext | None = None, **options):
@@ -135,13 +139,14 @@ class TrainIterator:
         self.epoch = self.config.epoch
         self.swap = self._make_swap(swap, swap_kw, pool)
         # bytes per cached image: crop + mask (+ the paper Only-BG-T crop when backgrounds come from the batch/cache)
-        self._bgt_needed = self.run.tiling == "paper" and self.swap.needs_background
+        self._bgt_needed = self.run.tiling == "paper" and self.swap.needs_background and self.OWN_BACKGROUNDS
         need = len(self.ids) * (4 + 3 * self._bgt_needed) * self.run.geometry.crop**2
         cache = self.config.cache
         self.cache = bool(cache) if cache != "auto" else need <= self.config.cache_limit_bytes
         self.store: Batch | None = None
         self.last: AugmentedBatch | None = None
         self.rejects: list[dict] = []
+        self._skip = 0
 
     # ------------------------------------------------------------------------------------------ setup
     def _select(self, index) -> DatasetIndex:
@@ -285,12 +290,25 @@ class TrainIterator:
         if carry is not None and not self.config.drop_last:
             yield carry
 
+    def skip(self, batches: int) -> None:
+        """Start the next pass at its batch ``batches``: the earlier batches of the epoch's order are passed over
+        without being augmented (a resumed training run continues where it stopped; the order and every draw are
+        pure functions of ``(seed, epoch, image id)``, so the rest of the pass is the uninterrupted one's)."""
+        self._skip = check_positive_int(batches, "batches", "TrainIterator.skip", minimum=0)
+
+    def _augment(self, batch: Batch, epoch: int) -> AugmentedBatch:
+        """The training composites of one decoded batch (the swap; a subclass may choose the backgrounds)."""
+        return self.swap.apply_batch(batch, epoch=epoch)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.prepare()
         epoch = self.epoch
+        skip, self._skip = self._skip, 0
         batches = self._cached_batches(epoch) if self.store is not None else self._streamed_batches(epoch)
-        for batch in batches:
-            out = self.swap.apply_batch(batch, epoch=epoch)
+        for k, batch in enumerate(batches):
+            if k < skip:
+                continue
+            out = self._augment(batch, epoch)
             self.last = out
             yield out.images, out.labels
         self.epoch = epoch + 1
