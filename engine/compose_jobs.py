@@ -29,6 +29,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import time
 from typing import Any, Mapping, Sequence
 
@@ -625,7 +626,8 @@ def compare_correlations(index, spec: ComposeSpec | Mapping, out_dir: str | os.P
     Args:
         index: the foreground index (``train`` and ``val`` splits, masks).
         spec: the training :class:`~bgsynth.compose.ComposeSpec` (its correlation is replaced per run).
-        out_dir: checkpoints ``<name>.pt``, evaluations ``eval_<name>/``, ``compare.json`` and ``compare.md``.
+        out_dir: checkpoints ``<name>.pt``, evaluations ``eval_<name>/`` (names made file-safe), ``compare.json``
+            and ``compare.md``.
         correlations: ``{name: correlation}`` or a list (named ``corr<value>``).
         eval_backgrounds: the backgrounds of the evaluation (default: the spec's).
         run: the shared :class:`~bgsynth.config.RunConfig` (geometry default 72 -> 64, seed, device, backend).
@@ -648,12 +650,13 @@ def compare_correlations(index, spec: ComposeSpec | Mapping, out_dir: str | os.P
     rows: dict[str, dict] = {}
     for name, corr in named.items():
         tspec = dataclasses.replace(spec, correlation=corr)
-        ckpt = out / f"{name}.pt"
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"
+        ckpt = out / f"{slug}.pt"
         res = train(index, run, compose=tspec, out=ckpt, resume=reuse, overwrite=not reuse,
                     **dict(train_options or {}))
         ev = evaluate_composed(index, str(ckpt), ev_spec, run.replace(batch_size=128, progress=False), split="val",
                                all_groups=True, name=name, backgrounds=ev_bg)
-        ev.save(out / f"eval_{name}", overwrite=True)
+        ev.save(out / f"eval_{slug}", overwrite=True)
         rows[name] = {"correlation": corr, "checkpoint": str(ckpt), "metrics": ev.metrics,
                       "train_seconds": res.seconds if res.history else None, "val_accuracy": res.val_accuracy}
         if run.progress:

@@ -382,14 +382,10 @@ class _WaterbirdsDemo:
         self.step(f"2/3 the demo CNN trained online on composites (train birds on train places) at "
                   f"{', '.join(f'{c:g}' for c in named.values())}; each evaluated on every group of val (val birds "
                   f"on held-out val places)")
-        if self.cfg.force:
-            for name in named:
-                for suffix in (".pt", ".pt.state", ".pt.bgsynth-run.json"):
-                    (self.out / "compose" / f"{name}{suffix}").unlink(missing_ok=True)
         train_options = {} if self.cfg.epochs is None else {"epochs": self.cfg.epochs}
         comparison = compare_correlations(raw, spec, self.out / "compose", named,
                                           eval_backgrounds=str(root / "places" / "val"), run=r,
-                                          train_options=train_options)
+                                          train_options=train_options, reuse=not self.cfg.force)
         self.step("3/3 report")
         found = group_findings(comparison)
         report = self.report(raw, comparison, found)

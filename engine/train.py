@@ -478,7 +478,7 @@ class _Output:
     def restore(self, fit: "_Fit", it: TrainIterator) -> _Position:
         """The position to continue from (``resume``), with the model, optimizer, schedule and RNG restored."""
         if not self.config.resume or self.state_path is None or not self.state_path.is_file():
-            if self.config.resume and self.ctx.is_main:
+            if self.config.resume and self.folder is not None and self.folder.previous is not None:
                 warnings.warn(f"{self.state_path}: no training state to resume; training from the start",
                               stacklevel=3)
             return _Position()

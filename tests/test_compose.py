@@ -31,6 +31,7 @@ from bgsynth.compose_jobs import (
     describe_composed,
     evaluate_composed,
     export_composed,
+    load_classifier,
 )
 from bgsynth.compose_loader import ComposeIterator, load_backgrounds, scene_index
 from bgsynth.distributed import shard_ids
@@ -433,3 +434,68 @@ def test_cli_describe_export_eval_and_errors(wb, tmp_path, capsys):
     assert _cli(["compose", "describe", index, *rule_bad], capsys) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(bad) in err and "'lava'" in err
+
+
+# ==============================================================================================================
+# N = 2 end to end
+# ==============================================================================================================
+
+
+def test_waterbirds_like_end_to_end_with_two_classes(wb, wb_index, tiny_geometry, tmp_path):
+    """make -> train (2 outputs) -> variants -> eval -> challenge -> export -> compose export and eval, each checked
+    against an independent recount (composites re-made with torch.where, predictions re-run, files counted)."""
+    from bgsynth.challenge import run_challenge
+    from bgsynth.evaluate import evaluate
+    from bgsynth.export import export
+    from bgsynth.models import Predictor
+    from bgsynth.variants import synthesize
+
+    ckpt = tmp_path / "wb.pt"
+    train(wb_index, compose=ComposeSpec(str(wb / "places" / "train"), str(wb / "pairing.json")), epochs=1,
+          max_steps=2, batch_size=4, geometry=tiny_geometry, out=ckpt, val_split=None, **RUN)
+    loaded = load_classifier(str(ckpt), 2)
+    assert loaded.num_outputs == 2 and loaded.geometry == {"resize": 72, "crop": 64}
+    pred = Predictor(loaded)
+    # the index's own Only-BG-T pool, in its 2 classes (a second index as the background source)
+    own = load_backgrounds(wb_index, geometry=tiny_geometry, split="val", kind="only_bg_t", **RUN)
+    assert own.kind == "only_bg_t" and own.pool.num_classes == 2 and len(own.pool) == 8
+    val = wb_index.select(split="val")
+    batch = next(iter(create_loader(val, backend="pil", geometry=tiny_geometry, batch_size=64)))
+    out = synthesize(batch, "all", pool=own.pool, seed=0)
+    assert bool(out["mixed_next"].valid.all()) and torch.equal(out["mixed_next"].bg_labels, (batch.labels + 1) % 2)
+    assert bool(out["mixed_same"].valid.all()) and torch.equal(out["mixed_same"].bg_labels, batch.labels)
+    # eval: Original against the predictor on the decoded crops, every Mixed-* prediction re-made from its background
+    res = evaluate(wb_index, pred, split="val", geometry=tiny_geometry, pool=own.pool, progress=False, backend="pil")
+    y0 = pred.predict(pred.prepare(batch.images))
+    assert res.accuracy("original") == pytest.approx(float((y0 == batch.labels).double().mean()))
+    rec = res.records
+    pos = {int(i): k for k, i in enumerate(batch.image_ids.tolist())}
+    rows = {int(i): k for k, i in enumerate(own.pool.image_ids.tolist())}
+    for name in ("mixed_same", "mixed_rand", "mixed_next"):
+        r = rec.of_variant(name)
+        for i, bg_id, p, valid in zip(r.image_id, r.bg_id, r.pred, r.valid):
+            assert valid
+            k = pos[int(i)]
+            x = torch.where(batch.masks[k].bool(), batch.images[k], own.pool.images[rows[int(bg_id)]])
+            assert int(pred.predict(pred.prepare(x[None]))[0]) == int(p)
+    # the challenge: a foreground is vulnerable iff one of the backgrounds makes the model miss it (brute force)
+    chal = run_challenge(wb_index, pred, split="val", geometry=tiny_geometry, progress=False, backend="pil")
+    brute = {}
+    for k, i in enumerate(batch.image_ids.tolist()):
+        x = torch.where(batch.masks[k].bool()[None], batch.images[k][None], own.pool.images)
+        brute[i] = bool((pred.predict(pred.prepare(x)) != batch.labels[k]).any())
+    assert dict(zip(chal.fg_ids.tolist(), chal.vulnerable.tolist())) == brute
+    # export: every val image in every variant, one class folder per class, holding that class's images
+    ex = export(wb_index, tmp_path / "release", geometry=tiny_geometry, pool=own.pool, split="val", progress=False,
+                backend="pil")
+    assert ex.written == 8 and all(n == 8 for n in ex.files.values())
+    folders = sorted(p.name for p in (tmp_path / "release" / "mixed_next" / "val").iterdir())
+    assert len(folders) == 2
+    per_class = [len(list((tmp_path / "release" / "original" / "val" / f).iterdir())) for f in folders]
+    assert per_class == [int((batch.labels == c).sum()) for c in (0, 1)]
+    # the composed set of the same data: exported and evaluated per group
+    spec = ComposeSpec(str(wb / "places" / "val"), str(wb / "pairing.json"), correlation=0.5)
+    cx = export_composed(wb_index, spec, tmp_path / "composed", split="val", geometry=tiny_geometry, **RUN)
+    assert cx.written == 8 and sum(cx.groups["val"].values()) == 8
+    ce = evaluate_composed(wb_index, pred, spec, all_groups=True, geometry=tiny_geometry, **RUN)
+    assert [g["total"] for g in ce.metrics["groups"]] == [int((batch.labels == c).sum()) for c in (0, 0, 1, 1)]
