@@ -35,7 +35,9 @@ What lives here (the functional floor: pure functions of tensors, and one transf
   labels, provenance); it is also a kornia augmentation usable inside
   :class:`kornia.augmentation.AugmentationSequential` with ``data_keys=["input", "mask"]`` (see its docstring).
   Compositing and crop-space tiling go through the variants layer (:func:`bgsynth.variants.composite`,
-  :func:`bgsynth.variants.tile_in_crop`).
+  :func:`bgsynth.variants.tile_in_crop`). A caller may choose the pool rows itself
+  (``apply_batch(..., backgrounds=(rows, bg_ids, bg_labels))``): the composed datasets of :mod:`bgsynth.compose`
+  go through the same path with their rule's backgrounds.
 
 The training iterator that decodes a split and feeds it through the swap is
 :class:`bgsynth.trainloader.TrainIterator` (stateful floor).

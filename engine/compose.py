@@ -309,11 +309,14 @@ class ComposeSpec:
         return ComposeRule(self.make_pairing(fg_space, bg_space), self.correlation, int(seed))
 
     def to_dict(self) -> dict:
-        pairing = self.pairing if not isinstance(self.pairing, Mapping) else dict(self.pairing)
+        """JSON-able settings (a pairing file by its path, a mapping as given)."""
+        if isinstance(self.pairing, Mapping):
+            pairing = {str(k): v for k, v in self.pairing.items()}
+        else:
+            pairing = None if self.pairing is None else os.fspath(self.pairing)
         corr = list(self.correlation) if isinstance(self.correlation, tuple) else self.correlation
-        return {"backgrounds": self.backgrounds, "pairing": pairing if not isinstance(pairing, os.PathLike) else
-                os.fspath(pairing), "correlation": corr, "bg_split": self.bg_split, "bg_per_class": self.bg_per_class,
-                "fixed": bool(self.fixed)}
+        return {"backgrounds": self.backgrounds, "pairing": pairing, "correlation": corr, "bg_split": self.bg_split,
+                "bg_per_class": self.bg_per_class, "fixed": bool(self.fixed)}
 
 
 @dataclasses.dataclass

@@ -41,7 +41,7 @@ from torch import nn
 from .augment import BackgroundSwap
 from .classes import IN9_MEAN, IN9_STD
 from .compose import ComposeRule, ComposeSpec, backgrounds_of_class, compose_backgrounds, group_metrics
-from .compose_loader import Backgrounds, load_backgrounds, scene_index
+from .compose_loader import Backgrounds, load_backgrounds, scene_index, spec_digests
 from .config import DEMO_GEOMETRY, RunConfig, resolve_options
 from .errors import CheckpointError, ConfigError
 from .export import safe_stem
@@ -107,7 +107,8 @@ def _decode(index: DatasetIndex, run: RunConfig):
 def _settings(run: RunConfig, spec: ComposeSpec, rule: ComposeRule, bg: Backgrounds, **more) -> dict:
     """What decides a composed job's output (its fingerprint's settings)."""
     r = rule.to_dict()
-    return {"pairing": r["pairing"], "correlation": r["correlation"], "seed": r["seed"], "backgrounds": spec.backgrounds, "bg_split": spec.bg_split,
+    return {"pairing": r["pairing"], "correlation": r["correlation"], "seed": r["seed"], "backgrounds": spec.backgrounds,
+            "pairing_digest": spec_digests(spec)["pairing_digest"], "bg_split": spec.bg_split,
             "bg_per_class": spec.bg_per_class, "backgrounds_digest": index_digest(bg.index),
             "backgrounds_kind": bg.kind, "geometry": run.geometry.to_dict(), "tiling": run.tiling,
             "backend": run.backend, **more}

@@ -23,25 +23,28 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import pathlib
 import warnings
+from collections.abc import Mapping
 
 import torch
 
 from .augment import AugmentedBatch
 from .classes import LabelSpace
-from .compose import ComposeChoice, ComposeRule, check_correlation, compose_backgrounds
+from .compose import ComposeChoice, ComposeRule, ComposeSpec, check_correlation, compose_backgrounds
 from .config import RunConfig, resolve_options
 from .errors import ConfigError
 from .index import DatasetIndex, check_file_name
 from .pipeline import create_loader
 from .pool import build_background_pool
 from .probe import probe_file
+from .runs import file_digest
 from .trainloader import TrainIterator
 from .types import BackgroundPool, Batch
 
-__all__ = ["IMAGE_EXTENSIONS", "scene_index", "Backgrounds", "BackgroundsConfig", "load_backgrounds",
+__all__ = ["IMAGE_EXTENSIONS", "scene_index", "source_digest", "spec_digests", "Backgrounds", "BackgroundsConfig", "load_backgrounds",
            "ComposeIterator"]
 
 #: file name endings read as images in a scene folder (any case)
@@ -95,6 +98,28 @@ def scene_index(folder: str | os.PathLike, name: str | None = None) -> DatasetIn
         warnings.warn(f"{root}: {len(index.rejects)} scene file(s) could not be used (e.g. {index.rejects[0]['path']}: "
                       f"{index.rejects[0]['reason']}); see the index's rejects", stacklevel=2)
     return index
+
+
+def source_digest(source: str | os.PathLike) -> str | None:
+    """SHA-256 of what a background source holds, cheaply: for a folder, the sorted relative paths and byte sizes
+    of its image files (a changed, added or removed image changes it); for a file, its bytes; ``None`` when the
+    source does not exist."""
+    p = pathlib.Path(source).expanduser()
+    if p.is_file():
+        return file_digest(p)
+    if not p.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS):
+        h.update(f"{f.relative_to(p).as_posix()}\0{f.stat().st_size}\n".encode())
+    return h.hexdigest()
+
+
+def spec_digests(spec: ComposeSpec) -> dict:
+    """The digests of a :class:`~bgsynth.compose.ComposeSpec`'s inputs, for a run's fingerprint: its backgrounds
+    (:func:`source_digest`) and its pairing file (``None`` for a mapping or the default pairing)."""
+    pairing = None if spec.pairing is None or isinstance(spec.pairing, Mapping) else source_digest(spec.pairing)
+    return {"backgrounds_digest": source_digest(spec.backgrounds), "pairing_digest": pairing}
 
 
 @dataclasses.dataclass

@@ -49,7 +49,7 @@ from .augment import AUGMENT_VARIANTS, parse_probs
 from .challenge import run_challenge
 from .classes import IN9_MEAN, IN9_STD
 from .compose import ComposeSpec
-from .compose_loader import ComposeIterator, load_backgrounds
+from .compose_loader import ComposeIterator, load_backgrounds, spec_digests
 from .config import AMP_DTYPES, DEMO_GEOMETRY, RunConfig, check_positive_int, resolve_options
 from .distributed import DistContext, current
 from .errors import CheckpointError, ConfigError
@@ -596,7 +596,7 @@ def _record(run: RunConfig, config: TrainConfig, index: DatasetIndex, ctx: DistC
     if index.label_space.name != "in9":
         extra["label_space"] = index.label_space.to_dict()
     if config.compose is not None:
-        extra["compose"] = config.compose.to_dict()
+        extra["compose"] = {**config.compose.to_dict(), **spec_digests(config.compose)}
     return {
         **run.to_dict(),
         "arch": config.arch,

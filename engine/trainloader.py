@@ -8,7 +8,9 @@ whose backgrounds come from the split's pool (:mod:`bgsynth.pool`, built once) o
 
 It takes the run's resolved :class:`~bgsynth.config.RunConfig` (geometry, device, decode and kernel backends,
 tiling, batch size, seed, threads, progress) and its own :class:`LoaderConfig` (split, shard, order, cache); the
-swap is given ready or as :class:`~bgsynth.augment.SwapConfig` options. Loose keyword options are split among the
+swap is given ready or as :class:`~bgsynth.augment.SwapConfig` options. :meth:`TrainIterator.skip` starts a pass
+part-way (a resumed training run), and a subclass may choose the backgrounds itself
+(:class:`bgsynth.compose_loader.ComposeIterator`). Loose keyword options are split among the
 three (:func:`bgsynth.config.resolve_options`), so ``TrainIterator(index, batch_size=64, probs={...},
 shard_id=r, num_shards=w)`` works as before.
 
