@@ -477,7 +477,9 @@ class ComposedEvalResult:
         """Write ``results.json``, ``records.csv`` and ``report.md`` into ``out_dir`` (claimed for these settings)."""
         out = pathlib.Path(out_dir).expanduser()
         fp = Fingerprint("compose-eval", {"rule": self.rule, "backgrounds": self.backgrounds.get("source"),
-                                          "split": self.split, "mode": self.mode, "run": self.run},
+                                          "split": self.split, "mode": self.mode,
+                                          **{k: self.run.get(k) for k in ("geometry", "seed", "device", "backend",
+                                                                          "amp", "tiling")}},
                          model=self.model.get("sha256"))
         folder = OutputFolder(out, fp, overwrite=overwrite,
                               owned=lambda p: p.name in ("results.json", "records.csv", "report.md")).claim()

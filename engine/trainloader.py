@@ -216,14 +216,21 @@ class TrainIterator:
         return Batch.cat(parts) if parts else None
 
     def _build_pool(self) -> BackgroundPool:
+        """The split's Only-BG-T pool, labelled in the index's label space (its ``num_classes``: Mixed-Same needs
+        every class of the space, beyond IN-9's 9 too)."""
         r = self.run
         if self.store is not None and self.config.num_shards == 1:
             # the cache holds the whole split: its Only-BG-T rows are the pool (no second decode)
-            return background_pool_from_batch(self.store, backend=r.kernel_backend)
-        kw = dict(geometry=r.geometry, backend=r.backend, device=r.device, num_threads=r.num_threads, tiling=r.tiling)
-        if self.dist is not None and self.dist.enabled:  # each JPEG decoded by one rank
-            return build_background_pool_sharded(self.index, self.dist, **kw)
-        return build_background_pool(self.index, progress=r.progress, **kw)
+            pool = background_pool_from_batch(self.store, backend=r.kernel_backend)
+        else:
+            kw = dict(geometry=r.geometry, backend=r.backend, device=r.device, num_threads=r.num_threads,
+                      tiling=r.tiling)
+            if self.dist is not None and self.dist.enabled:  # each JPEG decoded by one rank
+                pool = build_background_pool_sharded(self.index, self.dist, **kw)
+            else:
+                pool = build_background_pool(self.index, progress=r.progress, **kw)
+        n = self.index.label_space.num_classes
+        return pool if pool.num_classes == n else BackgroundPool(pool.images, pool.labels, pool.image_ids, n)
 
     def prepare(self) -> "TrainIterator":
         """Decode the cache and build the pool now (otherwise done by the first iteration)."""

@@ -639,3 +639,26 @@ def test_docstring_examples():
 
     res = doctest.testmod(bgsynth.augment)
     assert res.attempted > 0 and res.failed == 0
+
+
+def test_train_iterator_pool_has_the_index_label_space(tiny_index, tiny_geometry):
+    """Mixed-Same draws within the index's classes, beyond IN-9's 9: a 12-class relabelling of the tiny set gives
+    every sample a background of its own class (none falls back) and the pool has 12 classes."""
+    from bgsynth.classes import LabelSpace
+    from bgsynth.index import DatasetIndex
+
+    data = tiny_index.select(split="train").data
+    space = LabelSpace.from_names([f"c{k}" for k in range(12)], name="twelve")
+    data["info"]["label_space"] = space.to_dict()
+    data["categories"] = space.categories()
+    for im in data["images"]:
+        im["label"] = (im["id"] % 4) + 8  # classes 8..11 only
+    index = DatasetIndex(data, tiny_index.path)
+    it = TrainIterator(index, geometry=tiny_geometry, batch_size=16, device="cpu", backend="pil", progress=False,
+                       probs={"mixed_same": 1.0}, mean=None, std=None, dtype=torch.uint8, flip=False)
+    seen = 0
+    for _x, y in it:
+        out = it.last
+        assert torch.equal(out.bg_labels, out.labels) and not bool(out.fell_back.any())
+        seen += len(y)
+    assert it.pool.num_classes == 12 and seen == len(it) * 16
