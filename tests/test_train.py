@@ -157,19 +157,12 @@ def wb(tmp_path_factory):
 
 
 def _train_args(index, out, *more):
-    return ["train", str(index), "--out", str(out), "--epochs", "3", "--batch-size", "8", "--resize", "72", "--crop",
+    return ["train", str(index), "--out", str(out), "--epochs", "3", "--batch-size", "6", "--resize", "72", "--crop",
             "64", "--device", "cpu", "--backend", "pil", "--no-progress", "--val-split", "none", "--seed", "2",
             "--augment", "mixed_rand=0.5", *more]
 
 
-def _state_steps(path) -> int | None:
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["steps"])
-    except Exception:  # noqa: BLE001 - not there yet, or being replaced
-        return None
-
-
-def test_killed_training_resumes_to_bit_identical_weights(builtin_root, tmp_path, capsys):
+def test_killed_training_resumes_to_bit_identical_weights(tiny_index, tmp_path, capsys):
     """SIGKILL mid-training, --resume: the final weights equal an uninterrupted run's, bit for bit (CPU)."""
     import os
     import signal
@@ -179,35 +172,34 @@ def test_killed_training_resumes_to_bit_identical_weights(builtin_root, tmp_path
 
     from bgsynth.cli import main
 
+    index = tmp_path / "small.json"
+    small = tiny_index.select(split="train", per_class=2)
+    small.save(index)
+    total = 3 * (len(small) // 6)  # 3 epochs of 3 steps
     ref, ck = tmp_path / "ref.pt", tmp_path / "ck.pt"
-    assert main(_train_args(builtin_root, ref)) == 0
+    assert main(_train_args(index, ref)) == 0
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    proc = subprocess.Popen([sys.executable, "-m", "bgsynth.cli", *_train_args(builtin_root, ck, "--checkpoint-every", "1")],
+    proc = subprocess.Popen([sys.executable, "-m", "bgsynth.cli", *_train_args(index, ck, "--checkpoint-every", "1")],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = tmp_path / "ck.pt.state"
     deadline = time.monotonic() + 600
-    steps = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        steps = _state_steps(state) if state.is_file() else None
-        if steps is not None and steps >= 3:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    while time.monotonic() < deadline and proc.poll() is None and not state.exists():
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)  # as soon as the first state is written: mid-epoch 0 (or a little later)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    killed_at = _state_steps(state)
-    total = 3 * (len(DatasetIndex_load(builtin_root).select(split="train")) // 8)
-    assert killed_at is not None and 3 <= killed_at < total and not ck.exists()
+    killed_at = int(torch.load(state, map_location="cpu", weights_only=True)["steps"])
+    assert 1 <= killed_at < total and not ck.exists()
     # a truncated copy of the state is refused with one line naming the file
     bad = tmp_path / "bad.pt"
     (tmp_path / "bad.pt.state").write_bytes(state.read_bytes()[: state.stat().st_size // 3])
     (tmp_path / "bad.pt.bgsynth-run.json").write_text((tmp_path / "ck.pt.bgsynth-run.json").read_text())
     capsys.readouterr()
-    assert main(_train_args(builtin_root, bad, "--resume")) == 2
+    assert main(_train_args(index, bad, "--resume")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "bad.pt.state: not a readable training state" in err
     # the killed run continues from its state
-    assert main(_train_args(builtin_root, ck, "--resume", "--checkpoint-every", "1")) == 0
+    assert main(_train_args(index, ck, "--resume", "--checkpoint-every", "1")) == 0
     assert not state.exists()
     a = torch.load(ref, map_location="cpu", weights_only=True)
     b = torch.load(ck, map_location="cpu", weights_only=True)
@@ -216,14 +208,8 @@ def test_killed_training_resumes_to_bit_identical_weights(builtin_root, tmp_path
     assert a["train"]["steps"] == b["train"]["steps"] == total
     # resuming a finished run returns it without training
     capsys.readouterr()
-    assert main(_train_args(builtin_root, ck, "--resume", "--checkpoint-every", "1")) == 0
+    assert main(_train_args(index, ck, "--resume", "--checkpoint-every", "1")) == 0
     assert "nothing to train" in capsys.readouterr().out
-
-
-def DatasetIndex_load(path):
-    from bgsynth.index import DatasetIndex
-
-    return DatasetIndex.load(path)
 
 
 def test_checkpoint_is_owned_by_its_settings(tiny_index, tiny_geometry, tmp_path):
