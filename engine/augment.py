@@ -35,7 +35,9 @@ What lives here (the functional floor: pure functions of tensors, and one transf
   labels, provenance); it is also a kornia augmentation usable inside
   :class:`kornia.augmentation.AugmentationSequential` with ``data_keys=["input", "mask"]`` (see its docstring).
   Compositing and crop-space tiling go through the variants layer (:func:`bgsynth.variants.composite`,
-  :func:`bgsynth.variants.tile_in_crop`).
+  :func:`bgsynth.variants.tile_in_crop`). A caller may choose the pool rows itself
+  (``apply_batch(..., backgrounds=(rows, bg_ids, bg_labels))``): the composed datasets of :mod:`bgsynth.compose`
+  go through the same path with their rule's backgrounds.
 
 The training iterator that decodes a split and feeds it through the swap is
 :class:`bgsynth.trainloader.TrainIterator` (stateful floor).
@@ -870,8 +872,11 @@ class BackgroundSwap(RandomTransplantation):
         partner = (cand.cumsum(dim=1) <= k[:, None]).sum(dim=1)
         return torch.where(n > 0, partner, torch.full_like(partner, -1))
 
-    def _background_rows(self, batch: Batch, params: AugmentParams, requested: torch.Tensor):
-        """``(row, bg_ids, bg_labels)`` of each sample's background in its source (``-1`` where none)."""
+    def _background_rows(self, batch: Batch, params: AugmentParams, requested: torch.Tensor, given=None):
+        """``(row, bg_ids, bg_labels)`` of each sample's background in its source (``-1`` where none); ``given``:
+        the caller's choice of pool rows (see :meth:`apply_batch`)."""
+        if given is not None:
+            return self._given_rows(batch, given)
         if not self.needs_background:
             none = torch.full_like(batch.image_ids, -1)
             return none, none, none
@@ -880,6 +885,17 @@ class BackgroundSwap(RandomTransplantation):
         row = self._batch_partners(batch.labels, batch.has_bgt, requested, params.bg_key.to(batch.device))
         safe, none = row.clamp(min=0), torch.full_like(row, -1)
         return row, torch.where(row >= 0, batch.image_ids[safe], none), torch.where(row >= 0, batch.labels[safe], none)
+
+    def _given_rows(self, batch: Batch, given) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Check a caller's ``(rows, bg_ids, bg_labels)`` of pool rows against the batch and the pool."""
+        if self.bg_source != "pool" or self.pool is None:
+            raise ConfigError("BackgroundSwap: backgrounds=(rows, bg_ids, bg_labels) index the pool; expected "
+                              "bg_source='pool' and a BackgroundPool")
+        if not isinstance(given, (tuple, list)) or len(given) != 3:
+            raise ConfigError(f"BackgroundSwap: expected backgrounds=(rows, bg_ids, bg_labels), got {type(given).__name__}")
+        out = tuple(_as_tensor(t, name, torch.int64, batch.device, (len(batch),))
+                    for t, name in zip(given, ("backgrounds rows", "backgrounds bg_ids", "backgrounds bg_labels")))
+        return out
 
     def _background_images(self, batch: Batch) -> torch.Tensor | None:
         """The images the background rows index: the pool's, or the batch's own Only-BG-T (``None``: no source)."""
@@ -895,10 +911,10 @@ class BackgroundSwap(RandomTransplantation):
             return batch.bgt
         return tile_in_crop(batch.images, batch.boxes, batch.strips, backend=self.config.kernel_backend)
 
-    def _decide(self, batch: Batch, params: AugmentParams) -> _Choice:
+    def _decide(self, batch: Batch, params: AugmentParams, given=None) -> _Choice:
         """The variant each sample becomes (Original where the drawn one is impossible) and its background."""
         requested = params.variant.to(batch.device)
-        row, bg_ids, bg_labels = self._background_rows(batch, params, requested)
+        row, bg_ids, bg_labels = self._background_rows(batch, params, requested, given)
         needs_bg = (requested == _MIXED_RAND) | (requested == _MIXED_SAME)
         needs_mask = requested != _ORIGINAL
         ok = (~needs_mask | batch.has_mask) & (~needs_bg | (row >= 0))
@@ -947,8 +963,19 @@ class BackgroundSwap(RandomTransplantation):
         return dict(mean=mean, std=std, dtype=c.dtype, channels_last=c.channels_last, backend=c.kernel_backend)
 
     # ------------------------------------------------------------------------------------------ batch form
-    def apply_batch(self, batch: Batch, epoch: int = 0, params: AugmentParams | None = None) -> AugmentedBatch:
-        """Augment a decoded :class:`~bgsynth.types.Batch` (the batch form; see the class docstring)."""
+    def apply_batch(self, batch: Batch, epoch: int = 0, params: AugmentParams | None = None,
+                    backgrounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> AugmentedBatch:
+        """Augment a decoded :class:`~bgsynth.types.Batch` (the batch form; see the class docstring).
+
+        Args:
+            batch: the decoded batch.
+            epoch: the epoch the draws depend on.
+            params: an :class:`AugmentParams` to replay (default: drawn for ``(seed, epoch, image ids)``).
+            backgrounds: ``(rows, bg_ids, bg_labels)``, each ``int64 [B]``: the pool row of every sample's
+                background, chosen by the caller (e.g. a composition rule, :mod:`bgsynth.compose`) instead of the
+                swap's own choice; ``-1`` where none (a Mixed-* sample then falls back to Original). The rest of
+                the path (crop, flip, compositing, normalisation) is unchanged.
+        """
         if self.bg_source == "batch" and self.needs_background and batch.tiling == "paper" and batch.bgt is None:
             raise ConfigError(
                 "BackgroundSwap: bg_source='batch' with a tiling='paper' batch needs its Only-BG-T images "
@@ -958,7 +985,7 @@ class BackgroundSwap(RandomTransplantation):
             params = self.sample(batch.image_ids, batch.size, epoch)
         elif len(params) != len(batch):
             raise ConfigError(f"BackgroundSwap: expected params for {len(batch)} samples, got {len(params)}")
-        choice = self._decide(batch, params)
+        choice = self._decide(batch, params, backgrounds)
         images, masks = self._render(batch.images, batch.masks, params, choice, self._background_images(batch),
                                      self._output(batch.device))
         self._commit_state(params=params.to_dict())

@@ -10,6 +10,15 @@ loads it. Deterministic with a seed on the CPU.
 :func:`compare_training` is the paper's remedy: the demo model trained with and without Mixed-Rand (same budget,
 same seed), both evaluated by :func:`bgsynth.evaluate.evaluate` and the Backgrounds Challenge.
 
+A training run owns its checkpoint (:class:`bgsynth.runs.OutputFolder`, the record ``<out>.bgsynth-run.json``): a
+second run with other settings onto the same file is refused unless ``overwrite``. With ``checkpoint_every`` the
+run saves its state (model, optimizer, schedule, RNG, data position, history) to ``<out>.state`` every so many
+steps and at every epoch's end, and ``resume=True`` continues a killed run from there: on the CPU the finished
+weights are bit for bit those of an uninterrupted run. The model has one output per class of the index's label
+space (9 for IN-9). With ``compose`` (a :class:`~bgsynth.compose.ComposeSpec`) the training set is a composed one:
+the foregrounds of the index on the backgrounds of a second source at a chosen, per-epoch correlation
+(:class:`bgsynth.compose_loader.ComposeIterator`).
+
 Both are consumers in the configuration pattern of :mod:`bgsynth.config`: they take the run's resolved
 :class:`~bgsynth.config.RunConfig` (geometry, default :data:`~bgsynth.config.DEMO_GEOMETRY`; device; decode and
 kernel backends; tiling; batch size; seed; autocast, default ``'auto'``: bf16 on CUDA) and their own frozen config
@@ -24,11 +33,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
 import pathlib
 import time
+import warnings
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -36,15 +47,18 @@ from torch import nn
 
 from .augment import AUGMENT_VARIANTS, parse_probs
 from .challenge import run_challenge
-from .classes import IN9_MEAN, IN9_STD, NUM_IN9
+from .classes import IN9_MEAN, IN9_STD
+from .compose import ComposeSpec
+from .compose_loader import ComposeIterator, load_backgrounds, spec_digests
 from .config import AMP_DTYPES, DEMO_GEOMETRY, RunConfig, check_positive_int, resolve_options
 from .distributed import DistContext, current
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .evaluate import evaluate
-from .fileio import atomic_write_json
+from .fileio import atomic_write_bytes, atomic_write_json
 from .index import DatasetIndex
 from .models import LoadedModel, Predictor, create_model, load_model, save_checkpoint
 from .pipeline import create_loader
+from .runs import Fingerprint, OutputFolder, index_digest
 from .trainloader import TrainIterator
 
 __all__ = [
@@ -93,6 +107,14 @@ class TrainConfig:
         channels_last: ``None``: on for CUDA.
         deterministic: deterministic cuDNN algorithms on CUDA (CPU runs replay exactly anyway).
         max_steps: stop after this many steps (a smoke test; the schedule still spans ``epochs``).
+        compose: a :class:`~bgsynth.compose.ComposeSpec` (or its fields as a mapping): train on the foregrounds of
+            the index composed on the spec's backgrounds at its correlation (a number or one per epoch); then
+            ``augment`` must be left at Original (the rule makes every sample a composite).
+        checkpoint_every: save the run's state to ``<out>.state`` every this many steps (and at every epoch's
+            end); ``None``: at every epoch's end only. Needs ``out``.
+        resume: continue from ``<out>.state`` (only a run with an equal fingerprint; without a state file the run
+            starts from the beginning).
+        overwrite: replace a checkpoint written by a run with other settings (or by no recorded run).
     """
 
     arch: str = "bgsynth_cnn"
@@ -113,9 +135,21 @@ class TrainConfig:
     channels_last: bool | None = None
     deterministic: bool = True
     max_steps: int | None = None
+    compose: ComposeSpec | Mapping | None = None
+    checkpoint_every: int | None = None
+    resume: bool = False
+    overwrite: bool = False
 
     def __post_init__(self):
         check_positive_int(self.epochs, "epochs", "train")
+        if self.checkpoint_every is not None:
+            check_positive_int(self.checkpoint_every, "checkpoint_every", "train")
+        if self.resume and self.out is None:
+            raise ConfigError("train: resume continues the run of a checkpoint file; expected out=..., got None")
+        if isinstance(self.compose, Mapping):
+            object.__setattr__(self, "compose", ComposeSpec(**self.compose))
+        if self.compose is not None and not isinstance(self.compose, ComposeSpec):
+            raise ConfigError(f"train: expected compose as a ComposeSpec or a mapping, got {type(self.compose).__name__}")
         if self.optimizer not in _OPTIMIZERS:
             raise ConfigError(f"train: expected optimizer in {_OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in _SCHEDULES:
@@ -128,6 +162,9 @@ class TrainConfig:
             raise ConfigError(f"train: expected bg_source 'pool' or 'batch', got {self.bg_source!r}")
         object.__setattr__(self, "augment", parse_probs(self.augment))
         object.__setattr__(self, "scale", (float(self.scale[0]), float(self.scale[1])))
+        if self.compose is not None and self.augment["original"] != 1.0:
+            raise ConfigError("train: with compose every sample is a composite of the rule; expected augment left "
+                              f"at Original, got {({k: v for k, v in self.augment.items() if v > 0})}")
 
     def replace(self, **changes) -> "TrainConfig":
         """A copy with some fields changed (validated again)."""
@@ -246,12 +283,19 @@ def _rank_run(run: RunConfig, ctx: DistContext) -> tuple[RunConfig, RunConfig]:
 
 
 def _train_iterator(index: DatasetIndex, rank_run: RunConfig, config: TrainConfig, ctx: DistContext) -> TrainIterator:
-    """The split, decoded and cached, with the swap of ``config`` (its pool decoded once across the ranks)."""
-    it = TrainIterator(
-        index, rank_run, dist=ctx, split=config.split, probs=config.augment, bg_source=config.bg_source,
-        random_resized_crop=config.random_resized_crop, flip=config.flip, scale=config.scale, mean=IN9_MEAN,
-        std=IN9_STD, channels_last=_channels_last(config, rank_run),
-    )
+    """The split, decoded and cached, with the swap of ``config`` (its pool decoded once across the ranks); with
+    ``compose``, the composed set's iterator over the spec's backgrounds (each rank decodes them)."""
+    geometry = dict(random_resized_crop=config.random_resized_crop, flip=config.flip, scale=config.scale,
+                    mean=IN9_MEAN, std=IN9_STD, channels_last=_channels_last(config, rank_run))
+    if config.compose is not None:
+        spec = config.compose
+        bg = load_backgrounds(spec.backgrounds, rank_run.replace(progress=False), split=spec.bg_split,
+                              per_class=spec.bg_per_class)
+        rule = spec.rule(index.label_space, bg.label_space, rank_run.seed)
+        return ComposeIterator(index, rule, bg, rank_run, dist=ctx, split=config.split, fixed=spec.fixed,
+                               **geometry).prepare()
+    it = TrainIterator(index, rank_run, dist=ctx, split=config.split, probs=config.augment,
+                       bg_source=config.bg_source, **geometry)
     return it.prepare()
 
 
@@ -325,31 +369,181 @@ def _setup(model: nn.Module, it: TrainIterator, run: RunConfig, config: TrainCon
                 max_steps=config.max_steps)
 
 
-def _epoch(fit: _Fit, it: TrainIterator, epoch: int, ctx: DistContext, bar) -> dict:
-    """One pass over the split; returns its history row (loss and accuracy over every rank's samples)."""
+@dataclasses.dataclass
+class _Position:
+    """Where a run stands: the next epoch, the batches of it already done, its running sums, the history so far."""
+
+    epoch: int = 0
+    batch: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+    history: list = dataclasses.field(default_factory=list)
+
+
+_STATE_FORMAT = "bgsynth-train-state/1"
+
+
+class _Output:
+    """The checkpoint a run owns (claimed before any work) and the state a killed run continues from.
+
+    The state file ``<out>.state`` holds the model, optimizer, schedule, grad scaler, RNG states, the data
+    position (epoch, batches done) with the epoch's running sums and history, and the augmentation counters; it is
+    written atomically on rank 0 every ``checkpoint_every`` steps and at each epoch's end, and removed when the
+    checkpoint is written.
+    """
+
+    def __init__(self, config: TrainConfig, settings: dict, index: DatasetIndex, ctx: DistContext):
+        self.config, self.ctx = config, ctx
+        self.path = None if config.out is None else pathlib.Path(config.out).expanduser()
+        self.state_path = None if self.path is None else self.path.with_name(self.path.name + ".state")
+        self.fingerprint = Fingerprint("train", settings, index=index_digest(index))
+        self.folder: OutputFolder | None = None
+        self.finished = False
+
+    def claim(self) -> "_Output":
+        """Refuse another run's checkpoint (unless ``overwrite``) before any work; record this run's fingerprint."""
+        error = None
+        if self.path is not None and self.ctx.is_main:
+            try:
+                self.folder = OutputFolder(self.path, self.fingerprint, overwrite=self.config.overwrite,
+                                           resume=self.config.resume, single_file=True).claim()
+                # resuming a run that finished: its checkpoint is the result (nothing to train)
+                self.finished = bool(self.config.resume and self.folder.previous is not None and self.path.is_file()
+                                     and not self.state_path.exists())
+                if not self.config.resume:
+                    self.state_path.unlink(missing_ok=True)  # a rerun from the start: the old state is not ours
+                if not self.finished:
+                    self.folder.commit([self.path.name, self.state_path.name])
+            except ConfigError as e:
+                error = str(e)
+        if self.ctx.enabled:
+            error, self.finished = self.ctx.broadcast_object((error, self.finished))
+        if error is not None:
+            raise ConfigError(error)
+        return self
+
+    def finished_result(self, model: nn.Module, t0: float) -> "TrainResult":
+        """The result of a run that had finished: its checkpoint's weights, settings and val accuracy."""
+        try:
+            ck = torch.load(self.path, map_location="cpu", weights_only=True)
+            model.load_state_dict(ck["state_dict"])
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file, whatever torch says about it
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"{self.path}: the finished run's checkpoint cannot be read back ({first}); use "
+                                  f"--overwrite to train again") from None
+        record = dict(ck.get("train") or {})
+        return TrainResult(model=model.to("cpu").eval(), checkpoint=self.path, val_accuracy=ck.get("val_accuracy"),
+                           val_total=int(ck.get("val_total") or 0), history=[], augment_stats={}, config=record,
+                           seconds=time.perf_counter() - t0, steps=int(record.get("steps") or 0), images=0)
+
+    def due(self, steps: int) -> bool:
+        every = self.config.checkpoint_every
+        return self.path is not None and every is not None and steps % every == 0
+
+    def save(self, fit: "_Fit", it: TrainIterator, pos: _Position) -> None:
+        """Write the state at a step boundary (rank 0; the other ranks hold the same model and optimizer)."""
+        if self.path is None or not self.ctx.is_main:
+            return
+        counts = getattr(it, "counts", None)
+        state = {
+            "format": _STATE_FORMAT, "fingerprint": json.dumps(self.fingerprint.to_dict(), sort_keys=True),
+            "epoch": pos.epoch, "batch": pos.batch, "loss_sum": pos.loss_sum, "correct": pos.correct,
+            "seen": pos.seen, "seconds": pos.seconds, "history": pos.history, "steps": fit.steps,
+            "images": fit.images, "model": fit.model.state_dict(), "optimizer": fit.opt.state_dict(),
+            "scheduler": fit.sched.state_dict(), "scaler": None if fit.scaler is None else fit.scaler.state_dict(),
+            "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "swap_counts": it.swap.counts, "compose_counts": counts,
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(self.state_path, buf.getvalue())
+
+    def _read_state(self) -> dict:
+        path = self.state_path
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a truncated or corrupt file, whatever torch says about it
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"{path}: not a readable training state ({type(e).__name__}: {first}); delete it "
+                                  f"to start again, or run without --resume") from None
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise CheckpointError(f"{path}: not a bgsynth training state (expected format {_STATE_FORMAT!r})")
+        if state.get("fingerprint") != json.dumps(self.fingerprint.to_dict(), sort_keys=True):
+            raise CheckpointError(f"{path}: the training state was written by a run with other settings; delete it "
+                                  f"or run without --resume")
+        return state
+
+    def restore(self, fit: "_Fit", it: TrainIterator) -> _Position:
+        """The position to continue from (``resume``), with the model, optimizer, schedule and RNG restored."""
+        if not self.config.resume or self.state_path is None or not self.state_path.is_file():
+            if self.config.resume and self.folder is not None and self.folder.previous is not None:
+                warnings.warn(f"{self.state_path}: no training state to resume; training from the start",
+                              stacklevel=3)
+            return _Position()
+        st = self._read_state()
+        try:
+            fit.model.load_state_dict(st["model"])
+            fit.opt.load_state_dict(st["optimizer"])
+            fit.sched.load_state_dict(st["scheduler"])
+            if fit.scaler is not None and st["scaler"] is not None:
+                fit.scaler.load_state_dict(st["scaler"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"{self.state_path}: the training state does not fit this run ({first})") from None
+        torch.set_rng_state(st["rng"])
+        if st["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["cuda_rng"])
+        if st["swap_counts"] is not None:
+            it.swap.counts = st["swap_counts"].to(fit.device)
+        if st["compose_counts"] is not None and hasattr(it, "counts"):
+            it.counts = st["compose_counts"].to(fit.device)
+        fit.steps, fit.images = int(st["steps"]), int(st["images"])
+        return _Position(int(st["epoch"]), int(st["batch"]), float(st["loss_sum"]), int(st["correct"]),
+                         int(st["seen"]), float(st["seconds"]), list(st["history"]))
+
+    def finish(self) -> None:
+        """The checkpoint is written: record it as the run's file and drop the state."""
+        if self.folder is None:
+            return
+        self.state_path.unlink(missing_ok=True)
+        self.folder.files.discard(self.state_path.name)
+        self.folder.commit([self.path.name])
+
+
+def _epoch(fit: _Fit, it: TrainIterator, pos: _Position, ctx: DistContext, bar, out: _Output) -> dict:
+    """The rest of one pass over the split from ``pos`` (its first batches are skipped when resuming); returns its
+    history row (loss and accuracy over every rank's samples). ``pos`` follows every step, for the state file."""
     fit.model.train()
+    epoch = pos.epoch
     it.set_epoch(epoch)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=fit.device)
-    correct = torch.zeros((), dtype=torch.int64, device=fit.device)
-    seen = 0
-    te = time.perf_counter()
-    for k, (x, y) in enumerate(it):
+    it.skip(pos.batch)
+    loss_sum = torch.tensor(pos.loss_sum, dtype=torch.float64, device=fit.device)
+    correct = torch.tensor(pos.correct, dtype=torch.int64, device=fit.device)
+    te = time.perf_counter() - pos.seconds
+    for k, (x, y) in enumerate(it, start=pos.batch):
         if k >= fit.steps_per_epoch:
             break
         loss, logits = fit.step(x, y)
         n = int(y.shape[0])
         loss_sum += loss.detach().double() * n
         correct += (logits.detach().argmax(1) == y).sum()
-        seen += n
+        pos.seen += n
         fit.steps += 1
         fit.images += n
         if bar is not None:
             bar.update(1)
             if fit.steps % 10 == 0:
                 bar.set_postfix(epoch=epoch, loss=f"{float(loss):.3f}")
+        if out.due(fit.steps) and k + 1 < fit.steps_per_epoch and not fit.done:
+            pos.batch, pos.loss_sum, pos.correct = k + 1, float(loss_sum), int(correct)
+            pos.seconds = time.perf_counter() - te
+            out.save(fit, it, pos)
         if fit.done:
             break
     secs = time.perf_counter() - te
+    seen = pos.seen
     if ctx.enabled:  # the epoch's figures over every rank's samples
         agg = ctx.all_reduce(torch.tensor([float(loss_sum), float(correct), float(seen)], dtype=torch.float64), "sum")
         loss_sum, correct, seen = agg[0], agg[1], int(agg[2].item())
@@ -357,24 +551,27 @@ def _epoch(fit: _Fit, it: TrainIterator, epoch: int, ctx: DistContext, bar) -> d
             "seconds": secs, "images_per_s": seen / secs if secs > 0 else None}
 
 
-def _epochs(fit: _Fit, it: TrainIterator, run: RunConfig, config: TrainConfig, ctx: DistContext) -> list[dict]:
-    """Every epoch (until ``max_steps``), with a tqdm bar of loss and accuracy when ``run.progress``."""
+def _epochs(fit: _Fit, it: TrainIterator, run: RunConfig, config: TrainConfig, ctx: DistContext, out: _Output,
+            pos: _Position) -> list[dict]:
+    """Every epoch from ``pos`` (until ``max_steps``), with a tqdm bar of loss and accuracy when ``run.progress``;
+    the state is saved at each epoch's end."""
     bar = None
     if run.progress:
         from tqdm.auto import tqdm  # optional third-party display, loaded only when asked for
 
         total = fit.steps_per_epoch * config.epochs
         bar = tqdm(total=total if fit.max_steps is None else min(fit.max_steps, total), desc=f"train {config.arch}",
-                   unit="step")
-    history: list[dict] = []
+                   unit="step", initial=fit.steps)
+    history = pos.history
     try:
-        for epoch in range(config.epochs):
-            history.append(_epoch(fit, it, epoch, ctx, bar))
+        while pos.epoch < config.epochs and not fit.done:
+            history.append(_epoch(fit, it, pos, ctx, bar, out))
             if bar is not None:
                 h = history[-1]
-                bar.set_postfix(epoch=epoch, loss=f"{h['loss']:.3f}", acc=f"{h['accuracy']:.3f}")
-            if fit.done:
-                break
+                bar.set_postfix(epoch=pos.epoch, loss=f"{h['loss']:.3f}", acc=f"{h['accuracy']:.3f}")
+            pos.epoch, pos.batch, pos.loss_sum, pos.correct, pos.seen, pos.seconds = pos.epoch + 1, 0, 0.0, 0, 0, 0.0
+            if not fit.done and pos.epoch < config.epochs and out.path is not None:
+                out.save(fit, it, pos)
     finally:
         if bar is not None:
             bar.close()
@@ -392,8 +589,14 @@ def _validate(model: nn.Module, index: DatasetIndex, run: RunConfig, config: Tra
     return val_acc, val_total
 
 
-def _record(run: RunConfig, config: TrainConfig, index: DatasetIndex, ctx: DistContext, steps: int) -> dict:
-    """The resolved settings of the run (the checkpoint's ``"train"``): the job's, and the run's ``to_dict()``."""
+def _record(run: RunConfig, config: TrainConfig, index: DatasetIndex, ctx: DistContext, steps: int | None) -> dict:
+    """The resolved settings of the run (the checkpoint's ``"train"``): the job's, and the run's ``to_dict()``.
+    Without ``steps`` (before the run): the settings its fingerprint is made of."""
+    extra = {"num_classes": index.label_space.num_classes}
+    if index.label_space.name != "in9":
+        extra["label_space"] = index.label_space.to_dict()
+    if config.compose is not None:
+        extra["compose"] = {**config.compose.to_dict(), **spec_digests(config.compose)}
     return {
         **run.to_dict(),
         "arch": config.arch,
@@ -419,6 +622,7 @@ def _record(run: RunConfig, config: TrainConfig, index: DatasetIndex, ctx: DistC
         "steps": steps,
         "index": None if index.path is None else str(index.path),
         "world_size": int(ctx.world_size),
+        **extra,
     }
 
 
@@ -430,13 +634,15 @@ def _gather_stats(stats: dict, ctx: DistContext) -> dict:
     return {v: {k: sum(int(p[v][k]) for p in parts) for k in stats[v]} for v in stats}
 
 
-def _save(model: nn.Module, record: dict, run: RunConfig, config: TrainConfig, val, ctx: DistContext):
+def _save(model: nn.Module, record: dict, run: RunConfig, config: TrainConfig, val, val_total: int,
+          ctx: DistContext):
     """Write the checkpoint on rank 0 (geometry, normalisation, settings, val accuracy); every rank gets the path."""
     path = None
     if config.out is not None and ctx.is_main:
         extra = {"geometry": run.geometry, "mean": list(IN9_MEAN), "std": list(IN9_STD),
-                 "train": json.loads(json.dumps(record)), "val_accuracy": val, "val_split": config.val_split}
-        path = save_checkpoint(model, config.out, arch=config.arch, num_classes=NUM_IN9, extra=extra)
+                 "train": json.loads(json.dumps(record)), "val_accuracy": val, "val_split": config.val_split,
+                 "val_total": val_total}
+        path = save_checkpoint(model, config.out, arch=config.arch, num_classes=record["num_classes"], extra=extra)
     if ctx.enabled:
         path = ctx.broadcast_object(path)
         ctx.barrier()  # every rank returns once the checkpoint is written
@@ -476,26 +682,41 @@ def train(index, run: RunConfig | None = None, config: TrainConfig | None = None
                                   default_geometry=DEMO_GEOMETRY, progress=True,
                                   local_rank=ctx.local_rank if ctx.enabled else None)
     run, rank_run = _rank_run(run, ctx)
+    index.require_images(index.select(split=config.split) if config.split is not None else index, "train on",
+                         split=config.split)
+    settings = {}
+    for k, v in _record(run, config, index, ctx, None).items():
+        if k == "compose":  # one setting per field, so a refusal names the one that differs
+            settings.update({f"compose.{name}": value for name, value in v.items()})
+        elif k not in ("steps", "index"):
+            settings[k] = v
+    out = _Output(config, {**settings, "pretrained": pretrained_model is not None}, index, ctx).claim()
+    num_classes = index.label_space.num_classes
     with _deterministic(config.deterministic, run.device):
         torch.manual_seed(run.seed)
-        model = create_model(config.arch, num_classes=NUM_IN9) if pretrained_model is None else pretrained_model
+        model = create_model(config.arch, num_classes=num_classes) if pretrained_model is None else pretrained_model
+        if out.finished:
+            return out.finished_result(model, t0)
         model = model.to(run.device)
         if _channels_last(config, run):
             model = model.to(memory_format=torch.channels_last)
         it = _train_iterator(index, rank_run, config, ctx)
         fit = _setup(model, it, run, config, ctx)
-        history = _epochs(fit, it, run, config, ctx)
+        history = _epochs(fit, it, run, config, ctx, out, out.restore(fit, it))
         model.eval()
         val_acc, val_total = _validate(model, index, run, config, ctx)
         images = int(ctx.all_reduce(torch.tensor([fit.images], dtype=torch.int64), "sum").item()) if ctx.enabled \
             else fit.images
     model = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     record = _record(run, config, index, ctx, fit.steps)
-    ckpt_path = _save(model, record, run, config, val_acc, ctx)
+    ckpt_path = _save(model, record, run, config, val_acc, val_total, ctx)
+    out.finish()
+    stats = _gather_stats(it.swap.stats(), ctx)
+    if isinstance(it, ComposeIterator):
+        stats = {**stats, "compose": _gather_stats({"rule": it.stats()}, ctx)["rule"]}
     return TrainResult(
         model=model, checkpoint=ckpt_path, val_accuracy=val_acc, val_total=val_total, history=history,
-        augment_stats=_gather_stats(it.swap.stats(), ctx), config=record, seconds=time.perf_counter() - t0,
-        steps=fit.steps, images=images,
+        augment_stats=stats, config=record, seconds=time.perf_counter() - t0, steps=fit.steps, images=images,
     )
 
 
@@ -507,7 +728,8 @@ class _ValConfig:
 def evaluate_original(model: nn.Module, index, split: str | None = "val", run: RunConfig | None = None, *,
                       mean: Sequence[float] = IN9_MEAN, std: Sequence[float] = IN9_STD,
                       **options) -> tuple[float | None, int]:
-    """Original top-1 accuracy of a 9-class model on a split, through the plain decode loader and a Predictor.
+    """Original top-1 accuracy of a classifier of the index's classes (one output per class) on a split, through
+    the plain decode loader and a Predictor.
 
     Args:
         model: the network (its inputs normalised with ``mean``/``std``).
@@ -526,7 +748,8 @@ def evaluate_original(model: nn.Module, index, split: str | None = "val", run: R
     if len(sub) == 0:
         return None, 0
     dev = run.device
-    loaded = LoadedModel(module=model, num_outputs=NUM_IN9, output_space="in9", mean=tuple(mean), std=tuple(std))
+    loaded = LoadedModel(module=model, num_outputs=index.label_space.num_classes, output_space="in9", mean=tuple(mean),
+                         std=tuple(std))
     pred = Predictor(loaded, device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
     total = 0
@@ -645,7 +868,7 @@ def _trained(job: _Job, name: str, probs: dict) -> tuple[pathlib.Path, float | N
             return ckpt, meta.get("seconds"), meta.get("val_accuracy")
     if run.progress:
         print(f"compare_training: training {name!r} ({settings['augment']}) for {cfg.train.epochs} epochs")
-    res = train(job.index, run, cfg.train.replace(augment=probs, out=ckpt))
+    res = train(job.index, run, cfg.train.replace(augment=probs, out=ckpt, overwrite=True))  # the reuse key decides
     atomic_write_json(meta_path, {"settings": settings, "seconds": res.seconds, "val_accuracy": res.val_accuracy,
                                   "history": res.history, "augment_stats": res.augment_stats}, indent=1)
     return ckpt, res.seconds, res.val_accuracy

@@ -8,7 +8,9 @@ whose backgrounds come from the split's pool (:mod:`bgsynth.pool`, built once) o
 
 It takes the run's resolved :class:`~bgsynth.config.RunConfig` (geometry, device, decode and kernel backends,
 tiling, batch size, seed, threads, progress) and its own :class:`LoaderConfig` (split, shard, order, cache); the
-swap is given ready or as :class:`~bgsynth.augment.SwapConfig` options. Loose keyword options are split among the
+swap is given ready or as :class:`~bgsynth.augment.SwapConfig` options. :meth:`TrainIterator.skip` starts a pass
+part-way (a resumed training run), and a subclass may choose the backgrounds itself
+(:class:`bgsynth.compose_loader.ComposeIterator`). Loose keyword options are split among the
 three (:func:`bgsynth.config.resolve_options`), so ``TrainIterator(index, batch_size=64, probs={...},
 shard_id=r, num_shards=w)`` works as before.
 
@@ -122,6 +124,10 @@ class TrainIterator:
     >>> # for images, labels in it: ...
     """
 
+    #: whether the backgrounds are the split's own Only-BG-T (a subclass with a pool of its own sets False, so
+    #: the decoded split carries no Only-BG-T crops)
+    OWN_BACKGROUNDS = True
+
     def __init__(self, index: DatasetIndex | str, run: RunConfig | None = None, config: LoaderConfig | None = None,
                  *, swap: BackgroundSwap | SwapConfig | None = None, pool: BackgroundPool | None = None,
                  dist: DistContext | None = None, **options):
@@ -135,13 +141,14 @@ class TrainIterator:
         self.epoch = self.config.epoch
         self.swap = self._make_swap(swap, swap_kw, pool)
         # bytes per cached image: crop + mask (+ the paper Only-BG-T crop when backgrounds come from the batch/cache)
-        self._bgt_needed = self.run.tiling == "paper" and self.swap.needs_background
+        self._bgt_needed = self.run.tiling == "paper" and self.swap.needs_background and self.OWN_BACKGROUNDS
         need = len(self.ids) * (4 + 3 * self._bgt_needed) * self.run.geometry.crop**2
         cache = self.config.cache
         self.cache = bool(cache) if cache != "auto" else need <= self.config.cache_limit_bytes
         self.store: Batch | None = None
         self.last: AugmentedBatch | None = None
         self.rejects: list[dict] = []
+        self._skip = 0
 
     # ------------------------------------------------------------------------------------------ setup
     def _select(self, index) -> DatasetIndex:
@@ -209,14 +216,21 @@ class TrainIterator:
         return Batch.cat(parts) if parts else None
 
     def _build_pool(self) -> BackgroundPool:
+        """The split's Only-BG-T pool, labelled in the index's label space (its ``num_classes``: Mixed-Same needs
+        every class of the space, beyond IN-9's 9 too)."""
         r = self.run
         if self.store is not None and self.config.num_shards == 1:
             # the cache holds the whole split: its Only-BG-T rows are the pool (no second decode)
-            return background_pool_from_batch(self.store, backend=r.kernel_backend)
-        kw = dict(geometry=r.geometry, backend=r.backend, device=r.device, num_threads=r.num_threads, tiling=r.tiling)
-        if self.dist is not None and self.dist.enabled:  # each JPEG decoded by one rank
-            return build_background_pool_sharded(self.index, self.dist, **kw)
-        return build_background_pool(self.index, progress=r.progress, **kw)
+            pool = background_pool_from_batch(self.store, backend=r.kernel_backend)
+        else:
+            kw = dict(geometry=r.geometry, backend=r.backend, device=r.device, num_threads=r.num_threads,
+                      tiling=r.tiling)
+            if self.dist is not None and self.dist.enabled:  # each JPEG decoded by one rank
+                pool = build_background_pool_sharded(self.index, self.dist, **kw)
+            else:
+                pool = build_background_pool(self.index, progress=r.progress, **kw)
+        n = self.index.label_space.num_classes
+        return pool if pool.num_classes == n else BackgroundPool(pool.images, pool.labels, pool.image_ids, n)
 
     def prepare(self) -> "TrainIterator":
         """Decode the cache and build the pool now (otherwise done by the first iteration)."""
@@ -285,12 +299,25 @@ class TrainIterator:
         if carry is not None and not self.config.drop_last:
             yield carry
 
+    def skip(self, batches: int) -> None:
+        """Start the next pass at its batch ``batches``: the earlier batches of the epoch's order are passed over
+        without being augmented (a resumed training run continues where it stopped; the order and every draw are
+        pure functions of ``(seed, epoch, image id)``, so the rest of the pass is the uninterrupted one's)."""
+        self._skip = check_positive_int(batches, "batches", "TrainIterator.skip", minimum=0)
+
+    def _augment(self, batch: Batch, epoch: int) -> AugmentedBatch:
+        """The training composites of one decoded batch (the swap; a subclass may choose the backgrounds)."""
+        return self.swap.apply_batch(batch, epoch=epoch)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.prepare()
         epoch = self.epoch
+        skip, self._skip = self._skip, 0
         batches = self._cached_batches(epoch) if self.store is not None else self._streamed_batches(epoch)
-        for batch in batches:
-            out = self.swap.apply_batch(batch, epoch=epoch)
+        for k, batch in enumerate(batches):
+            if k < skip:
+                continue
+            out = self._augment(batch, epoch)
             self.last = out
             yield out.images, out.labels
         self.epoch = epoch + 1

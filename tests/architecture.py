@@ -31,12 +31,13 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("ground", ("bgsynth", "bgsynth.errors", "bgsynth.fileio", "bgsynth.classes", "bgsynth.geometry",
                 "bgsynth.types", "bgsynth.rng", "bgsynth.config", "bgsynth.index", "bgsynth.probe", "bgsynth.data",
                 "bgsynth.runs")),
-    ("functional", ("bgsynth.variants", "bgsynth.augment", "bgsynth.masks", "bgsynth.results")),
+    ("functional", ("bgsynth.variants", "bgsynth.augment", "bgsynth.masks", "bgsynth.results", "bgsynth.compose")),
     ("stateful", ("bgsynth.pipeline", "bgsynth.pool", "bgsynth.models", "bgsynth.distributed",
-                  "bgsynth.trainloader")),
+                  "bgsynth.trainloader", "bgsynth.compose_loader")),
     ("consumers", ("bgsynth.evaluate", "bgsynth.challenge", "bgsynth.challenge_search", "bgsynth.challenge_result",
                    "bgsynth.export", "bgsynth.prepare", "bgsynth.train",
-                   "bgsynth.show", "bgsynth.report", "bgsynth.sources", "bgsynth.demo", "bgsynth.bench")),
+                   "bgsynth.show", "bgsynth.report", "bgsynth.sources", "bgsynth.demo", "bgsynth.bench",
+                   "bgsynth.compose_jobs")),
     ("cli", ("bgsynth.cli",)),
 ]
 FLOOR_RANK = {name: k for k, (name, _) in enumerate(FLOORS)}

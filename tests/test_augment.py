@@ -268,6 +268,45 @@ def test_composite_foreground_is_exactly_the_augmented_foreground(device):
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
+def test_caller_chosen_backgrounds_replace_the_swaps_choice(device):
+    """``apply_batch(backgrounds=(rows, ids, labels))``: the given pool rows are the backgrounds (crop, flip and
+    compositing unchanged); a row of -1 falls back to Original; a bad shape is an error naming the argument."""
+    from bgsynth.types import Batch
+
+    n, size = 10, 16
+    images, masks, boxes, labels, ids = make_scene(n, size, seed=4, device=device)
+    pool = make_pool(12, size, device=device)
+    swap = BackgroundSwap({"mixed_rand": 1.0}, bg_source="pool", pool=pool, seed=1, mean=None, std=None,
+                          dtype=torch.uint8, random_resized_crop=False, bg_transform="same")
+    batch = Batch(images=images, masks=masks, boxes=boxes.to(torch.int32), strips=tile_strips(boxes, size, size),
+                  labels=labels, image_ids=ids, has_mask=torch.ones(n, dtype=torch.bool, device=device),
+                  has_bgt=torch.ones(n, dtype=torch.bool, device=device))
+    rows = torch.tensor([3, 3, 0, 11, -1, 5, 7, 2, 9, 1], device=device)
+    given = (rows, torch.where(rows >= 0, pool.image_ids[rows.clamp(min=0)], -1),
+             torch.where(rows >= 0, pool.labels[rows.clamp(min=0)], -1))
+    out = swap.apply_batch(batch, epoch=2, backgrounds=given)
+    p = out.params
+    for i in range(n):
+        fl = bool(p.flip[i])
+        img, m = images[i].cpu(), masks[i].cpu()
+        if fl:
+            img, m = torch.flip(img, dims=[-1]), torch.flip(m, dims=[-1])
+        if int(rows[i]) < 0:
+            assert int(out.variant[i]) == CODE["original"] and int(out.bg_ids[i]) == -1
+            assert torch.equal(out.images[i].cpu(), img)
+            continue
+        bg = pool.images[int(rows[i])].cpu()
+        bg = torch.flip(bg, dims=[-1]) if fl else bg
+        assert torch.equal(out.images[i].cpu(), torch.where(m.bool(), img, bg))
+        assert int(out.bg_ids[i]) == int(given[1][i]) and int(out.bg_labels[i]) == int(given[2][i])
+    assert swap.stats()["mixed_rand"] == {"drawn": n, "fell_back": 1}
+    with pytest.raises(ConfigError, match="backgrounds rows of shape"):
+        swap.apply_batch(batch, backgrounds=(rows[:3], given[1], given[2]))
+    with pytest.raises(ConfigError, match="bg_source='pool'"):
+        BackgroundSwap({"mixed_rand": 1.0}, bg_source="batch").apply_batch(batch, backgrounds=given)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
 def test_only_fg_no_fg_original_definitions(device):
     n, size = 12, 16
     images, masks, boxes, labels, ids = make_scene(n, size, seed=4, device=device)
@@ -600,3 +639,26 @@ def test_docstring_examples():
 
     res = doctest.testmod(bgsynth.augment)
     assert res.attempted > 0 and res.failed == 0
+
+
+def test_train_iterator_pool_has_the_index_label_space(tiny_index, tiny_geometry):
+    """Mixed-Same draws within the index's classes, beyond IN-9's 9: a 12-class relabelling of the tiny set gives
+    every sample a background of its own class (none falls back) and the pool has 12 classes."""
+    from bgsynth.classes import LabelSpace
+    from bgsynth.index import DatasetIndex
+
+    data = tiny_index.select(split="train").data
+    space = LabelSpace.from_names([f"c{k}" for k in range(12)], name="twelve")
+    data["info"]["label_space"] = space.to_dict()
+    data["categories"] = space.categories()
+    for im in data["images"]:
+        im["label"] = (im["id"] % 4) + 8  # classes 8..11 only
+    index = DatasetIndex(data, tiny_index.path)
+    it = TrainIterator(index, geometry=tiny_geometry, batch_size=16, device="cpu", backend="pil", progress=False,
+                       probs={"mixed_same": 1.0}, mean=None, std=None, dtype=torch.uint8, flip=False)
+    seen = 0
+    for _x, y in it:
+        out = it.last
+        assert torch.equal(out.bg_labels, out.labels) and not bool(out.fell_back.any())
+        seen += len(y)
+    assert it.pool.num_classes == 12 and seen == len(it) * 16

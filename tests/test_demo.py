@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 from bgsynth.demo import CHANCE, run_demo
 from bgsynth.index import DatasetIndex, Reject
@@ -52,3 +53,35 @@ def test_demo_end_to_end_and_cached(tmp_path, capsys):
     assert "selection filters on every image" in printed
     assert f"{len(prepared)} of {len(raw)} images kept" in printed
     assert f"dropped {sum(prep['filtered'].values())}: " in printed and Reject.MULTIPLE_OBJECTS in printed
+
+
+def test_waterbirds_like_demo_end_to_end_and_reused(tmp_path):
+    """The group-robustness demo on a tiny waterbirds-like set: both trainings, a table per group, findings that
+    restate the numbers; a second run reuses the finished models."""
+    import torch
+
+    from bgsynth.demo import group_findings
+
+    out = tmp_path / "wbdemo"
+    kw = dict(out_dir=out, cache_dir=tmp_path / "cache", device="cpu", epochs=1, progress=False, kind="waterbirds-like",
+              batch_size=8,
+              dataset=dict(train_per_class=8, val_per_class=3, train_places_per_class=3, val_places_per_class=2))
+    res = run_demo(**kw)
+    rows = res.comparison.rows
+    assert list(rows) == ["correlation 0.95", "balanced (0.5)"]
+    assert [r["correlation"] for r in rows.values()] == [0.95, 0.5]
+    for r in rows.values():
+        groups = r["metrics"]["groups"]
+        assert [g["total"] for g in groups] == [3, 3, 3, 3]  # every val bird once on each scene family
+        assert r["metrics"]["worst_group"] == min(g["accuracy"] for g in groups)
+        ck = torch.load(r["checkpoint"], map_location="cpu", weights_only=True)
+        assert ck["num_classes"] == 2 and ck["train"]["compose"]["correlation"] == r["correlation"]
+    assert res.findings == group_findings(res.comparison) and len(res.findings) == 2
+    text = res.report.read_text()
+    assert "landbird/land*" in text and "waterbird/land" in text and "worst group" in text
+    saved = json.loads((out / "compose" / "compare.json").read_text())
+    assert saved["rows"]["balanced (0.5)"]["metrics"]["average_group"] == rows["balanced (0.5)"]["metrics"]["average_group"]
+    mtimes = [pathlib.Path(r["checkpoint"]).stat().st_mtime_ns for r in rows.values()]
+    again = run_demo(**kw)
+    assert [pathlib.Path(r["checkpoint"]).stat().st_mtime_ns for r in again.comparison.rows.values()] == mtimes
+    assert [r["metrics"] for r in again.comparison.rows.values()] == [r["metrics"] for r in rows.values()]

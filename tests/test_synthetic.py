@@ -243,3 +243,76 @@ def test_cli_make_dataset(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["images"] == 18 and pathlib.Path(out["index"]).is_file()
     assert pathlib.Path(out["index"]).parent.name == dataset_dir_name(4, 1, 1)
+
+
+# ==============================================================================================================
+# The waterbirds-like kind
+# ==============================================================================================================
+
+WB = dict(seed=0, train_per_class=4, val_per_class=3, train_places_per_class=2, val_places_per_class=2)
+
+
+def test_waterbirds_place_frequency_is_binomial_and_render_is_pure():
+    from bgsynth.sources.synthetic import render_place, render_waterbird, waterbirds_place
+
+    n = 4000
+    for corr in (0.95, 0.5):
+        k = sum(waterbirds_place(3, "train", y, i, corr) == y for y in (0, 1) for i in range(n))
+        sigma = np.sqrt(2 * n * corr * (1 - corr))
+        assert abs(k - 2 * n * corr) < 4.5 * sigma, (corr, k)
+    a, b = render_waterbird(1, "val", 1, 5, 0.5), render_waterbird(1, "val", 1, 5, 0.5)
+    np.testing.assert_array_equal(a.image, b.image)
+    assert a.scene == waterbirds_place(1, "val", 1, 5, 0.5) and len(a.objects) == 1
+    m = a.objects[0].mask
+    ys, xs = np.nonzero(m)
+    assert a.objects[0].box == (xs.min(), ys.min(), xs.max(), ys.max()) and m.sum() >= 200
+    np.testing.assert_array_equal(render_place(1, "val", 0, 2), render_place(1, "val", 0, 2))
+    assert not np.array_equal(render_place(1, "val", 0, 2)[:50, :50], render_place(1, "val", 1, 2)[:50, :50])
+    # a water scene is bluer than a land scene, on average over a few of each
+    blue = [np.mean([render_place(0, "train", p, i)[..., 2].astype(float).mean() -
+                     render_place(0, "train", p, i)[..., 1].astype(float).mean() for i in range(4)]) for p in (0, 1)]
+    assert blue[1] - blue[0] > 20
+    with pytest.raises(ConfigError, match="label 0 or 1"):
+        render_waterbird(0, "train", 2, 0)
+
+
+def test_waterbirds_like_build_layout_index_and_cache(tmp_path):
+    from bgsynth.sources.synthetic import WATERBIRDS_PAIRING, WaterbirdsSpec
+
+    path = build_builtin_dataset(root=tmp_path, kind="waterbirds-like", progress=False, workers=2, **WB)
+    root = path.parent
+    assert root.name == WaterbirdsSpec(**WB).dir_name() == "waterbirds-v1-s0-c0.95-t4-v3-p2-q2"
+    idx = DatasetIndex.load(path)
+    assert idx.label_space.classes == ("landbird", "waterbird") and len(idx) == 14 and idx.rejects == []
+    assert idx.summary()["per_split"] == {"train": 8, "val": 6} and idx.summary()["masks"] == {"synthetic": 14}
+    for r in idx.records():
+        assert r.file_name.startswith(f"{r.split}/{idx.label_space.folders[r.label]}/") and pathlib.Path(r.path).is_file()
+        assert r.meta["scene"] == ("land", "water")[r.meta["place"]]
+        m = r.mask()
+        x0, y0, x1, y1 = mask_extent(m)
+        assert r.boxes.tolist() == [[x0, y0, x1, y1]]
+    for split, n in (("train", 2), ("val", 2)):
+        for fam in ("land", "water"):
+            assert len(list((root / "places" / split / fam).glob("*.jpg"))) == n
+    assert json.loads((root / "pairing.json").read_text()) == WATERBIRDS_PAIRING
+    assert idx.data["info"]["builtin"]["kind"] == "waterbirds-like"
+    before = _digest(root)
+    assert build_builtin_dataset(root=tmp_path, kind="waterbirds-like", progress=False, **WB) == path  # cached
+    p2 = build_builtin_dataset(root=tmp_path / "again", kind="waterbirds-like", progress=False, workers=1, **WB)
+    assert _digest(p2.parent) == before  # the same bytes, whatever the number of workers
+    with pytest.raises(ConfigError, match="kind"):
+        build_builtin_dataset(root=tmp_path, kind="birds")
+    with pytest.raises(ConfigError, match="unknown option.*two_object_rate"):
+        build_builtin_dataset(root=tmp_path, kind="waterbirds-like", two_object_rate=0.1)
+
+
+def test_cli_make_dataset_waterbirds_like(tmp_path, capsys):
+    from bgsynth.cli import main
+
+    rc = main(["make-dataset", "--kind", "waterbirds-like", "--train-per-class", "2", "--val-per-class", "1",
+               "--places-per-class", "1", "--val-places-per-class", "1", "--out", str(tmp_path), "--no-progress",
+               "--workers", "1", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["images"] == 6 and out["per_class"] == {"landbird": 3, "waterbird": 3}
+    assert main(["make-dataset", "--val-correlation", "0.5", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "--val-correlation: options of --kind waterbirds-like" in capsys.readouterr().err

@@ -138,3 +138,125 @@ def test_compare_training_reports_both_models(tiny_index, tiny_geometry, tmp_pat
     assert (tmp_path / "mixed_rand.pt").stat().st_mtime_ns == mtime
     assert again.rows["mixed_rand"]["challenge_accuracy"] is None
     assert again.rows["mixed_rand"]["accuracy"] == res.rows["mixed_rand"]["accuracy"]
+
+
+# ==============================================================================================================
+# The run's checkpoint: owned, resumable; label spaces; composed training sets
+# ==============================================================================================================
+
+WB_TINY = dict(seed=0, train_per_class=6, val_per_class=4, train_places_per_class=4, val_places_per_class=3)
+
+
+@pytest.fixture(scope="module")
+def wb(tmp_path_factory):
+    """The tiny waterbirds-like set (shared with tests/test_compose.py through the session's cache folder)."""
+    from bgsynth.sources.synthetic import build_builtin_dataset
+
+    return build_builtin_dataset(root=tmp_path_factory.getbasetemp() / "wb-cache", kind="waterbirds-like",
+                                 progress=False, workers=1, **WB_TINY).parent
+
+
+def _train_args(index, out, *more):
+    return ["train", str(index), "--out", str(out), "--epochs", "3", "--batch-size", "6", "--resize", "72", "--crop",
+            "64", "--device", "cpu", "--backend", "pil", "--no-progress", "--val-split", "none", "--seed", "2",
+            "--augment", "mixed_rand=0.5", *more]
+
+
+def test_killed_training_resumes_to_bit_identical_weights(tiny_index, tmp_path, capsys):
+    """SIGKILL mid-training, --resume: the final weights equal an uninterrupted run's, bit for bit (CPU)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from bgsynth.cli import main
+
+    index = tmp_path / "small.json"
+    small = tiny_index.select(split="train", per_class=2)
+    small.save(index)
+    total = 3 * (len(small) // 6)  # 3 epochs of 3 steps
+    ref, ck = tmp_path / "ref.pt", tmp_path / "ck.pt"
+    assert main(_train_args(index, ref)) == 0
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    proc = subprocess.Popen([sys.executable, "-m", "bgsynth.cli", *_train_args(index, ck, "--checkpoint-every", "1")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = tmp_path / "ck.pt.state"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None and not state.exists():
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)  # as soon as the first state is written: mid-epoch 0 (or a little later)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    killed_at = int(torch.load(state, map_location="cpu", weights_only=True)["steps"])
+    assert 1 <= killed_at < total and not ck.exists()
+    # a truncated copy of the state is refused with one line naming the file
+    bad = tmp_path / "bad.pt"
+    (tmp_path / "bad.pt.state").write_bytes(state.read_bytes()[: state.stat().st_size // 3])
+    (tmp_path / "bad.pt.bgsynth-run.json").write_text((tmp_path / "ck.pt.bgsynth-run.json").read_text())
+    capsys.readouterr()
+    assert main(_train_args(index, bad, "--resume")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bad.pt.state: not a readable training state" in err
+    # the killed run continues from its state
+    assert main(_train_args(index, ck, "--resume", "--checkpoint-every", "1")) == 0
+    assert not state.exists()
+    a = torch.load(ref, map_location="cpu", weights_only=True)
+    b = torch.load(ck, map_location="cpu", weights_only=True)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert a["train"]["steps"] == b["train"]["steps"] == total
+    # resuming a finished run returns it without training
+    capsys.readouterr()
+    assert main(_train_args(index, ck, "--resume", "--checkpoint-every", "1")) == 0
+    assert "nothing to train" in capsys.readouterr().out
+
+
+def test_checkpoint_is_owned_by_its_settings(tiny_index, tiny_geometry, tmp_path):
+    from bgsynth.errors import CheckpointError
+
+    index = subset(tiny_index, 2, 1)
+    out = tmp_path / "own.pt"
+    kw = dict(SMALL, epochs=1, max_steps=1, batch_size=4, val_split=None, geometry=tiny_geometry, out=out)
+    train(index, seed=1, **kw)
+    record = json.loads((tmp_path / "own.pt.bgsynth-run.json").read_text())
+    assert record["files"] == ["own.pt"] and record["fingerprint"]["settings"]["seed"] == 1
+    with pytest.raises(ConfigError, match=r"written by another train run \(settings that differ: seed: 1 -> 2\)"):
+        train(index, seed=2, **kw)
+    with pytest.raises(ConfigError, match="seed: 1 -> 2"):
+        train(index, seed=2, resume=True, **kw)
+    assert train(index, seed=2, overwrite=True, **kw).checkpoint == out
+    assert torch.load(out, weights_only=True)["train"]["seed"] == 2
+    # a checkpoint no recorded run wrote is not replaced silently either
+    stray = tmp_path / "stray.pt"
+    stray.write_bytes(b"someone else's file")
+    with pytest.raises(ConfigError, match="no recorded run"):
+        train(index, seed=1, **dict(kw, out=stray))
+    # a state that is not a training state, under resume: one line naming the file
+    (tmp_path / "own.pt.state").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match=r"own.pt.state: not a readable training state") as e:
+        train(index, seed=2, resume=True, **kw)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="resume continues"):
+        train(index, seed=2, resume=True, **dict(kw, out=None))
+
+
+def test_model_has_one_output_per_class_and_trains_on_a_composed_set(wb, tiny_geometry, tmp_path):
+    from bgsynth.compose import ComposeSpec
+    from bgsynth.index import DatasetIndex
+
+    index = DatasetIndex.load(wb / "index.json")
+    spec = ComposeSpec(str(wb / "places" / "train"), str(wb / "pairing.json"), correlation=(1.0, 0.0))
+    res = train(index, compose=spec, geometry=tiny_geometry, out=tmp_path / "wb.pt",
+                **dict(SMALL, epochs=2, batch_size=4))
+    raw = torch.load(res.checkpoint, weights_only=True)
+    assert raw["num_classes"] == 2 and raw["state_dict"]["fc.weight"].shape[0] == 2
+    assert raw["train"]["label_space"]["classes"] == ["landbird", "waterbird"]
+    assert raw["train"]["compose"]["correlation"] == [1.0, 0.0]
+    steps_per_epoch = 12 // 4
+    st = res.augment_stats["compose"]
+    # epoch 0 at correlation 1.0 (every sample aligned), epoch 1 at 0.0 (none): exactly one epoch's samples aligned
+    assert st == {"composites": 2 * steps_per_epoch * 4, "aligned": steps_per_epoch * 4, "fell_back": 0}
+    assert res.val_total == 8 and 0.0 <= res.val_accuracy <= 1.0
+    with pytest.raises(ConfigError, match="augment left at Original"):
+        train(index, compose=spec, augment="mixed_rand=1.0", **SMALL)
