@@ -280,7 +280,7 @@ class _Bench:
 
     def __init__(self, index: DatasetIndex, loaded: LoadedModel, run: RunConfig, config: BenchConfig):
         self.index, self.run, self.config = index, run, config
-        self.predictor = Predictor(loaded, device=run.device, amp=run.amp)
+        self.predictor = Predictor(loaded, device=run.device, amp=run.amp, label_space=index.label_space)
         self.variants = list(config.variants)
         self.rows: list[dict] = []
         self.bandwidth: list[dict] = []

@@ -74,6 +74,7 @@ from .distributed import current, shard_ids
 from .errors import ConfigError, EmptyInputError
 from .evaluate import claim_output
 from .index import DatasetIndex
+from .models import check_label_space
 from .pool import build_background_pool, build_background_pool_sharded
 from .report.challenge_plots import challenge_plots
 from .results import model_digest
@@ -196,6 +197,7 @@ def _check_inputs(index, predictor) -> None:
         if not hasattr(predictor, name):
             raise ConfigError(f"run_challenge: expected a Predictor-like object with .{name}, got "
                               f"{type(predictor).__name__}")
+    check_label_space(predictor, index, "run_challenge")
 
 
 def _background_pool(index: DatasetIndex, run: RunConfig, config: ChallengeConfig, dist) -> BackgroundPool:

@@ -554,7 +554,7 @@ def evaluate_composed(index, model, spec: ComposeSpec | Mapping, run: RunConfig 
     loaded = pred.loaded if pred is not None else load_classifier(model, n_cls)
     run, config = resolve_options("evaluate_composed", run, config, ComposeEvalConfig, options, batch_kind="eval",
                                   stored_geometry=loaded.geometry, default_geometry=DEMO_GEOMETRY)
-    pred = pred or Predictor(loaded, device=run.device, amp=run.amp)
+    pred = pred or Predictor(loaded, device=run.device, amp=run.amp, label_space=index.label_space)
     sub = index.select(split=config.split) if config.split is not None else index
     index.require_images(sub, "evaluate", split=config.split)
     bg = _backgrounds(spec, run, backgrounds)

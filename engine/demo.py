@@ -172,7 +172,7 @@ class _Demo:
         index, prep_key = self.prepared(raw)
         self.step("3/5 demo model (trained on Original train)")
         ckpt = self.model(index, raw, prep_key)
-        predictor = Predictor(load_model(str(ckpt)), device=self.device)
+        predictor = Predictor(load_model(str(ckpt)), device=self.device, label_space=index.label_space)
         self.step("4/5 evaluation of all eight variants on val (one pass)")
         eval_result, _files = evaluate_to_dir(index, predictor, self.out / "eval", name="demo model (Original)",
                                               **self.common(split="val"))

@@ -53,7 +53,7 @@ from .config import RunConfig, check_positive_int, resolve_options
 from .distributed import DistContext, current, shard_ids
 from .errors import ConfigError
 from .index import DatasetIndex
-from .models import LABEL_PROTOCOLS, LoadedModel, Predictor
+from .models import LABEL_PROTOCOLS, LoadedModel, Predictor, check_label_space
 from .pipeline import create_loader
 from .pool import build_background_pool_sharded, gather_background_pool, pool_from_batches
 from .report import write_report
@@ -217,7 +217,9 @@ def _resolve(index, model, run, config, options) -> tuple[Predictor, RunConfig, 
         predictor = model
         run = run.replace(device=predictor.device, amp=predictor.amp)  # the Predictor's placement is the run's
     else:
-        predictor = Predictor(model, device=run.device, amp=run.amp, label_protocol=config.label_protocol)
+        predictor = Predictor(model, device=run.device, amp=run.amp, label_protocol=config.label_protocol,
+                              label_space=index.label_space)
+    check_label_space(predictor, index, "evaluate")
     return predictor, run, config
 
 

@@ -62,6 +62,7 @@ __all__ = [
     "save_checkpoint",
     "default_normalization",
     "resolve_output_map",
+    "check_label_space",
 ]
 
 CHECKPOINT_FORMAT = "bgsynth-checkpoint"
@@ -616,12 +617,16 @@ def _from_checkpoint(path: pathlib.Path, trust: bool, num_classes: int | None, p
 
 
 def _from_arch(spec: str, path: pathlib.Path, num_classes: int | None, prov: dict) -> _Built:
-    """An architecture name without weights: randomly initialised."""
+    """An architecture name without weights: randomly initialised from seed 0 (torch's global generator is left as
+    it was), so the same name gives the same weights in every run: a run on it can be resumed, and its output
+    folder's fingerprint (:func:`bgsynth.results.model_digest`) does not change from one run to the next."""
     if any(sep in spec for sep in ("/", "\\")) or path.suffix in (".pt", ".pth", ".bin", ".ckpt", ".safetensors"):
         raise CheckpointError(f"{spec}: checkpoint file not found")
     width = NUM_IN9 if num_classes is None else int(num_classes)
-    module = create_model(spec, width)
-    prov.update(layout="random_init")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        module = create_model(spec, width)
+    prov.update(layout="random_init", init_seed=0)
     return _Built(module, spec, width)
 
 
@@ -842,6 +847,20 @@ def _predictor_config(config: PredictorConfig | None, options: Mapping[str, Any]
                           f"fields {sorted(fields)}")
     config = PredictorConfig() if config is None else config
     return dataclasses.replace(config, **options) if options else config
+
+
+def check_label_space(predictor, index, owner: str) -> None:
+    """Refuse a predictor that answers in another label space than the index it is scored on.
+
+    A :class:`Predictor` names its classes (``label_space``); predictors without one (test doubles, user
+    objects that return the index's class ids) are taken at their word.
+    """
+    space = getattr(predictor, "label_space", None)
+    if space is not None and space != index.label_space:
+        raise ConfigError(f"{owner}: the predictor answers in the label space {space.name!r} ({space.num_classes} "
+                          f"classes) but {index.path or 'the index'} holds {index.label_space.name!r} "
+                          f"({index.label_space.num_classes} classes); make it with "
+                          f"Predictor(..., label_space=index.label_space)")
 
 
 class Predictor:

@@ -750,7 +750,7 @@ def evaluate_original(model: nn.Module, index, split: str | None = "val", run: R
     dev = run.device
     loaded = LoadedModel(module=model, num_outputs=index.label_space.num_classes, output_space="in9", mean=tuple(mean),
                          std=tuple(std))
-    pred = Predictor(loaded, device=dev)
+    pred = Predictor(loaded, device=dev, label_space=index.label_space)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
     total = 0
     loader = create_loader(sub, backend=run.backend, geometry=run.geometry, batch_size=run.batch_size, device=dev,
@@ -877,7 +877,8 @@ def _trained(job: _Job, name: str, probs: dict) -> tuple[pathlib.Path, float | N
 def _challenge(job: _Job, ckpt: pathlib.Path) -> dict:
     """Challenge accuracy of a checkpoint through :func:`bgsynth.challenge.run_challenge`."""
     run = job.run
-    res = run_challenge(job.index, Predictor(load_model(str(ckpt)), device=run.device), split=job.config.eval_split,
+    res = run_challenge(job.index, Predictor(load_model(str(ckpt)), device=run.device,
+                                             label_space=job.index.label_space), split=job.config.eval_split,
                         geometry=run.geometry, device=run.device, seed=run.seed, progress=run.progress,
                         **{"tiling": run.tiling, **dict(job.config.challenge_kwargs or {})})
     return {

@@ -81,6 +81,37 @@ def _truncated_ckpt(d):
     truncate_file(d / "ck.pt", 0.3)
 
 
+def _masked_index(d):
+    """A valid index of two images with boxes and masks (a challenge has foregrounds and backgrounds)."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    (d / "img").mkdir(parents=True, exist_ok=True)
+    images, anns = [], []
+    for i in range(2):
+        write_image(d / "img" / f"{i}.JPEG", 48, 40)
+        m = np.zeros((40, 48), np.uint8, order="F")
+        m[12:28, 14:30] = 1
+        rle = mask_utils.encode(m)
+        images.append({"id": i + 1, "file_name": f"{i}.JPEG", "width": 48, "height": 40, "label": i, "split": "val"})
+        anns.append({"id": i + 1, "image_id": i + 1, "category_id": i, "bbox": [14, 12, 16, 16], "area": 256,
+                     "iscrowd": 0, "segmentation": {"size": [40, 48], "counts": rle["counts"].decode()},
+                     "mask_source": "external"})
+    _index_json(d)
+    data = json.loads((d / "idx.json").read_text())
+    data.update(images=images, annotations=anns)
+    (d / "idx.json").write_text(json.dumps(data))
+
+
+def _challenge_run_with_truncated_checkpoint(d):
+    """A finished challenge run in d/o on two masked images, then its checkpoint cut short as a kill would."""
+    _masked_index(d)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "bgsynth.cli", "challenge", str(d / "idx.json"), *MODEL, "--out",
+                    str(d / "o"), "--no-plots"], check=True, capture_output=True, env=env, timeout=600)
+    (d / "o" / "challenge.ckpt.npz").write_bytes(b"PK\x03\x04truncated")
+
+
 def _imagenet_traversal(d):
     cls = d / "tree" / "val" / FISH
     cls.mkdir(parents=True)
@@ -128,8 +159,10 @@ CASES = [
          "ck.pt", _both(_index_json, lambda d: write_garbage(d / "ck.pt"))),
     Case("eval-missing-weights", ["eval", IDX, "--model", "resnet18", "--weights", "{d}/w.pt", "--device", "cpu",
                                   "--out", "{d}/o"], "w.pt", _index_json),
-    Case("challenge-truncated-resume", ["challenge", IDX, *MODEL, "--out", "{d}/o", "--resume"], "state",
-         _both(_index_json, _file("o/state.ckpt", b"PK\x03\x04truncated"))),
+    Case("challenge-truncated-resume", ["challenge", IDX, *MODEL, "--out", "{d}/o", "--resume"],
+         "challenge.ckpt.npz", _challenge_run_with_truncated_checkpoint),
+    Case("challenge-resume-nothing", ["challenge", IDX, *MODEL, "--out", "{d}/o", "--resume"], "nothing to resume",
+         _both(_masked_index, _file("o/notes.txt", b"mine"))),
     # ---- counts and numbers
     Case("eval-batch-size-0", ["eval", IDX, *MODEL, "--batch-size", "0", "--out", "{d}/o"], "--batch-size", _index_json),
     Case("eval-batch-size-negative", ["eval", IDX, *MODEL, "--batch-size", "-1", "--out", "{d}/o"], "--batch-size",
@@ -176,11 +209,12 @@ CASES = [
     Case("ingest-no-jpegs", ["ingest", "imagenet", "{d}/noimg/val", "-o", "{d}/i.json"], "noimg", _jpegs_without_xml),
     Case("ingest-imagenet-traversal", ["ingest", "imagenet", "{d}/tree/val", "-o", "{d}/i.json"], "tree",
          _imagenet_traversal),
-    Case("ingest-coco-traversal", ["ingest", "coco", "{d}/coco.json", "{d}/images", "--category-map", "{d}/map.json",
+    Case("ingest-coco-traversal", ["ingest", "coco", "{d}/coco.json", "--images", "{d}/images", "--category-map", "{d}/map.json",
                                    "-o", "{d}/i.json"], "coco", _coco_traversal),
-    Case("ingest-coco-not-json", ["ingest", "coco", "{d}/coco.json", "{d}/images", "-o", "{d}/i.json"], "coco.json",
+    Case("ingest-coco-not-json", ["ingest", "coco", "{d}/coco.json", "--images", "{d}/images", "--label-space", "coco",
+                                    "-o", "{d}/i.json"], "coco.json",
          _both(_file("coco.json", b"<xml/>"), _dir("images"))),
-    Case("ingest-coco-missing", ["ingest", "coco", "{d}/none.json", "{d}/images", "-o", "{d}/i.json"], "none.json",
+    Case("ingest-coco-missing", ["ingest", "coco", "{d}/none.json", "--images", "{d}/images", "-o", "{d}/i.json"], "none.json",
          _dir("images")),
 ]
 

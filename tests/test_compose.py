@@ -455,7 +455,7 @@ def test_waterbirds_like_end_to_end_with_two_classes(wb, wb_index, tiny_geometry
           max_steps=2, batch_size=4, geometry=tiny_geometry, out=ckpt, val_split=None, **RUN)
     loaded = load_classifier(str(ckpt), 2)
     assert loaded.num_outputs == 2 and loaded.geometry == {"resize": 72, "crop": 64}
-    pred = Predictor(loaded)
+    pred = Predictor(loaded, label_space=wb_index.label_space)
     # the index's own Only-BG-T pool, in its 2 classes (a second index as the background source)
     own = load_backgrounds(wb_index, geometry=tiny_geometry, split="val", kind="only_bg_t", **RUN)
     assert own.kind == "only_bg_t" and own.pool.num_classes == 2 and len(own.pool) == 8

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from bgsynth.classes import IN9, IN9_CLASSES, IN9_MEAN, IN9_STD, NUM_IN9, LabelSpace, OutputMap
+from bgsynth.classes import IN9, IN9_CLASSES, IN9_MEAN, IN9_STD, NUM_IN9, LabelSpace
 from bgsynth.config import resolve_run
 from bgsynth.errors import ConfigError, EmptyInputError
 from bgsynth.evaluate import EvalConfig, evaluate
@@ -413,30 +413,22 @@ def test_run_and_job_config_objects(setup, full_run):
 
 # ------------------------------------------------------------------------------------------------ label spaces
 def relabel(index, n: int):
-    """The tiny index in a label space of ``n`` classes (``c0``, ``c1``, ...): image ``i`` of IN-9 label ``y`` gets
-    class ``(7 i + y) mod n`` (every class is used for n <= 20 on the tiny val split)."""
+    """The tiny index in a label space of ``n`` classes (``c0``, ``c1``, ...): the ``k``-th image of each split
+    (in id order) gets class ``(k + y) mod n`` for its IN-9 label ``y`` (every class occurs in a split of at least
+    ``n`` images)."""
     d = copy.deepcopy(index.data)
     ls = LabelSpace.from_names([f"c{k}" for k in range(n)], name=f"n{n}")
     d["info"]["label_space"] = ls.to_dict()
     d["categories"] = ls.categories()
-    new = {}
-    for im in d["images"]:
-        im["label"] = new[im["id"]] = (7 * im["id"] + im["label"]) % n
+    new, seen = {}, {}
+    for im in sorted(d["images"], key=lambda im: im["id"]):
+        k = seen[im.get("split")] = seen.get(im.get("split"), -1) + 1
+        im["label"] = new[im["id"]] = (k + im["label"]) % n
     for a in d["annotations"]:
         a["category_id"] = new[a["image_id"]]
     from bgsynth.index import DatasetIndex
 
     return DatasetIndex(d, index.path), ls
-
-
-class IdentityPredictor(Predictor):
-    """A Predictor whose ``N`` outputs are the ``N`` classes of the label space (OutputMap.identity)."""
-
-    def labels_from_logits(self, logits):
-        return OutputMap.identity().predict(logits, self.label_protocol)
-
-    def predict(self, x):
-        return self.labels_from_logits(self.logits(x))
 
 
 @pytest.mark.parametrize("n", [2, 20])
@@ -450,18 +442,24 @@ def test_label_space_end_to_end(setup, n):
     sub = idx.select(split="train", per_class=3)
     net = calibrate_batchnorm(net, torch.cat([_normalise64(_ref_decode(r, geometry)[0]) for r in sub.records()]).float())
     lm = LoadedModel(net, n, "custom", tuple(IN9_MEAN), tuple(IN9_STD), provenance={"spec": f"n{n}"})
-    r = evaluate(idx, IdentityPredictor(lm), variants="original,mixed_same,mixed_next", geometry=geometry,
-                 backend="pil", batch_size=32, progress=False, examples_per_class=1, seed=SEED)
+    r = evaluate(idx, Predictor(lm, label_space=idx.label_space), variants="original,only_bg_t,mixed_same,mixed_next",
+                 geometry=geometry, backend="pil", batch_size=32, progress=False, examples_per_class=1, seed=SEED)
     assert r.label_space == ls and json.loads(r.to_json())["classes"] == list(ls.classes)
     val = idx.select(split="val")
     truth = {i: val.image(i)["label"] for i in val.ids}
     recs = r.records
     assert {int(i): int(y) for i, y in zip(recs.image_id, recs.label)} == truth
     assert sorted(set(truth.values())) == list(range(n))  # every class occurs
+    bgt = recs.of_variant("only_bg_t")
+    pool_ids = [int(i) for i in bgt.image_id[bgt.valid]]  # the background pool: every Only-BG-T of the split
     for v, shift in (("mixed_same", 0), ("mixed_next", 1)):
         m = recs.of_variant(v)
         ok = m.valid
-        assert ok.sum() >= len(m) - 2  # the tiny split has a background of every class
+        # valid exactly when another image of the split has an Only-BG-T of the class (y + shift) mod n
+        want = np.array([any(truth[b] == (int(y) + shift) % n and b != int(i) for b in pool_ids)
+                         for i, y in zip(m.image_id, m.label)])
+        np.testing.assert_array_equal(ok, want)
+        assert ok.sum() >= len(m) // 2
         np.testing.assert_array_equal(m.bg_label[ok], (m.label[ok] + shift) % n)
         assert all(truth[int(b)] == int(lab) for b, lab in zip(m.bg_id[ok], m.bg_label[ok]))  # the background's class
     assert (recs.pred >= 0).all() and recs.pred.max() < n

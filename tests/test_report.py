@@ -194,8 +194,8 @@ def _hand_result(names: list[str], per_class: dict[str, list[tuple[int, int]]], 
     r = EvalResult(variants=list(per_class), metrics=metrics, bg_gap=gap, label_protocol="official",
                    model={"name": name, "arch": "x", "num_outputs": len(names)},
                    config={"index": "idx.json", "split": "val", "seed": 0, "geometry": {"resize": 72, "crop": 64}},
-                   dataset={"images": sum(n for _, n in next(iter(per_class.values())))})
-    r.label_space = {"name": f"toy{len(names)}", "classes": names}
+                   dataset={"images": sum(n for _, n in next(iter(per_class.values())))},
+                   label_space={"name": f"toy{len(names)}", "classes": names})
     return r
 
 

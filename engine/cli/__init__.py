@@ -20,9 +20,11 @@ COMMANDS = (
     "show",
     "export",
     "train",
+    "compose",
     "eval",
     "challenge",
     "report",
+    "bench",
 )
 
 

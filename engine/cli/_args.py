@@ -156,6 +156,10 @@ def add_model_args(p: argparse.ArgumentParser, unmapped: str = "wrong") -> argpa
                    help="output width of a fresh architecture (default 9; taken from --weights when given)")
     m.add_argument("--output-space", choices=("auto", "in9", "in1k"), default="auto",
                    help="what the outputs are: auto = 9 outputs -> IN-9, 1000 -> ImageNet-1k mapped to IN-9")
+    m.add_argument("--output-map", type=existing_file, default=None, metavar="MAP.json",
+                   help="how the model's outputs map onto the index's classes: a JSON {\"<output>\": <class id>} "
+                        "(many-to-one; unnamed outputs map to no class). Default: identity when the widths match, "
+                        "ImageNet-1k -> IN-9 on IN-9 data")
     m.add_argument("--label-protocol", choices=("official", "restricted"), default="official",
                    help=f"1000-class models: official = top-1 over all classes (unmapped = {unmapped}); restricted = "
                         "argmax over the 370 classes that map to IN-9")
@@ -173,15 +177,17 @@ def add_tiling_arg(group) -> None:
                             "(a faster approximation that differs on real photographs, see docs/variants.md)")
 
 
-def predictor_from_args(args, device):
-    """Load ``--model`` and wrap it in a :class:`~bgsynth.models.Predictor`; returns ``(loaded, predictor)``."""
+def predictor_from_args(args, device, label_space=None):
+    """Load ``--model`` and wrap it in a :class:`~bgsynth.models.Predictor` answering in ``label_space`` (the
+    index's; IN-9 when ``None``) through ``--output-map``; returns ``(loaded, predictor)``."""
     from ..models import Predictor, load_model
 
     loaded = load_model(args.model, weights=args.weights, trust_checkpoint=args.trust_checkpoint,
                         num_classes=args.num_classes, output_space=args.output_space)
     return loaded, Predictor(loaded, device=device, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
                              label_protocol=args.label_protocol, mean=args.mean, std=args.std,
-                             max_batch=getattr(args, "max_batch", None))
+                             max_batch=getattr(args, "max_batch", None), label_space=label_space,
+                             output_map=getattr(args, "output_map", None))
 
 
 def resolve_index(arg: str, ctx, progress: bool):

@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if model_threads is not None:
         torch.set_num_threads(model_threads)  # this process is the command's: the model's share of the cores
     index = DatasetIndex.load(resolve_index(args.index, ctx, progress=args.progress and ctx.is_main))
-    _loaded, predictor = predictor_from_args(args, device)
+    _loaded, predictor = predictor_from_args(args, device, index.label_space)
     if args.fg_per_class is not None:
         fg_ids = challenge_foregrounds(index, split, fg_per_class=args.fg_per_class, seed=args.seed)
         config = dataclasses.replace(config, fg_ids=fg_ids)

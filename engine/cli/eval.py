@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(model_threads)  # this process is the command's: the model's share of the cores
     progress = args.progress and ctx.is_main
     index = DatasetIndex.load(resolve_index(args.index, ctx, progress=progress))  # loaded once, here
-    _loaded, predictor = predictor_from_args(args, device)
+    _loaded, predictor = predictor_from_args(args, device, index.label_space)
     # --resize/--crop over the checkpoint's geometry, batch size by device: resolved by bgsynth.config in evaluate;
     # the output folder is claimed (fingerprint: settings, index, model) before the evaluation starts
     result, paths = evaluate_to_dir(
