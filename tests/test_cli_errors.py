@@ -181,7 +181,7 @@ CASES = [
          _index_json),
     Case("prepare-max-side-negative", ["prepare", IDX, "-o", "{d}/p.json", "--max-side", "-5"], "--max-side",
          _index_json),
-    Case("make-dataset-zero", ["make-dataset", "--root", "{d}/ds", "--train-per-class", "0"], "--train-per-class"),
+    Case("make-dataset-zero", ["make-dataset", "--out", "{d}/ds", "--train-per-class", "0"], "--train-per-class"),
     # ---- choices
     Case("eval-unknown-variant", ["eval", IDX, *MODEL, "--variants", "nonsense", "--out", "{d}/o"], "nonsense",
          _index_json),

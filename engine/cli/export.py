@@ -62,7 +62,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-masks", action="store_true", help="do not write fg_mask/")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="JPEG encode/decode threads (default: min(8, CPUs))")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress bar")
     return p
 
 
