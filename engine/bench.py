@@ -227,6 +227,7 @@ class BenchResult:
         if chart:
             paths["chart"] = bench_chart([self], folder.path / "bench.png", labels=[self.device.get("name", "")])
         folder.commit(paths.values())
+        folder.finish()  # no chart of an earlier run beside a rerun without one
         return paths
 
 

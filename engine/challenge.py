@@ -301,5 +301,6 @@ def challenge_to_dir(index: DatasetIndex, predictor, out_dir: str | os.PathLike,
         if plots:
             paths.update(challenge_plots(result, out, k=config.gallery_k))
             folder.commit(paths.values())
+        folder.finish()  # an equal earlier run's files that this one did not write (its plots, its matrix) go
     ctx.barrier()
     return result, paths

@@ -491,6 +491,7 @@ class ComposedEvalResult:
                 f"{self.rule['seed']}; backgrounds `{self.backgrounds.get('source')}`.\n\n{self.table()}\n")
         atomic_write_bytes(files["report"], text.encode("utf-8"))
         folder.commit(files.values())
+        folder.finish()
         return files
 
 

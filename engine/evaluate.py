@@ -749,6 +749,7 @@ def evaluate_to_dir(
             paths["report"] = write_report(result, folder.path)
             folder.commit([p for p in (folder.path / n for n in EVAL_OUTPUTS)
                            if p.is_file() and p.stat().st_mtime >= t - 1.0] + [paths["report"]])
+        folder.finish()  # an equal earlier run's files that this one did not write (provenance.csv) go
     if not manual_shard:
         ctx.barrier()  # every rank returns once the files are there
     return result, paths

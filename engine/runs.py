@@ -188,6 +188,7 @@ class OutputFolder:
         self.record_path = (self.folder / f"{self.path.name}.{RUN_FILE}") if single_file else self.path / RUN_FILE
         self.previous: dict | None = None
         self.files: set[str] = set()
+        self._written: set[str] = set()  # the files this run committed (self.files also holds an equal run's)
 
     # ------------------------------------------------------------------------------------------ record
     def _read_record(self) -> dict | None:
@@ -253,6 +254,10 @@ class OutputFolder:
         return self.path.exists() and (self.single_file or any(self.path.iterdir()))
 
     def _delete(self, files: Iterable[str]) -> None:
+        self._delete_files(files)
+        self.record_path.unlink(missing_ok=True)
+
+    def _delete_files(self, files: Iterable[str]) -> None:
         for rel in files:
             p = (self.folder / rel) if self.single_file else (self.path / rel)
             try:
@@ -260,14 +265,32 @@ class OutputFolder:
             except ValueError:  # a record never names files outside its folder; refuse to follow one that does
                 continue
             p.unlink(missing_ok=True)
-        self.record_path.unlink(missing_ok=True)
 
     def commit(self, files: Iterable[str | os.PathLike] = ()) -> None:
         """Add ``files`` (paths inside the folder) to the run's own files and write the record atomically."""
         base = self.folder if self.single_file else self.path
         for f in files:
             p = pathlib.Path(f)
-            self.files.add((p.relative_to(base) if p.is_absolute() else p).as_posix())
+            rel = (p.relative_to(base) if p.is_absolute() else p).as_posix()
+            self.files.add(rel)
+            self._written.add(rel)
+        self._write_record()
+
+    def finish(self) -> list[str]:
+        """The run is complete: files that an earlier run with the same fingerprint recorded and this run did not
+        write again (say, ``provenance.csv`` of a run that asked for it, then a rerun that did not) are deleted,
+        so the folder holds exactly this run's output. Returns the deleted names.
+
+        Only for writers whose every run writes its whole output (eval, challenge); a resumable writer that adds
+        to an earlier run's files (export) keeps them with :meth:`commit` alone.
+        """
+        stale = sorted(self.files - self._written)
+        self._delete_files(stale)
+        self.files = set(self._written)
+        self._write_record()
+        return stale
+
+    def _write_record(self) -> None:
         atomic_write_json(self.record_path, {
             "format": _FORMAT,
             "fingerprint": self.fingerprint.to_dict(),

@@ -565,6 +565,11 @@ def test_output_folder_belongs_to_one_run(setup, tmp_path):
         evaluate_to_dir(index, pred, out, report=False, seed=2, **kw)
     assert pred.forwards == 0  # refused before any work
     evaluate_to_dir(index, _loaded(net), out, report=False, seed=1, **kw)  # the same run again: fine
+    # ... and its folder holds exactly what it wrote: the first run's provenance.csv is not left beside it
+    assert not (out / "provenance.csv").exists() and (out / "notes.txt").read_text() == "mine"
+    assert "provenance.csv" not in json.loads((out / "bgsynth-run.json").read_text())["files"]
+    evaluate_to_dir(index, _loaded(net), out, provenance=True, report=False, seed=1, **kw)
+    assert (out / "provenance.csv").is_file()
     r3, _ = evaluate_to_dir(index, _loaded(net), out, report=False, seed=2, overwrite=True, **kw)
     assert not (out / "provenance.csv").exists() and (out / "notes.txt").read_text() == "mine"
     assert json.loads((out / "results.json").read_text())["config"]["seed"] == 2
