@@ -90,13 +90,15 @@ def in1k_to_in9() -> np.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def in1k_wnids() -> tuple[str, ...]:
-    """The 1000 ImageNet-1k WordNet ids in the standard (sorted) class-index order, from timm's metadata."""
-    from timm.data import ImageNetInfo
+    """The 1000 ImageNet-1k WordNet ids in the standard (sorted) class-index order.
 
-    info = ImageNetInfo("imagenet-1k")
-    wnids = tuple(info.index_to_label_name(i) for i in range(info.num_classes()))
+    Read from ``in1k_wnids.json`` shipped with the package (the list of timm's ``imagenet_synsets.txt``; a test
+    checks they agree): importing timm for it cost an ingest seconds of start-up.
+    """
+    with resources.files("bgsynth.data").joinpath("in1k_wnids.json").open("r", encoding="utf-8") as f:
+        wnids = tuple(json.load(f)["wnids"])
     if len(wnids) != 1000 or list(wnids) != sorted(wnids):
-        raise ConfigError(f"timm ImageNet-1k metadata: expected 1000 sorted wnids, got {len(wnids)}")
+        raise ConfigError(f"in1k_wnids.json: expected 1000 sorted wnids, got {len(wnids)}")
     return wnids
 
 

@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import pathlib
+import posixpath
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -269,7 +270,13 @@ class OutputFolder:
     def commit(self, files: Iterable[str | os.PathLike] = ()) -> None:
         """Add ``files`` (paths inside the folder) to the run's own files and write the record atomically."""
         base = self.folder if self.single_file else self.path
+        prefix = os.path.join(str(base), "")
         for f in files:
+            s = os.fspath(f)
+            rel = s[len(prefix):] if os.sep == "/" and s.startswith(prefix) else None
+            if rel and posixpath.normpath(rel) == rel:  # an export records thousands: strings, not paths
+                self.files.add(rel)
+                continue
             p = pathlib.Path(f)
             rel = (p.relative_to(base) if p.is_absolute() else p).as_posix()
             self.files.add(rel)

@@ -41,6 +41,13 @@ def test_in9_map_matches_the_shipped_definition():
     assert IN9_FOLDERS[2] == "02_wheeled vehicle"
 
 
+def test_shipped_in1k_wnids_are_timms():
+    from timm.data import ImageNetInfo  # the independent source of the list bgsynth ships
+
+    info = ImageNetInfo("imagenet-1k")
+    assert in1k_wnids() == tuple(info.index_to_label_name(i) for i in range(info.num_classes()))
+
+
 def _toy_index(tmp_path, n_per_class=3):
     idx = DatasetIndex.empty(image_root="images")
     for c in range(9):

@@ -46,3 +46,13 @@ def test_the_eval_api_does_not_import_timm_or_matplotlib():
     loaded = _loaded_after("import bgsynth.evaluate, bgsynth.challenge, bgsynth.export")
     assert "torch" in loaded  # the API itself needs torch; the point is what it does not pull in
     assert not loaded & {"timm", "matplotlib", "nvidia.dali", "triton"}
+
+
+def test_ingest_imports_neither_timm_nor_torch():
+    # the ImageNet-1k class list ships with the package: an ingest used to import timm (and torch) for it
+    code = (
+        "import bgsynth.cli, bgsynth.sources.imagenet\n"
+        "from bgsynth.classes import in1k_wnids, wnid_to_in9\n"
+        "assert len(in1k_wnids()) == 1000 and wnid_to_in9('n01440764') == 8\n"
+    )
+    assert not _loaded_after(code) & {"timm", "torch", "matplotlib", "nvidia.dali", "triton"}
