@@ -50,7 +50,8 @@ from .rng import hash_below, hash_bits, hash_uniform, srl
 from .types import BackgroundPool
 
 __all__ = ["Pairing", "ComposeRule", "ComposeSpec", "ComposeChoice", "compose_backgrounds", "backgrounds_of_class",
-           "correlation_at", "check_correlation", "group_metrics", "group_ids", "COMPOSE_STREAMS"]
+           "correlation_at", "check_correlation", "group_metrics", "group_weights", "weighted_accuracy", "group_ids",
+           "COMPOSE_STREAMS"]
 
 #: the streams of the counter-based generator the rule draws on (augmentation uses 1-8, see bgsynth.augment)
 COMPOSE_STREAMS = {"aligned": 16, "class": 17, "image": 18}
@@ -514,3 +515,60 @@ def group_metrics(label, pred, bg_label, valid, pairing: Pairing) -> dict:
         "aligned_accuracy": a_mean,
         "conflicting_accuracy": c_mean,
     }
+
+
+def group_weights(pairing: Pairing, correlation: float, fg_prior: Sequence[float] | None = None) -> np.ndarray:
+    """The share of each group (foreground class x background class) in a set composed by the rule.
+
+    A foreground of class ``f`` (share ``fg_prior[f]``) gets an aligned background class with probability
+    ``correlation``, spread evenly over its aligned classes, and a conflicting one otherwise, spread evenly over
+    its conflicting classes (the rule's class draw is uniform over the candidates).
+
+    Args:
+        pairing: which groups are aligned.
+        correlation: the rule's correlation.
+        fg_prior: the foreground classes' shares (default: uniform); normalised here.
+
+    Returns:
+        ``float64 [num_fg * num_bg]`` in group order (``fg * num_bg + bg``), summing to 1.
+
+    >>> from bgsynth.classes import LabelSpace
+    >>> sp = LabelSpace.from_names(["a", "b"])
+    >>> group_weights(Pairing(sp, sp, ((0,), (1,))), 0.9).round(3).tolist()
+    [0.45, 0.05, 0.05, 0.45]
+    """
+    corr = check_correlation(correlation, "group_weights: correlation")
+    prior = np.full(pairing.num_fg, 1.0 / pairing.num_fg) if fg_prior is None else np.asarray(fg_prior, np.float64)
+    if prior.shape != (pairing.num_fg,) or (prior < 0).any() or prior.sum() <= 0:
+        raise ConfigError(f"group_weights: expected {pairing.num_fg} non-negative foreground class shares, got "
+                          f"{np.asarray(fg_prior).tolist()}")
+    prior = prior / prior.sum()
+    table = pairing.table.numpy()
+    n_al = table.sum(1, keepdims=True)
+    share = np.where(table, corr / n_al, (1.0 - corr) / (pairing.num_bg - n_al))
+    return (prior[:, None] * share).reshape(-1)
+
+
+def weighted_accuracy(metrics: Mapping, pairing: Pairing, correlation: float,
+                      fg_prior: Sequence[float] | None = None) -> float | None:
+    """The accuracy a model would have on a set composed at ``correlation``, from its per-group accuracies
+    (:func:`group_metrics`, e.g. measured on balanced groups): the group accuracies weighted by
+    :func:`group_weights`. This is Waterbirds' "average accuracy" (the test groups reweighted to the training
+    distribution), next to which the worst group is reported.
+
+    Returns:
+        The weighted accuracy, or ``None`` when a group of non-zero weight has no composites.
+
+    >>> from bgsynth.classes import LabelSpace
+    >>> sp = LabelSpace.from_names(["a", "b"])
+    >>> m = group_metrics([0, 0, 1, 1], [0, 1, 1, 0], [0, 1, 1, 0], [True] * 4, Pairing(sp, sp, ((0,), (1,))))
+    >>> round(weighted_accuracy(m, Pairing(sp, sp, ((0,), (1,))), 0.9), 3)  # aligned right, conflicting wrong
+    0.9
+    """
+    w = group_weights(pairing, correlation, fg_prior)
+    acc = [g["accuracy"] for g in metrics["groups"]]
+    if len(acc) != len(w):
+        raise ConfigError(f"weighted_accuracy: expected {len(w)} groups, got {len(acc)}")
+    if any(a is None and wk > 0 for a, wk in zip(acc, w)):
+        return None
+    return float(sum(wk * (a or 0.0) for a, wk in zip(acc, w)))

@@ -40,7 +40,8 @@ from torch import nn
 
 from .augment import BackgroundSwap
 from .classes import IN9_MEAN, IN9_STD
-from .compose import ComposeRule, ComposeSpec, backgrounds_of_class, compose_backgrounds, group_metrics
+from .compose import (ComposeRule, ComposeSpec, backgrounds_of_class, compose_backgrounds, group_metrics,
+                      weighted_accuracy)
 from .compose_loader import Backgrounds, load_backgrounds, scene_index, spec_digests
 from .config import DEMO_GEOMETRY, RunConfig, resolve_options
 from .errors import CheckpointError, ConfigError
@@ -499,20 +500,24 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
-def group_table(results: Mapping[str, dict]) -> str:
+def group_table(results: Mapping[str, dict], weighted: Mapping[str, float | None] | None = None) -> str:
     """A Markdown table of several runs' group metrics: accuracy, average group, worst group, aligned gap, and
     every group's accuracy (``fg/bg``, ``*`` marking the aligned ones).
 
     Args:
         results: ``{name: group_metrics(...)}``.
+        weighted: ``{name: accuracy}`` at the training distribution (:func:`bgsynth.compose.weighted_accuracy`,
+            Waterbirds' "average accuracy"): adds that column after ``accuracy``.
     """
     first = next(iter(results.values()))
     heads = [f"{g['fg_name']}/{g['bg_name']}{'*' if g['aligned'] else ''}" for g in first["groups"]]
-    lines = ["| model | accuracy | average group | worst group | aligned gap | " + " | ".join(heads) + " |",
-             "|" + "---|" * (5 + len(heads))]
+    extra = ["average (train dist.)"] if weighted is not None else []
+    lines = ["| model | accuracy | " + "".join(f"{h} | " for h in extra) + "average group | worst group | aligned gap | "
+             + " | ".join(heads) + " |", "|" + "---|" * (5 + len(extra) + len(heads))]
     for name, m in results.items():
         cells = [_pct(g["accuracy"]) for g in m["groups"]]
-        lines.append(f"| {name} | {_pct(m['accuracy'])} | {_pct(m['average_group'])} | {_pct(m['worst_group'])} | "
+        w = f"{_pct(weighted.get(name))} | " if weighted is not None else ""
+        lines.append(f"| {name} | {_pct(m['accuracy'])} | {w}{_pct(m['average_group'])} | {_pct(m['worst_group'])} | "
                      f"{_pct(m['aligned_gap'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -604,7 +609,9 @@ class CorrelationComparison:
     """Models trained online at several correlations and evaluated on every group.
 
     Attributes:
-        rows: ``{name: {"correlation", "checkpoint", "train_seconds", "val_accuracy", "metrics"}}``.
+        rows: ``{name: {"correlation", "checkpoint", "train_seconds", "val_accuracy", "metrics",
+            "train_weighted_accuracy"}}``: ``metrics`` on every group of val (balanced), and the accuracy those group
+            accuracies give at the run's own training distribution (:func:`bgsynth.compose.weighted_accuracy`).
         config: the shared settings.
     """
 
@@ -612,7 +619,9 @@ class CorrelationComparison:
     config: dict
 
     def table(self) -> str:
-        return group_table({name: r["metrics"] for name, r in self.rows.items()})
+        """The runs' :func:`group_table`, with the accuracy at each run's own training distribution."""
+        return group_table({name: r["metrics"] for name, r in self.rows.items()},
+                           weighted={name: r.get("train_weighted_accuracy") for name, r in self.rows.items()})
 
     def to_dict(self) -> dict:
         return {"rows": self.rows, "config": self.config}
@@ -651,6 +660,10 @@ def compare_correlations(index, spec: ComposeSpec | Mapping, out_dir: str | os.P
     out.mkdir(parents=True, exist_ok=True)
     ev_spec = dataclasses.replace(spec, backgrounds=eval_backgrounds or spec.backgrounds, bg_split=None)
     ev_bg = load_backgrounds(ev_spec.backgrounds, run.replace(progress=False))
+    rule_pairing = ev_spec.rule(index.label_space, ev_bg.label_space, run.seed).pairing
+    train_split = dict(train_options or {}).get("split", "train")  # its class shares weigh the groups
+    train_labels = index.labels(index.select(split=train_split).ids if train_split is not None else index.ids)
+    prior = np.bincount(train_labels, minlength=index.label_space.num_classes) if len(train_labels) else None
     rows: dict[str, dict] = {}
     for name, corr in named.items():
         tspec = dataclasses.replace(spec, correlation=corr)
@@ -661,11 +674,14 @@ def compare_correlations(index, spec: ComposeSpec | Mapping, out_dir: str | os.P
         ev = evaluate_composed(index, str(ckpt), ev_spec, run.replace(batch_size=128, progress=False), split="val",
                                all_groups=True, name=name, backgrounds=ev_bg)
         ev.save(out / f"eval_{slug}", overwrite=True)
+        weighted = weighted_accuracy(ev.metrics, rule_pairing, corr, prior)
         rows[name] = {"correlation": corr, "checkpoint": str(ckpt), "metrics": ev.metrics,
+                      "train_weighted_accuracy": weighted,
                       "train_seconds": res.seconds if res.history else None, "val_accuracy": res.val_accuracy}
         if run.progress:
-            print(f"compare_correlations: {name} (correlation {corr:g}): average group "
-                  f"{_pct(ev.metrics['average_group'])}, worst group {_pct(ev.metrics['worst_group'])}", flush=True)
+            print(f"compare_correlations: {name} (correlation {corr:g}): average at the training distribution "
+                  f"{_pct(weighted)}, average group {_pct(ev.metrics['average_group'])}, worst group "
+                  f"{_pct(ev.metrics['worst_group'])}", flush=True)
     result = CorrelationComparison(rows, {"spec": spec.to_dict(), "eval_backgrounds": ev_spec.backgrounds,
                                           "seed": run.seed, "geometry": run.geometry.to_dict(),
                                           "train_options": dict(train_options or {})})

@@ -535,7 +535,7 @@ def _epoch(fit: _Fit, it: TrainIterator, pos: _Position, ctx: DistContext, bar, 
         if bar is not None:
             bar.update(1)
             if fit.steps % 10 == 0:
-                bar.set_postfix(epoch=epoch, loss=f"{float(loss):.3f}")
+                bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.3f}")
         if out.due(fit.steps) and k + 1 < fit.steps_per_epoch and not fit.done:
             pos.batch, pos.loss_sum, pos.correct = k + 1, float(loss_sum), int(correct)
             pos.seconds = time.perf_counter() - te

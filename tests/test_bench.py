@@ -144,3 +144,32 @@ def test_cuda_kernel_bandwidth():
     rows = kernel_bandwidth("cuda", batch=32, pool=64, crop=64, iters=3)
     assert [r["kernel"] for r in rows] == ["composite mixed uint8", "composite mixed bf16 norm CL", "tile_fill uint8"]
     assert all(r["gb_per_s"] > 0 for r in rows)
+
+
+def test_gpu_checks_script_runs_the_bench_command_with_valid_arguments():
+    """benchmarks/gpu_checks.py (no GPU here): it imports without torch work, every script it names exists, and its
+    ``bgsynth bench`` step parses with the command's own parser (the same code as ``bgsynth bench``)."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    from bgsynth.cli import bench as cli
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gpu_checks", root / "benchmarks" / "gpu_checks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    names = [name for name, _cmd, _limit in mod.STEPS]
+    assert len(names) == len(set(names)) and "bgsynth-bench-cuda" in names
+    for _name, cmd, limit in mod.STEPS:
+        assert cmd[0] == sys.executable and 0 < limit <= 600
+        for part in cmd[1:]:
+            if part.endswith(".py"):
+                assert (root / part).is_file(), part
+    bench_cmd = next(cmd for name, cmd, _ in mod.STEPS if name == "bgsynth-bench-cuda")
+    assert bench_cmd[1:3] == ["-m", "bgsynth.cli.bench"]
+    parser = argparse.ArgumentParser(prog="bgsynth")
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", *[c.replace("{out}", "/tmp/x") for c in bench_cmd[3:]]])
+    assert args.device == "cuda" and args.dtype == "bf16" and args.batch_sizes == (256, 64)
+    assert (args.resize, args.crop, args.model) == (256, 224, "resnet50")

@@ -25,6 +25,8 @@ from bgsynth.compose import (
     compose_backgrounds,
     correlation_at,
     group_metrics,
+    group_weights,
+    weighted_accuracy,
 )
 from bgsynth.compose_jobs import (
     WATERBIRDS_COLUMNS,
@@ -224,6 +226,42 @@ def test_group_metrics_against_a_hand_count():
     assert m["worst_group"] == 0.0 and m["average_group"] == pytest.approx((1 + 0 + 1 + 0.5 + 1) / 5)
     assert m["aligned_accuracy"] == pytest.approx((1 + 0.5 + 1) / 3) and m["conflicting_accuracy"] == 0.5
     assert m["aligned_gap"] == pytest.approx((2.5 / 3) - 0.5)
+
+
+def test_group_weights_match_the_rule_and_weighted_accuracy_its_composed_set():
+    """The group shares are those of the rule's draws (counted on 30000 composites, imbalanced classes, two aligned
+    classes for 'b'), and the weighted accuracy of per-group accuracies is the accuracy on such a drawn set."""
+    pairing = Pairing(FG, BG3, ((0,), (1, 2)))
+    n, corr = 30000, 0.9
+    ids = torch.arange(n) * 5 + 1
+    labels = (torch.arange(n) % 4 == 0).long()  # a quarter of class 'b'
+    ch = compose_backgrounds(ids, labels, _pool([0, 1, 2]), ComposeRule(pairing, corr, seed=4))
+    counts = np.bincount((labels * 3 + ch.bg_class).numpy(), minlength=6)
+    w = group_weights(pairing, corr, fg_prior=[3, 1])
+    # a/x aligned: 0.75 * 0.9; a/y, a/z: 0.75 * 0.1 / 2; b/x conflicting: 0.25 * 0.1; b/y, b/z: 0.25 * 0.9 / 2
+    np.testing.assert_allclose(w, [0.675, 0.0375, 0.0375, 0.025, 0.1125, 0.1125])
+    for c, p in zip(counts, w):
+        assert abs(c - n * p) < 4.5 * math.sqrt(n * p * (1 - p)), (counts, w)
+    # a "model" right on a fixed share of each group: its accuracy on the drawn
+    # set against the weighted accuracy of its per-group accuracies, measured on a balanced set
+    right_share = np.array([1.0, 0.0, 0.5, 0.0, 1.0, 0.5])
+    g = (labels * 3 + ch.bg_class).numpy()
+    coin = np.random.default_rng(0).random(n) < 0.5  # the half-right groups: right on an independent coin
+    ok = np.where(right_share[g] == 0.5, coin, right_share[g] == 1.0)
+    drawn = ok.mean()
+    bal_label = np.repeat([0, 0, 0, 1, 1, 1], 1000)
+    bal_bg = np.tile(np.repeat([0, 1, 2], 1000), 2)
+    bal_ok = np.where(right_share[bal_label * 3 + bal_bg] == 0.5, np.arange(6000) % 2 == 0,
+                      right_share[bal_label * 3 + bal_bg] == 1.0)
+    m = group_metrics(bal_label, np.where(bal_ok, bal_label, 1 - bal_label), bal_bg, np.ones(6000, bool), pairing)
+    assert [gr["accuracy"] for gr in m["groups"]] == right_share.tolist()
+    assert weighted_accuracy(m, pairing, corr, [3, 1]) == pytest.approx(drawn, abs=0.01)
+    assert weighted_accuracy(m, pairing, corr, [3, 1]) == pytest.approx(float(w @ right_share))
+    # a group of non-zero weight without composites: no value; errors name the function
+    empty = group_metrics([0], [0], [0], [True], pairing)
+    assert weighted_accuracy(empty, pairing, corr) is None
+    with pytest.raises(ConfigError, match="group_weights"):
+        group_weights(pairing, corr, fg_prior=[1, 2, 3])
 
 
 # ==============================================================================================================

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import pathlib
 
+import pytest
+
 from bgsynth.demo import CHANCE, run_demo
 from bgsynth.index import DatasetIndex, Reject
 from bgsynth.masks import SelectionFilters
@@ -74,11 +76,16 @@ def test_waterbirds_like_demo_end_to_end_and_reused(tmp_path):
         groups = r["metrics"]["groups"]
         assert [g["total"] for g in groups] == [3, 3, 3, 3]  # every val bird once on each scene family
         assert r["metrics"]["worst_group"] == min(g["accuracy"] for g in groups)
+        # the accuracy at the run's training distribution: 8 birds per class, the aligned scene with probability c
+        c = r["correlation"]
+        share = {True: c / 2, False: (1 - c) / 2}
+        assert r["train_weighted_accuracy"] == pytest.approx(sum(share[g["aligned"]] * g["accuracy"] for g in groups))
         ck = torch.load(r["checkpoint"], map_location="cpu", weights_only=True)
         assert ck["num_classes"] == 2 and ck["train"]["compose"]["correlation"] == r["correlation"]
     assert res.findings == group_findings(res.comparison) and len(res.findings) == 2
     text = res.report.read_text()
     assert "landbird/land*" in text and "waterbird/land" in text and "worst group" in text
+    assert "average (train dist.)" in text and f"{100 * rows['correlation 0.95']['train_weighted_accuracy']:.1f}" in text
     saved = json.loads((out / "compose" / "compare.json").read_text())
     assert saved["rows"]["balanced (0.5)"]["metrics"]["average_group"] == rows["balanced (0.5)"]["metrics"]["average_group"]
     mtimes = [pathlib.Path(r["checkpoint"]).stat().st_mtime_ns for r in rows.values()]

@@ -24,7 +24,7 @@ def register(subparsers):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--cache-dir", default=None, help="cache folder (default: $BGSYNTH_CACHE or ~/.cache/bgsynth)")
-    p.add_argument("--epochs", type=positive_int, default=None, help="training epochs of the demo model")
+    p.add_argument("--epochs", type=positive_int, default=None, help="training epochs of the demo model (default 14; waterbirds-like: 28 for each of its two)")
     p.add_argument("--no-challenge", action="store_true", help="in9: skip the Backgrounds Challenge")
     p.add_argument("--challenge-per-class", type=nonneg_int, default=25,
                    help="in9: foregrounds and backgrounds per class in the challenge (0: the whole val split)")
