@@ -14,7 +14,13 @@
      By default the reference runs under ``torch.no_grad()`` (fair to it); ``--ref-autograd`` reproduces the
      official script exactly (autograd on).
 
-Same model (``bgsynth_cnn``, random init, fixed seed), same geometry, same machine, same torch thread count.
+* **model-only bound**: the same model's forward alone, same batch sizes and dtype, over normalised batches made
+  beforehand and already in memory (``torch.inference_mode``): what no evaluation can beat. Printed with
+  ours / bound.
+
+Same model (``--arch``, random init from seed 0, or ``--model CKPT``), same geometry, same machine, same torch
+thread count (by default the CLI's split of the cores between the model and the decoder,
+:func:`bgsynth.evaluate.cpu_thread_split`).
 Reported: wall seconds and CPU seconds (this process + reaped worker processes, which is robust to other load on a
 shared machine), images/s = source images per second for all eight variants, and the ratio ours/reference.
 
@@ -23,6 +29,12 @@ Usage::
     python benchmarks/bench_eval.py                                  # built-in dataset, 16 val images per class
     python benchmarks/bench_eval.py --val-per-class 50 --resize 256 --crop 224 --threads 2
     python benchmarks/bench_eval.py --index /data/in9/index.json --device cuda --batch-size 256
+    # model-only bound, ~1-3 min on 2 CPU cores each:
+    python benchmarks/bench_eval.py --arch resnet18 --resize 256 --crop 224 --val-per-class 4 --skip-reference
+    python benchmarks/bench_eval.py --index ~/.cache/bgsynth/builtin-v1-s0-c0.8-t200-v50/index.json \
+        --model ~/.cache/bgsynth/builtin-v1-s0-c0.8-t200-v50/demo-model-*.pt --resize 72 --crop 64 --skip-reference
+    # linear scaling (the val split cycled with distinct ids beyond its size):
+    python benchmarks/bench_eval.py --index ... --model ... --resize 72 --crop 64 --scaling 90,450,900,3600
 """
 
 from __future__ import annotations
@@ -210,14 +222,14 @@ def scaling(args, predictor, geometry, kw) -> None:
     evaluate(base.select(per_class=2), predictor, **kw)  # warm-up
     print(f"\nlinear scaling: {args.split} split of {len(base)} images, cycled with distinct ids beyond that; "
           f"{args.resize}->{args.crop}, {len(VARIANT_ORDER)} variants, batch {args.batch_size}, torch threads "
-          f"{args.threads}")
+          f"{args.threads}; medians of {args.repeats} runs")
     print(f"{'images':>8s} {'wall s':>8s} {'ms/image':>9s} {'vs 450':>7s} {'bound s':>8s} {'ours/bound':>10s}  load")
     rows = []
     for n in counts:
         idx = base.select(per_class=n // 9) if n < len(base) and n % 9 == 0 else repeated_index(base, n)
-        w, _, res = time_ours(idx, predictor, kw, 1)
+        w, _, res = time_ours(idx, predictor, kw, args.repeats)
         sizes = forward_sizes(res.timing["forwards"], len(idx), len(VARIANT_ORDER), args.batch_size)
-        bw = model_bound(predictor, sizes, args.crop, 1)
+        bw = model_bound(predictor, sizes, args.crop, args.repeats)
         rows.append((n, w, bw))
         ref = next((r[1] / r[0] for r in rows if r[0] == 450), None)
         per = 1000 * w / n
@@ -300,7 +312,7 @@ def main(argv=None) -> int:
     tmp = pathlib.Path(args.keep) if args.keep else pathlib.Path(tempfile.mkdtemp(prefix="bgsynth-bench-eval-"))
     if tmp.exists() and args.keep:
         shutil.rmtree(tmp)
-    ref_model = NormalizedModel(predictor.module, IN9_MEAN, IN9_STD).to(device).eval()
+    ref_model = NormalizedModel(predictor.module, predictor.mean, predictor.std).to(device).eval()
     try:
         with Timer() as te:
             files = reference_export(index, geometry, tmp)
