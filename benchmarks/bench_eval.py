@@ -223,22 +223,24 @@ def scaling(args, predictor, geometry, kw) -> None:
     print(f"\nlinear scaling: {args.split} split of {len(base)} images, cycled with distinct ids beyond that; "
           f"{args.resize}->{args.crop}, {len(VARIANT_ORDER)} variants, batch {args.batch_size}, torch threads "
           f"{args.threads}; medians of {args.repeats} runs")
-    print(f"{'images':>8s} {'wall s':>8s} {'ms/image':>9s} {'vs 450':>7s} {'bound s':>8s} {'ours/bound':>10s}  load")
+    print(f"{'images':>8s} {'wall s':>8s} {'ms/image':>9s} {'vs 450':>7s} {'CPU ms/image':>13s} {'bound s':>8s} "
+          f"{'ours/bound':>10s}  load")
     rows = []
     for n in counts:
         idx = base.select(per_class=n // 9) if n < len(base) and n % 9 == 0 else repeated_index(base, n)
-        w, _, res = time_ours(idx, predictor, kw, args.repeats)
+        w, c, res = time_ours(idx, predictor, kw, args.repeats)
         sizes = forward_sizes(res.timing["forwards"], len(idx), len(VARIANT_ORDER), args.batch_size)
         bw = model_bound(predictor, sizes, args.crop, args.repeats)
-        rows.append((n, w, bw))
+        rows.append((n, w, c, bw))
         ref = next((r[1] / r[0] for r in rows if r[0] == 450), None)
         per = 1000 * w / n
         rel = f"{per / (1000 * ref):7.2f}" if ref else f"{'':>7s}"
-        print(f"{n:8d} {w:8.2f} {per:9.3f} {rel} {bw:8.2f} {bw / w:10.1%}  {load_average()}")
-    pers = [w / n for n, w, _ in rows]
-    mid = statistics.median(pers)
-    print(f"per-image time within {100 * (max(pers) / mid - 1):+.1f}% / {100 * (min(pers) / mid - 1):+.1f}% of the "
-          f"median ({1000 * mid:.3f} ms/image)")
+        print(f"{n:8d} {w:8.2f} {per:9.3f} {rel} {1000 * c / n:13.3f} {bw:8.2f} {bw / w:10.1%}  {load_average()}")
+    for what, k in (("wall", 1), ("CPU", 2)):
+        pers = [r[k] / r[0] for r in rows]
+        mid = statistics.median(pers)
+        print(f"per-image {what} time within {100 * (max(pers) / mid - 1):+.1f}% / {100 * (min(pers) / mid - 1):+.1f}% "
+              f"of the median ({1000 * mid:.3f} ms/image)")
 
 
 # ----------------------------------------------------------------------------------------------- main
