@@ -18,11 +18,21 @@ honest unit of work; measured, both sides), wall seconds and CPU seconds (robust
 machine), plus the oracle lower bound of any exact method (robust x N + vulnerable) and brute force (F x N). The
 vulnerable sets of all methods are compared (they must agree).
 
+Also printed, in the same run: the search's forwards per second (:attr:`ChallengeResult.timing`, index to result)
+against the **model-only bound** (the same model's forward alone at the run's batch size, pre-made normalised
+tensors in memory), and a **robust-model case** (``--skip-robust`` to leave it out): the same network with one
+class's output bias raised by 1e4, so that it answers that class on every composite, searched over that class's
+val foregrounds: every background must be tried for every foreground, and the per-forward rate is compared with
+the bound.
+
 Usage::
 
     python benchmarks/bench_challenge.py                              # ~2 min on 2 CPU cores
     python benchmarks/bench_challenge.py --fg-per-class 12 --bg-per-class 12 --model demo.pt
     python benchmarks/bench_challenge.py --device cuda --val-per-class 50 --fg-per-class 50 --bg-per-class 50
+    python benchmarks/bench_challenge.py --augment mixed_rand=0.5 --skip-robust   # the needles case
+    python benchmarks/bench_challenge.py --index PREPARED.json --model DEMO.pt --fg-per-class 25 --bg-per-class 25 \
+        --skip-reference                                                        # the demo's challenge
 """
 
 from __future__ import annotations
