@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-__all__ = ["cpu_seconds", "Timer", "paper_decode", "paper_strip", "paper_only_bg_t"]
+__all__ = ["cpu_seconds", "Timer", "paper_decode", "paper_strip", "paper_only_bg_t", "load_average"]
 
 
 def cpu_seconds() -> float:
@@ -77,3 +77,13 @@ def paper_only_bg_t(img: np.ndarray, box):
     out = img.copy()
     out[y0 : y1 + 1, x0 : x1 + 1] = tiled[y0 : y1 + 1, x0 : x1 + 1]
     return out
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load average, for printing beside every figure (the machine may be shared)."""
+    import os
+
+    try:
+        return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    except OSError:
+        return "load average n/a"

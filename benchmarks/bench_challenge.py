@@ -18,11 +18,21 @@ honest unit of work; measured, both sides), wall seconds and CPU seconds (robust
 machine), plus the oracle lower bound of any exact method (robust x N + vulnerable) and brute force (F x N). The
 vulnerable sets of all methods are compared (they must agree).
 
+Also printed, in the same run: the search's forwards per second (:attr:`ChallengeResult.timing`, index to result)
+against the **model-only bound** (the same model's forward alone at the run's batch size, pre-made normalised
+tensors in memory), and a **robust-model case** (``--skip-robust`` to leave it out): the same network with one
+class's output bias raised by 1e4, so that it answers that class on every composite, searched over that class's
+val foregrounds: every background must be tried for every foreground, and the per-forward rate is compared with
+the bound.
+
 Usage::
 
     python benchmarks/bench_challenge.py                              # ~2 min on 2 CPU cores
     python benchmarks/bench_challenge.py --fg-per-class 12 --bg-per-class 12 --model demo.pt
     python benchmarks/bench_challenge.py --device cuda --val-per-class 50 --fg-per-class 50 --bg-per-class 50
+    python benchmarks/bench_challenge.py --augment mixed_rand=0.5 --skip-robust   # the needles case
+    python benchmarks/bench_challenge.py --index PREPARED.json --model DEMO.pt --fg-per-class 25 --bg-per-class 25 \
+        --skip-reference                                                        # the demo's challenge
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ import tempfile
 import numpy as np
 import torch
 
-from _common import Timer, paper_decode, paper_only_bg_t  # noqa: E402  (benchmarks/_common.py: shared timing and paper reference)
+from _common import Timer, load_average, paper_decode, paper_only_bg_t  # noqa: E402  (benchmarks/_common.py: shared timing and paper reference)
 
 from bgsynth.challenge import challenge_foregrounds, run_challenge  # noqa: E402
 from bgsynth.geometry import CropGeometry  # noqa: E402
@@ -80,6 +90,61 @@ def reference_challenge(index: DatasetIndex, fg_ids, bg_ids, model: torch.nn.Mod
     return vulnerable, forwards
 
 
+# ----------------------------------------------------------------------------------------------- the model-only bound
+def model_bound(predictor: Predictor, batch: int, crop: int, n_forwards: int, repeats: int = 2) -> float:
+    """Forwards per second of the model alone at ``batch`` composites per forward: pre-made normalised batches in
+    memory (random uint8 through :meth:`Predictor.prepare`: the predictor's dtype and memory format), the bare
+    module under ``torch.inference_mode``, about ``n_forwards`` composites in all (median of ``repeats``)."""
+    g = torch.Generator().manual_seed(0)
+    k = max(1, -(-n_forwards // batch))
+    xs = [predictor.prepare(torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8, generator=g))
+          for _ in range(min(k, 8))]
+    net = predictor.module
+    rates = []
+    with torch.inference_mode():
+        net(xs[0])
+        for _ in range(repeats):
+            with Timer() as t:
+                for j in range(k):
+                    net(xs[j % len(xs)])
+            rates.append(k * batch / t.wall)
+    return sorted(rates)[len(rates) // 2]
+
+
+def robust_predictor(predictor: Predictor, label: int) -> Predictor:
+    """The same network with its output bias for ``label`` raised by 1e4: it answers ``label`` on every input at the
+    cost of the real forward. Foregrounds of that class are fooled by no background: the search must try all."""
+    import copy
+
+    net = copy.deepcopy(predictor.module)
+    last = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.bias[label] += 1e4
+    import dataclasses
+
+    loaded = dataclasses.replace(predictor.loaded, module=net)
+    return Predictor(loaded, device=predictor.device, amp=predictor.amp)
+
+
+def robust_case(index, predictor: Predictor, common: dict, args) -> None:
+    """Every background tried for every foreground: the search's per-forward rate against the model-only bound."""
+    label = 0
+    rp = robust_predictor(predictor, label)
+    fg = challenge_foregrounds(index.select(classes=[label]), "val", seed=args.seed)
+    run_challenge(index, rp, **{**common, "fg_ids": fg[:2], "bg_per_class": 1})  # warm-up
+    with Timer() as t:
+        res = run_challenge(index, rp, order="adaptive", **{**common, "fg_ids": fg})
+    rate = res.timing["forwards_per_s"]
+    bound = model_bound(rp, args.batch_size, args.crop, res.forwards)
+    print(f"\nrobust case: the model with class {label}'s output bias +1e4 (it always answers {label}); the "
+          f"{res.num_foregrounds} val foregrounds of class {label} x {res.num_backgrounds} backgrounds; "
+          f"{res.num_robust} robust, {res.num_vulnerable} vulnerable")
+    print(f"  ours: {res.forwards:,} forwards (brute force {res.brute_force_forwards:,}) in {t.wall:.2f} s wall "
+          f"(run_challenge timing {res.timing['wall_s']:.2f} s): {rate:.0f} forwards/s; {load_average()}")
+    print(f"  model-only bound at batch {args.batch_size}: {bound:.0f} forwards/s; ours / bound: "
+          f"{rate / bound:.1%}; {load_average()}")
+
+
 # ----------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,13 +162,21 @@ def main(argv=None) -> int:
     ap.add_argument("--crop", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=64, help="ours: composites per forward")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (both sides)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (both sides; default: the CLI's split, bgsynth.evaluate.cpu_thread_split)")
+    ap.add_argument("--decode-threads", type=int, default=None, help="our decoder threads (default: the CLI's split)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-reference", action="store_true", help="only run ours (e.g. on a full IN-9 set)")
+    ap.add_argument("--skip-robust", action="store_true", help="skip the robust-model case")
     args = ap.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
+    from bgsynth.evaluate import cpu_thread_split
+
     device = torch.device(args.device)
+    args.threads, decode_threads = cpu_thread_split(device, args.threads, args.decode_threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    print(f"torch threads {args.threads}; {load_average()}")
     geometry = CropGeometry(args.resize, args.crop)
     if args.index is None:
         from bgsynth.sources.synthetic import build_builtin_dataset
@@ -130,7 +203,8 @@ def main(argv=None) -> int:
 
     fg_ids = challenge_foregrounds(index, "val", fg_per_class=args.fg_per_class, seed=args.seed)
     common = dict(split="val", geometry=geometry, backend="pil", device=device, seed=args.seed, fg_ids=fg_ids,
-                  bg_per_class=args.bg_per_class, batch_size=args.batch_size, progress=False)
+                  bg_per_class=args.bg_per_class, batch_size=args.batch_size, progress=False,
+                  num_threads=decode_threads)
     # warm-up (imports, first-call allocations), not timed
     run_challenge(index, predictor, **{**common, "fg_ids": fg_ids[:2], "bg_per_class": 1})
 
@@ -165,7 +239,14 @@ def main(argv=None) -> int:
         print(f"\nratios reference / ours (adaptive): forwards {ref[1] / max(ours.forwards, 1):.1f}x, "
               f"wall {ref[2] / rows[0][2]:.1f}x, cpu {ref[3] / rows[0][3]:.1f}x")
     print(f"ours (adaptive) / oracle bound: {ours.forwards / max(ours.oracle_forwards, 1):.3f}; "
-          f"brute force / ours: {ours.brute_force_forwards / max(ours.forwards, 1):.1f}x")
+          f"brute force / ours: {ours.brute_force_forwards / max(ours.forwards, 1):.1f}x; {load_average()}")
+    bound = model_bound(predictor, args.batch_size, args.crop, ours.forwards)
+    rate = ours.timing["forwards_per_s"]
+    print(f"\nforwards/s (run_challenge timing, index to result): ours {rate:.0f}; model-only bound at batch "
+          f"{args.batch_size} (pre-made tensors in memory): {bound:.0f}; ours / bound: {rate / bound:.1%}; "
+          f"{load_average()}")
+    if not args.skip_robust:
+        robust_case(index, predictor, common, args)
     tmp.cleanup()
     return 0
 

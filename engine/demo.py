@@ -29,7 +29,7 @@ from .compose import ComposeSpec
 from .compose_jobs import compare_correlations
 from .config import DEMO_GEOMETRY, RunConfig, resolve_options
 from .errors import ConfigError
-from .evaluate import evaluate_to_dir
+from .evaluate import evaluate_to_dir, model_threads
 from .fileio import atomic_write_bytes
 from .index import DatasetIndex
 from .masks import SelectionFilters
@@ -175,9 +175,10 @@ class _Demo:
         ckpt = self.model(index, raw, prep_key)
         predictor = Predictor(load_model(str(ckpt)), device=self.device, label_space=index.label_space)
         self.step("4/5 evaluation of all eight variants on val (one pass)")
-        eval_result, _files = evaluate_to_dir(index, predictor, self.out / "eval", name="demo model (Original)",
-                                              **self.common(split="val"))
-        chal = self.challenge(index, predictor) if self.cfg.challenge else None
+        with model_threads(self.device):  # the model's share of the cores, as `bgsynth eval` and `challenge`
+            eval_result, _files = evaluate_to_dir(index, predictor, self.out / "eval", name="demo model (Original)",
+                                                  **self.common(split="val"))
+            chal = self.challenge(index, predictor) if self.cfg.challenge else None
         self.sheets(index)
         comparison = self.compare(index) if self.cfg.compare_training else None
         found = findings(eval_result, chal) + remedy_finding(comparison)

@@ -43,7 +43,7 @@ from bgsynth.challenge import (
     resolve_challenge,
     run_challenge,
 )
-from bgsynth.challenge_search import ACTIVE, ROBUST, VULNERABLE, SearchState
+from bgsynth.challenge_search import ACTIVE, ROBUST, VULNERABLE, SearchState, background_push, foreground_orders
 from bgsynth.errors import CheckpointError, ConfigError
 
 from conftest import cpu_and_cuda
@@ -728,3 +728,23 @@ def test_device_matches_lookup(case, lookup, tiny_index, tiny_geometry, device):
     p = LookupPredictor(fg, pool, pred)
     res = _run(tiny_index, tiny_geometry, p, device=device, batch_size=24)
     check_records(res, pred, fg["ids"].numpy(), pool.image_ids.numpy())
+
+
+def test_foreground_orders_move_up_the_backgrounds_pushing_to_the_runner_up():
+    """A foreground that has tried two backgrounds and leans to class 2 moves the background that pushes to class 2
+    up its class's order; one that has tried fewer keeps its class's order; every row is a permutation."""
+    C, N = 3, 8
+    counts = np.zeros((N, C, C + 1))
+    counts[:, 1, 1] = 4.0  # every background leaves class-1 foregrounds mostly on class 1 ...
+    counts[7, 1, 1], counts[7, 1, 2] = 1.0, 3.0  # ... but background 7 moves them to class 2
+    push = background_push(counts, np.array([0, 1, 1, 2, 0, 1, 2, 0]))
+    assert push[7, 2] > push[:7, 2].max()
+    class_order = np.tile(np.arange(N), (C, 1))  # background 7 last
+    logmass = np.log(np.array([[0.05, 0.6, 0.35, 1e-6]] * 2)) * np.array([[2.0], [1.0]])
+    tried = np.zeros((2, N), bool)
+    tried[0, :2] = tried[1, 0] = True
+    out = foreground_orders(class_order, push, logmass, tried, np.array([1, 1]))
+    assert sorted(out[0].tolist()) == list(range(N)) and out[0].tolist().index(7) < N - 1
+    np.testing.assert_array_equal(out[1], class_order[1])  # one background tried: the class's order
+    flat = foreground_orders(class_order, np.zeros_like(push), logmass, tried, np.array([1, 1]))
+    np.testing.assert_array_equal(flat, class_order[[1, 1]])  # no background pushes: the class's order
