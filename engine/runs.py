@@ -274,11 +274,9 @@ class OutputFolder:
         for f in files:
             s = os.fspath(f)
             rel = s[len(prefix):] if os.sep == "/" and s.startswith(prefix) else None
-            if rel and posixpath.normpath(rel) == rel:  # an export records thousands: strings, not paths
-                self.files.add(rel)
-                continue
-            p = pathlib.Path(f)
-            rel = (p.relative_to(base) if p.is_absolute() else p).as_posix()
+            if not (rel and posixpath.normpath(rel) == rel):  # an export records thousands: strings, not paths
+                p = pathlib.Path(f)
+                rel = (p.relative_to(base) if p.is_absolute() else p).as_posix()
             self.files.add(rel)
             self._written.add(rel)
         self._write_record()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 
 from bgsynth.errors import ConfigError
@@ -121,3 +123,22 @@ def test_index_digest_ignores_location_and_rejects(tmp_path, tiny_index):
     changed = tiny_index.copy()
     changed.data["images"][0]["label"] = (changed.data["images"][0]["label"] + 1) % 9
     assert index_digest(changed) != d
+
+
+def test_finish_keeps_exactly_what_this_run_wrote(tmp_path):
+    """An equal rerun that does not write a file of the earlier run (provenance.csv) removes it on finish; files
+    committed by absolute path, relative path or string all count as written; foreign files stay."""
+    out = tmp_path / "run"
+    first = OutputFolder(out, _fp()).claim()
+    for name in ("results.json", "provenance.csv", "sub/plot.png"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(name)
+    first.commit([out / "results.json", "provenance.csv", str(out / "sub" / "plot.png")])
+    assert first.finish() == []
+    (out / "mine.txt").write_text("mine")
+    again = OutputFolder(out, _fp()).claim()
+    again.commit([str(out / "results.json"), pathlib.Path("sub/plot.png")])
+    assert again.finish() == ["provenance.csv"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == \
+        [RUN_FILE, "mine.txt", "results.json", "sub/plot.png"]
+    assert again.files == {"results.json", "sub/plot.png"}
