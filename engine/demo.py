@@ -150,8 +150,8 @@ def run_demo(run: RunConfig | None = None, config: DemoConfig | None = None, **o
     return _Demo(run, config).run()
 
 
-class _Demo:
-    """The demo's steps; each is cached on disk so that a re-run only redoes what changed."""
+class _Steps:
+    """What every demo shares: its settings, the output and cache folders, the clock and the step printout."""
 
     def __init__(self, run: RunConfig, config: DemoConfig):
         self.run_cfg, self.cfg = run, config
@@ -164,6 +164,10 @@ class _Demo:
     def step(self, msg: str) -> None:
         if self.run_cfg.progress:
             print(f"[bgsynth demo {time.perf_counter() - self.t0:6.1f}s] {msg}", flush=True)
+
+
+class _Demo(_Steps):
+    """The demo's steps; each is cached on disk so that a re-run only redoes what changed."""
 
     def run(self) -> DemoResult:
         self.step("1/5 built-in dataset")
@@ -369,19 +373,8 @@ def _weighted(row: dict) -> str:
     return "" if w is None else f", average at the training distribution {100 * w:.1f}%"
 
 
-class _WaterbirdsDemo:
+class _WaterbirdsDemo(_Steps):
     """The waterbirds-like demo's steps: the dataset (cached), two trainings (reused when finished), the table."""
-
-    def __init__(self, run: RunConfig, config: DemoConfig):
-        self.run_cfg, self.cfg = run, config
-        self.out = pathlib.Path(config.out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.cache = pathlib.Path(config.cache_dir) if config.cache_dir is not None else default_cache_dir()
-        self.t0 = time.perf_counter()
-
-    def step(self, msg: str) -> None:
-        if self.run_cfg.progress:
-            print(f"[bgsynth demo {time.perf_counter() - self.t0:6.1f}s] {msg}", flush=True)
 
     def run(self) -> WaterbirdsDemoResult:
         r = self.run_cfg
