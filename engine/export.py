@@ -44,7 +44,8 @@ How it runs (the speed of ``bgsynth export``, ``benchmarks/bench_export.py``): e
 Mixed-* variants need the background pool, the decoded batches are kept in memory while the pool is gathered from
 them (above a quarter of the free memory, the pool is decoded in a pass of its own). Every variant is made
 batched on the device in the channels-last layout the decoders produce, so each row is a plain ``H x W x 3`` array
-for the encoder; JPEGs are encoded by a thread pool (PIL, which releases the GIL) one job per image, or batched on
+for the encoder; JPEGs are encoded by a thread pool one job per image (OpenCV's libjpeg-turbo, which releases the
+GIL, so the threads scale; byte for byte the files PIL writes, which holds the GIL and does not scale), or batched on
 the GPU with nvJPEG (``encoder="torchvision"``, the default on CUDA). On the CPU, torch's intra-op threads are set to
 one for the duration of the writing (and restored after): the encoder threads use the cores, and OpenMP threads
 spinning beside them made the composites several times slower.
@@ -71,6 +72,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -90,9 +92,13 @@ __all__ = ["export", "ExportConfig", "ExportResult", "ReleaseLayout", "safe_stem
 
 MASK_FOLDER = "fg_mask"
 IMAGE_FORMATS = {"jpeg": ".JPEG", "png": ".png"}
-#: JPEG encoders: ``pil`` (libjpeg-turbo on host threads), ``torchvision`` (``torchvision.io.encode_jpeg``: batched
-#: nvJPEG on CUDA tensors, libjpeg on the CPU); ``auto`` takes torchvision on CUDA devices and PIL elsewhere
-ENCODERS = ("auto", "pil", "torchvision")
+#: JPEG encoders: ``opencv`` (libjpeg-turbo through ``cv2.imencode`` on host threads: it releases the GIL, so the
+#: threads scale; the same bytes as PIL's), ``pil`` (the same libjpeg-turbo settings, but PIL holds the GIL while it
+#: encodes: two threads run no faster than one), ``torchvision`` (``torchvision.io.encode_jpeg``: batched nvJPEG on
+#: CUDA tensors, libjpeg on the CPU); ``auto`` takes torchvision on CUDA devices and OpenCV elsewhere
+ENCODERS = ("auto", "opencv", "pil", "torchvision")
+#: encoders that write the same bytes (libjpeg-turbo with the same settings): one name in an export's fingerprint
+_SAME_BYTES = {"opencv": "pil"}
 MANIFEST = "manifest.json"
 BACKGROUNDS = "backgrounds.csv"
 #: share of the free memory the decoded batches of an export may hold to be decoded only once
@@ -418,14 +424,14 @@ class _Writer:
     ``3 x H x W`` uint8 array, encoded in the job), ``'mask'`` (a 0/1 array, written as ``.npy``) or ``'bytes'``
     (already encoded)."""
 
-    def __init__(self, threads: int, image_format: str, quality: int):
+    def __init__(self, threads: int, image_format: str, quality: int, encoder: str = "opencv"):
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bgsynth-export")
         self.pending: collections.deque = collections.deque()
         self.keep = 4 * threads
-        self.image_format, self.quality = image_format, quality
+        self.image_format, self.quality, self.encoder = image_format, quality, encoder
 
     def submit(self, job: list[tuple[str, str, Any]]) -> None:
-        self.pending.append(self.pool.submit(_run_job, job, self.image_format, self.quality))
+        self.pending.append(self.pool.submit(_run_job, job, self.image_format, self.quality, self.encoder))
 
     def drain(self, keep: int | None = None) -> None:
         """Wait until at most ``keep`` jobs are in flight (bounded memory); re-raise the first failure."""
@@ -438,10 +444,10 @@ class _Writer:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_job(job: list[tuple[str, str, Any]], image_format: str, quality: int) -> None:
+def _run_job(job: list[tuple[str, str, Any]], image_format: str, quality: int, encoder: str) -> None:
     for kind, path, payload in job:
         if kind in ("hwc", "chw"):
-            _write(path, payload, image_format, quality)
+            _write(path, payload, image_format, quality, encoder, kind == "chw")
         elif kind == "mask":
             _write_mask(path, payload)
         else:
@@ -481,7 +487,8 @@ class _Export:
             "consistent": c.consistent, "masks": c.masks, "seed": int(r.seed),
             "resize": r.geometry.resize, "crop": r.geometry.crop, "tiling": r.tiling,
             "backend": auto_backend(r.device) if r.backend == "auto" else r.backend,
-            "device": r.device.type, "encoder": self.encoder if c.image_format == "jpeg" else "pil",
+            "device": r.device.type,
+            "encoder": _SAME_BYTES.get(self.encoder, self.encoder) if c.image_format == "jpeg" else "pil",
             "label_space": self.space.name, "pool": "the exported images" if self.given_pool is None
             else _pool_digest(self.given_pool),
         }
@@ -538,9 +545,10 @@ class _Export:
     def _write_images(self, todo: list[int], need_pool: bool) -> None:
         """Decode what the run needs once, gather the pool when it must be made, write the images of ``todo``."""
         r = self.run_cfg
-        writer = _Writer(self.threads, self.config.image_format, self.config.jpeg_quality)
+        writer = _Writer(self.threads, self.config.image_format, self.config.jpeg_quality, self.encoder)
         bar = _progress(r.progress, len(todo))
-        threads_before = torch.get_num_threads()
+        threads_before, cv_threads_before = torch.get_num_threads(), cv2.getNumThreads()
+        cv2.setNumThreads(1)  # the encoder threads are the parallelism; OpenCV's own pool inside each would spin
         if r.device.type == "cpu":
             # the encoder threads use the cores; torch's intra-op threads spinning beside them made the CPU
             # composites several times slower (benchmarks/bench_export.py), so the kernels run on this thread
@@ -568,6 +576,7 @@ class _Export:
             writer.drain(0)
         finally:
             torch.set_num_threads(threads_before)
+            cv2.setNumThreads(cv_threads_before)
             writer.close()
             if bar is not None:
                 bar.close()
@@ -706,7 +715,7 @@ def _planar(batch: Batch) -> Batch:
 def _resolve_encoder(config: ExportConfig, device: torch.device) -> str:
     if config.encoder != "auto":
         return config.encoder
-    return "torchvision" if device.type == "cuda" else "pil"
+    return "torchvision" if device.type == "cuda" else "opencv"
 
 
 def _with_classes(pool: BackgroundPool, num_classes: int) -> BackgroundPool:
@@ -758,21 +767,30 @@ def _host_rows(images: torch.Tensor) -> tuple[str, np.ndarray]:
     return "chw", images.contiguous().cpu().numpy()
 
 
-def _pil_image(arr: np.ndarray) -> Image.Image:
-    """A PIL RGB image of an ``H x W x 3`` or ``3 x H x W`` (planar: merged by PIL, no numpy transpose) array."""
-    if arr.ndim == 3 and arr.shape[-1] == 3 and arr.flags.c_contiguous:
-        return Image.fromarray(arr)
+def _pil_image(arr: np.ndarray, planar: bool) -> Image.Image:
+    """A PIL RGB image of an ``H x W x 3`` or ``3 x H x W`` (``planar``: merged by PIL, no numpy transpose) array."""
+    if not planar:
+        return Image.fromarray(np.ascontiguousarray(arr))
     h, w = arr.shape[1:]
     return Image.merge("RGB", [Image.frombuffer("L", (w, h), np.ascontiguousarray(p), "raw", "L", 0, 1) for p in arr])
 
 
-def _image_bytes(img: np.ndarray, image_format: str, quality: int) -> bytes:
-    """The file bytes of an ``H x W x 3`` or ``3 x H x W`` uint8 image: JPEG at ``quality`` or PNG (lossless)."""
+def _image_bytes(img: np.ndarray, image_format: str, quality: int, encoder: str = "opencv",
+                 planar: bool = False) -> bytes:
+    """The file bytes of an ``H x W x 3`` (or, ``planar``, ``3 x H x W``) uint8 RGB image: JPEG at ``quality``
+    (OpenCV or PIL: the same bytes) or PNG (lossless)."""
+    if image_format == "jpeg" and encoder == "opencv":
+        bgr = cv2.merge([img[2], img[1], img[0]]) if planar else cv2.cvtColor(np.ascontiguousarray(img),
+                                                                                  cv2.COLOR_RGB2BGR)
+        ok, data = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+        if not ok:
+            raise OSError(f"OpenCV could not encode a {img.shape} image as JPEG")
+        return data.tobytes()
     buf = io.BytesIO()
     if image_format == "png":
-        _pil_image(img).save(buf, format="PNG", compress_level=1)  # lossless; level 1 is the fast one
+        _pil_image(img, planar).save(buf, format="PNG", compress_level=1)  # lossless; level 1 is the fast one
     else:
-        _pil_image(img).save(buf, format="JPEG", quality=quality)
+        _pil_image(img, planar).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
@@ -811,8 +829,6 @@ def _put(path: str, data: bytes) -> None:
         raise
 
 
-def _write(path: str, img: np.ndarray, image_format: str, quality: int) -> None:
-    _put(path, _image_bytes(img, image_format, quality))
 
 
 def _write_mask(path: str, mask: np.ndarray) -> None:
@@ -848,3 +864,7 @@ def _has(index: DatasetIndex, image_id: int) -> bool:
     except (KeyError, IndexError):
         return False
     return True
+
+
+def _write(path: str, img: np.ndarray, image_format: str, quality: int, encoder: str, planar: bool) -> None:
+    _put(path, _image_bytes(img, image_format, quality, encoder, planar))

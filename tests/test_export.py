@@ -138,11 +138,11 @@ def test_killed_export_finishes_identically(exported, val_index, tiny_geometry, 
     real = export_mod._write
     calls = {"n": 0}
 
-    def flaky(path, img, image_format, quality):
+    def flaky(path, img, *args):
         calls["n"] += 1
         if calls["n"] == 40:
             raise KeyboardInterrupt("simulated kill")
-        real(path, img, image_format, quality)
+        real(path, img, *args)
 
     monkeypatch.setattr(export_mod, "_write", flaky)
     root = tmp_path / "killed"
@@ -477,3 +477,24 @@ def test_cli_export(builtin_root, tmp_path, capsys):
     helptext = sub.format_help()
     assert "(default: True)" not in helptext and "(default: False)" not in helptext
     assert "--overwrite" in helptext and "--resume" in helptext
+
+
+@pytest.mark.parametrize("quality", [95, 75, 30])
+def test_opencv_encoder_writes_pils_bytes_on_photographs(quality):
+    """The CPU default encoder (OpenCV, which releases the GIL) writes byte for byte the JPEG that PIL writes, for
+    real photographs of varied sizes, cropped and whole, channels-last or planar."""
+    from photos import PHOTOS, photo_arrays
+
+    from bgsynth.export import _image_bytes
+
+    for spec in PHOTOS:
+        pixels, _masks = photo_arrays(spec)
+        if pixels.ndim == 2:  # a greyscale photograph is exported as RGB, like every decoded image
+            pixels = np.ascontiguousarray(np.repeat(pixels[..., None], 3, axis=2))
+        for img in (pixels, np.ascontiguousarray(pixels[7:231, 3:227]), np.ascontiguousarray(pixels[:13, :29])):
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+            assert _image_bytes(img, "jpeg", quality, "opencv") == buf.getvalue(), (spec.name, img.shape)
+            planar = np.ascontiguousarray(img.transpose(2, 0, 1))
+            assert _image_bytes(planar, "jpeg", quality, "opencv", planar=True) == buf.getvalue(), spec.name
+            assert _image_bytes(planar, "jpeg", quality, "pil", planar=True) == buf.getvalue(), spec.name

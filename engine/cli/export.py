@@ -46,8 +46,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--backend", default="auto", help="decode backend: auto, dali, torchvision, pil")
     p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"), help="variant kernels backend")
-    p.add_argument("--encoder", default="auto", choices=("auto", "pil", "torchvision"),
-                   help="JPEG encoder: auto = nvJPEG (torchvision) on CUDA, PIL threads on the CPU")
+    p.add_argument("--encoder", default="auto", choices=("auto", "opencv", "pil", "torchvision"),
+                   help="JPEG encoder: auto = nvJPEG (torchvision) on CUDA, OpenCV threads on the CPU (the same "
+                        "bytes as PIL, which does not scale over threads)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per decoded batch")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", dest="resume", action="store_true", default=True,
