@@ -42,7 +42,6 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import io
-import json
 import os
 import pathlib
 import platform
@@ -59,7 +58,7 @@ from . import __version__, kernels
 from .config import DEFAULT_GEOMETRY, DEMO_GEOMETRY, RunConfig, check_positive_int, resolve_amp, resolve_options
 from .errors import ConfigError
 from .evaluate import EvalConfig, evaluate
-from .fileio import atomic_write_bytes, atomic_write_json
+from .fileio import atomic_write_bytes, atomic_write_json, read_json
 from .index import DatasetIndex
 from .models import LoadedModel, Predictor, load_model
 from .pipeline import auto_backend, available_backends, create_loader
@@ -238,10 +237,7 @@ def load_bench(path: str | os.PathLike) -> BenchResult:
         p = p / "bench.json"
     if not p.is_file():
         raise ConfigError(f"{path}: expected a bench.json file or a folder holding one, found none")
-    try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{p}: not a readable bench result ({e})") from e
+    d = read_json(p, "bench result")
     try:
         return BenchResult.from_dict(d)
     except ConfigError as e:

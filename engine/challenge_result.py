@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 import math
 import os
 import pathlib
@@ -21,7 +20,7 @@ import numpy as np
 
 from .classes import IN9, LabelSpace
 from .errors import CheckpointError, ConfigError
-from .fileio import atomic_write_bytes, atomic_write_json
+from .fileio import atomic_write_bytes, atomic_write_json, read_json
 
 __all__ = [
     "REFERENCE_BATCH",
@@ -401,10 +400,7 @@ class ChallengeResult:
         """Read a result written by :meth:`save` (``out_dir`` or the path of its ``challenge.json``)."""
         p = pathlib.Path(out_dir)
         js = p if p.suffix == ".json" else p / "challenge.json"
-        try:
-            d = json.loads(js.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{js}: not a readable challenge result ({e})") from e
+        d = read_json(js, "challenge result", CheckpointError)
         if d.get("format") != "bgsynth-challenge":
             raise CheckpointError(f"{js}: expected format 'bgsynth-challenge', got {d.get('format')!r}")
         fg = d["foregrounds"]

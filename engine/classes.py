@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .errors import ConfigError
+from .fileio import read_json
 
 __all__ = [
     "LabelSpace",
@@ -133,14 +134,6 @@ def folder_to_in9(folder: str) -> int | None:
 # Label spaces
 # --------------------------------------------------------------------------------------------------------------
 
-def _read_json(path: str | os.PathLike, what: str) -> Any:
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not a readable {what} ({e})") from e
-
-
 _BAD_FOLDER = re.compile(r"[/\\\x00]|^\.\.?$")
 
 
@@ -220,7 +213,7 @@ class LabelSpace:
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "LabelSpace":
         """A label space from a JSON file: a list of names, or ``{"name": ..., "classes": [...], "folders": [...]}``."""
-        d = _read_json(path, "class list")
+        d = read_json(path, "class list")
         if isinstance(d, list):
             return cls.from_names(d, name=os.path.splitext(os.path.basename(os.fspath(path)))[0])
         return cls.from_dict(d)
@@ -273,7 +266,7 @@ class OutputMap:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, num_outputs: int) -> "OutputMap":
-        d = _read_json(path, "output map")
+        d = read_json(path, "output map")
         if isinstance(d, list):
             d = {i: v for i, v in enumerate(d)}
         if not isinstance(d, Mapping):

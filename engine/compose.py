@@ -35,7 +35,6 @@ True
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -46,6 +45,7 @@ import torch
 
 from .classes import LabelSpace
 from .errors import ConfigError
+from .fileio import read_json
 from .rng import hash_below, hash_bits, hash_uniform, srl
 from .types import BackgroundPool
 
@@ -143,12 +143,7 @@ class Pairing:
     @classmethod
     def from_json(cls, path: str | os.PathLike, fg_space: LabelSpace, bg_space: LabelSpace) -> "Pairing":
         """A pairing from a JSON file (see :meth:`from_mapping`); errors name the file."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: not a readable pairing JSON ({e})") from None
-        return cls.from_mapping(data, fg_space, bg_space, where=os.fspath(path))
+        return cls.from_mapping(read_json(path, "pairing JSON"), fg_space, bg_space, where=os.fspath(path))
 
     @classmethod
     def default(cls, fg_space: LabelSpace, bg_space: LabelSpace) -> "Pairing":

@@ -67,7 +67,6 @@ import io
 import os
 import pathlib
 import re
-import secrets
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -104,7 +103,6 @@ BACKGROUNDS = "backgrounds.csv"
 #: share of the free memory the decoded batches of an export may hold to be decoded only once
 RETAIN_HEADROOM = 0.25
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
 
 
 @dataclasses.dataclass
@@ -451,7 +449,7 @@ def _run_job(job: list[tuple[str, str, Any]], image_format: str, quality: int, e
         elif kind == "mask":
             _write_mask(path, payload)
         else:
-            _put(path, payload)
+            atomic_write_bytes(path, payload, durable=False)
 
 
 class _Export:
@@ -800,39 +798,12 @@ def _npy_bytes(mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _put(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` whole or not at all: a temporary ``.<name>.<random>.tmp`` beside it, renamed into
-    place. Unlike :func:`bgsynth.fileio.atomic_write_bytes`, no fsync per file (see the module docstring): a
-    killed process leaves the old file or the new one; the folder's claim removes a killed write's temporary."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
-    try:
-        try:
-            fd = os.open(tmp, _NEW_FILE, 0o666)  # raw descriptors: a third cheaper than file objects per file
-        except FileNotFoundError:
-            # the folder's first file: folders are made on demand, as readers such as torchvision's ImageFolder
-            # refuse a class folder without images
-            os.makedirs(folder, exist_ok=True)
-            fd = os.open(tmp, _NEW_FILE, 0o666)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
+def _write(path: str, img: np.ndarray, image_format: str, quality: int, encoder: str, planar: bool) -> None:
+    atomic_write_bytes(path, _image_bytes(img, image_format, quality, encoder, planar), durable=False)
 
 
 def _write_mask(path: str, mask: np.ndarray) -> None:
-    _put(path, _npy_bytes((mask != 0).astype(np.uint8)))
+    atomic_write_bytes(path, _npy_bytes((mask != 0).astype(np.uint8)), durable=False)
 
 
 def _write_backgrounds(layout: ReleaseLayout, index: DatasetIndex, ids: list[int], pool, seed: int) -> None:
@@ -864,7 +835,3 @@ def _has(index: DatasetIndex, image_id: int) -> bool:
     except (KeyError, IndexError):
         return False
     return True
-
-
-def _write(path: str, img: np.ndarray, image_format: str, quality: int, encoder: str, planar: bool) -> None:
-    _put(path, _image_bytes(img, image_format, quality, encoder, planar))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-import json
 import os
 import pathlib
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -33,7 +32,7 @@ import numpy as np
 
 from .classes import IN9, LabelSpace
 from .errors import ConfigError, EmptyInputError, IndexFormatError
-from .fileio import atomic_write_bytes, atomic_write_json
+from .fileio import atomic_write_json, read_json
 
 __all__ = [
     "INDEX_VERSION",
@@ -307,11 +306,7 @@ class DatasetIndex:
         path = pathlib.Path(path)
         if not path.is_file():
             raise IndexFormatError(f"{path}: index file not found")
-        try:
-            with open(path, "r", encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise IndexFormatError(f"{path}: not a readable JSON index ({e})") from e
+        data = read_json(path, "JSON index", IndexFormatError)
         if not isinstance(data, dict):
             raise IndexFormatError(f"{path}: expected a JSON object at top level, got {type(data).__name__}")
         idx = cls(data, path)

@@ -85,15 +85,10 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def _read_pairing(path: str):
     """``--pairing``: the JSON object ``{fg_class: [aligned bg classes]}``; a ConfigError names the file."""
-    import json
-
     from ..errors import ConfigError
+    from ..fileio import read_json
 
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"--pairing {path}: not a readable JSON file ({e})") from None
+    d = read_json(path, "pairing JSON (--pairing)")
     if not isinstance(d, dict):
         raise ConfigError(f"--pairing {path}: expected a JSON object {{fg_class: [aligned bg classes]}}, got "
                           f"{type(d).__name__}")

@@ -39,7 +39,6 @@ index could not hold (``bad_file_name``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import re
@@ -49,6 +48,7 @@ import numpy as np
 
 from ..classes import LabelSpace, wnid_to_in1k
 from ..errors import ConfigError
+from ..fileio import read_json
 from ..index import MASK_SOURCES, DatasetIndex, Reject, inclusive_to_bbox, mask_extent, rle_encode
 from ..probe import VERIFY_MODES, probe_file
 from ._probe import IngestError, reject_bad_name, run_pool, summarize_rejects, with_options
@@ -105,13 +105,6 @@ class MaskIngestConfig:
 # --------------------------------------------------------------------------------------------------------------
 # Class maps
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _read_json(path: pathlib.Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise IngestError(f"mask ingest: class map {path}: not a readable JSON file ({e})") from e
 
 
 def _value_classes(obj: Any, path: pathlib.Path) -> tuple[list[str], dict[int, int]]:
@@ -279,7 +272,7 @@ def _classes(config: MaskIngestConfig, images: list[str]) -> _Classes:
                               "none found; give a JSON class map (--classes MAP.json) instead")
         return _Classes(names)
     path = pathlib.Path(config.classes).expanduser()
-    obj = _read_json(path)
+    obj = read_json(path, "class map JSON (mask ingest)", IngestError)
     if config.values == "classes":
         names, table = _value_classes(obj, path)
         return _Classes(names, table=table)
