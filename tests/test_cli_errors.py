@@ -175,6 +175,8 @@ CASES = [
     Case("export-threads-0", ["export", IDX, "--out", "{d}/o", "--threads", "0"], "--threads", _index_json),
     Case("export-quality-0", ["export", IDX, "--out", "{d}/o", "--quality", "0"], "quality", _index_json),
     Case("export-quality-101", ["export", IDX, "--out", "{d}/o", "--quality", "101"], "quality", _index_json),
+    Case("compose-export-quality-101", ["compose", "export", IDX, "--backgrounds", "{d}/img", "--quality", "101",
+                                        "--out", "{d}/o"], "quality", _index_json),
     Case("train-batch-size-1", ["train", IDX, "--out", "{d}/m.pt", "--batch-size", "1", "--device", "cpu"],
          "batch", _index_json),
     Case("train-epochs-0", ["train", IDX, "--out", "{d}/m.pt", "--epochs", "0", "--device", "cpu"], "--epochs",

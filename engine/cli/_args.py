@@ -26,7 +26,7 @@ import argparse
 import os
 import pathlib
 
-__all__ = ["positive_int", "nonneg_int", "fraction", "unit_interval", "seconds", "existing_file", "existing_dir",
+__all__ = ["positive_int", "jpeg_quality", "nonneg_int", "fraction", "unit_interval", "seconds", "existing_file", "existing_dir",
            "index_path", "out_dir", "out_file", "HelpFormatter", "add_model_args", "add_tiling_arg",
            "predictor_from_args", "resolve_index", "geometry_from_args"]
 
@@ -107,6 +107,13 @@ def positive_int(text: str) -> int:
     v = _int(text)
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return v
+
+
+def jpeg_quality(text: str) -> int:
+    v = positive_int(text)
+    if v > 100:
+        raise argparse.ArgumentTypeError(f"expected a JPEG quality in 1..100, got {text}")
     return v
 
 

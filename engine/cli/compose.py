@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._args import HelpFormatter, index_path, out_dir, positive_int
+from ._args import HelpFormatter, index_path, jpeg_quality, out_dir, positive_int
 from .train import add_compose_args, compose_spec, correlations
 
 __all__ = ["register", "run"]
@@ -66,7 +66,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--split-correlation", default=None, metavar="SPLIT=C,...",
                    help="per-split correlations, e.g. 'val=0.5,test=0.5' (Waterbirds' balanced evaluation splits)")
     e.add_argument("--format", dest="image_format", choices=("jpg", "png"), default="jpg", help="image format")
-    e.add_argument("--quality", type=positive_int, default=95, help="JPEG quality (1..100)")
+    e.add_argument("--quality", type=jpeg_quality, default=95, help="JPEG quality (1..100)")
     e.add_argument("--resume", action="store_true", help="continue an export with the same settings")
     e.add_argument("--overwrite", action="store_true", help="replace an export made with other settings")
     v = sub.add_parser(

@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ._args import HelpFormatter, add_tiling_arg, index_path, out_dir, positive_int
+from ._args import HelpFormatter, add_tiling_arg, index_path, jpeg_quality, out_dir, positive_int
 
 __all__ = ["register", "run"]
-
-
-def _quality(text: str) -> int:
-    v = positive_int(text)
-    if v > 100:
-        raise argparse.ArgumentTypeError(f"expected a JPEG quality in 1..100, got {text}")
-    return v
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -39,7 +32,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--format", dest="image_format", choices=("jpeg", "png"), default="jpeg",
                    help="jpeg (<stem>.JPEG, as released) or png (<stem>.png, lossless: a reader of the export sees "
                         "exactly the pixels bgsynth eval feeds the model)")
-    p.add_argument("--quality", type=_quality, default=95, help="JPEG quality (1..100)")
+    p.add_argument("--quality", type=jpeg_quality, default=95, help="JPEG quality (1..100)")
     p.add_argument("--resize", type=positive_int, default=256, help="crop geometry: shorter side")
     p.add_argument("--crop", type=positive_int, default=224, help="crop geometry: centre crop")
     add_tiling_arg(p)
