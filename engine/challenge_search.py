@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .challenge_result import NOT_FOOLED, UNMAPPED_U8, ChallengeResult, ids_digest, pred_to_u8
+from .challenge_result import NOT_FOOLED, ChallengeResult, ids_digest, pred_to_u8
 from .classes import IN9, NUM_IN9, LabelSpace, in1k_to_in9
 from .config import RunConfig, check_positive_int
 from .errors import CheckpointError, ConfigError

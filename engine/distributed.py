@@ -39,7 +39,6 @@ import dataclasses
 import datetime
 import math
 import os
-import warnings
 from typing import Any, Iterator, Sequence
 
 import torch

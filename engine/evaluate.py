@@ -61,12 +61,9 @@ from .report import write_report
 from .runs import Fingerprint, OutputFolder, index_digest
 from .results import (
     RECORD_COLUMNS,
-    SCHEMA,
     VARIANT_ORDER,
     EvalRecords,
     EvalResult,
-    load_result,
-    merge_results,
     metrics_from_records,
     model_digest,
     normalise_pairing,

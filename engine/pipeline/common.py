@@ -46,10 +46,8 @@ from ..types import Batch
 from .host import (
     HostSample,
     assemble_batch,
-    check_decoded_size,
     crop_targets,
     full_strips,
-    only_bg_t_full,
     pil_decode_crop,
     read_sample,
     to_device,
