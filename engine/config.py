@@ -29,6 +29,7 @@ CropGeometry(resize=72, crop=64)
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from collections.abc import Mapping
 
@@ -53,6 +54,7 @@ __all__ = [
     "check_positive_int",
     "resolve_options",
     "RUN_OPTIONS",
+    "available_cores",
 ]
 
 DEFAULT_GEOMETRY = CropGeometry(resize=256, crop=224)
@@ -326,3 +328,10 @@ def _override_run(run: RunConfig, kw: Mapping) -> RunConfig:
             changes[k] = kw[k]
     return run.replace(**changes) if changes else run
 
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)

@@ -43,7 +43,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .config import resolve_device
+from .config import available_cores, resolve_device
 from .errors import BackendUnavailableError, BgsynthError, ConfigError
 
 __all__ = [
@@ -112,11 +112,7 @@ class DistContext:
 
     def cpu_share(self) -> int:
         """CPU cores this rank may use: the cores of the node divided by the ranks on it (at least 1)."""
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            cores = os.cpu_count() or 1
-        return max(1, cores // max(1, self.local_world_size))
+        return max(1, available_cores() // max(1, self.local_world_size))
 
     def shard(self, ids: Sequence[int]) -> list[int]:
         """This rank's share of ``ids`` by the one sharding rule (:func:`shard_ids`)."""

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import RunConfig, check_positive_int, resolve_options
+from .config import RunConfig, available_cores, check_positive_int, resolve_options
 from .distributed import DistContext, current, shard_ids
 from .errors import ConfigError
 from .index import DatasetIndex
@@ -281,10 +281,7 @@ def cpu_thread_split(device: torch.device | str, model_threads: int | None = Non
     """
     if torch.device(device).type != "cpu":
         return model_threads, decode_threads
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
+    cores = available_cores()
     decode = decode_threads if decode_threads is not None else 1
     model = model_threads if model_threads is not None else max(1, min(torch.get_num_threads(), cores - decode))
     return model, decode

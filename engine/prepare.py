@@ -66,7 +66,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .config import RunConfig, resolve_options
+from .config import RunConfig, available_cores, resolve_options
 from .distributed import DistContext, current
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_write_bytes
@@ -293,12 +293,7 @@ def _executor(n_workers: int) -> cf.ProcessPoolExecutor | None:
 
 
 def _resolve_workers(workers: int | None) -> int:
-    if workers is None:
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except AttributeError:  # not on Linux
-            return max(1, os.cpu_count() or 1)
-    return int(workers)
+    return available_cores() if workers is None else int(workers)
 
 
 def _progress_bar(desc: str, total: int | None = None):

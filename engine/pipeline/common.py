@@ -29,7 +29,6 @@ import dataclasses
 import importlib
 import importlib.util
 import math
-import os
 import queue
 import threading
 import warnings
@@ -38,7 +37,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..config import RunConfig, check_positive_int
+from ..config import RunConfig, available_cores, check_positive_int
 from ..errors import BackendUnavailableError, ConfigError, DecodeError
 from ..index import DatasetIndex, Reject
 from ..probe import SampleError
@@ -146,14 +145,6 @@ MAX_DEFAULT_THREADS = 8
 #: torch intra-op threads of each decoder thread and of the prefetch thread (``None``: torch's default, i.e. every
 #: decoder thread would start its own team of ``torch.get_num_threads()`` OpenMP threads for a resize)
 DECODER_TORCH_THREADS: int | None = 1
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def default_decode_threads(device: torch.device | str = "cpu") -> int:
