@@ -59,7 +59,7 @@ from .config import DEFAULT_GEOMETRY, DEMO_GEOMETRY, RunConfig, check_positive_i
 from .errors import ConfigError
 from .evaluate import EvalConfig, evaluate
 from .fileio import atomic_write_bytes, atomic_write_json, read_json
-from .index import DatasetIndex
+from .index import DatasetIndex, require_index
 from .models import LoadedModel, Predictor, load_model
 from .pipeline import auto_backend, available_backends, create_loader
 from .pipeline.common import available_cores, default_decode_threads, sharing_cores
@@ -408,8 +408,7 @@ def run_bench(index: DatasetIndex, run: RunConfig | None = None, config: BenchCo
     Returns:
         The :class:`BenchResult`; :meth:`BenchResult.save` writes it.
     """
-    if not isinstance(index, DatasetIndex):
-        raise ConfigError(f"run_bench: expected a DatasetIndex, got {type(index).__name__}")
+    require_index(index, "run_bench")
     cfg_model = options.get("model", config.model if config is not None else BenchConfig.model)
     loaded = cfg_model if isinstance(cfg_model, LoadedModel) else load_model(cfg_model)
     default_geometry = DEMO_GEOMETRY if loaded.arch == "bgsynth_cnn" else DEFAULT_GEOMETRY

@@ -47,7 +47,7 @@ from .config import DEMO_GEOMETRY, RunConfig, resolve_options
 from .errors import CheckpointError, ConfigError
 from .export import safe_stem
 from .fileio import atomic_write_bytes, atomic_write_json
-from .index import DatasetIndex
+from .index import DatasetIndex, require_index
 from .models import LoadedModel, Predictor, create_model, load_model
 from .pipeline import create_loader
 from .runs import Fingerprint, OutputFolder, file_digest, index_digest
@@ -71,14 +71,6 @@ def _split_codes(splits: Sequence[str]) -> dict[str, int]:
     for k, s in enumerate(sorted(s for s in splits if s not in SPLIT_CODES)):
         codes[s] = 3 + k
     return codes
-
-
-def _load_index(index) -> DatasetIndex:
-    if isinstance(index, (str, bytes)) or hasattr(index, "__fspath__"):
-        return DatasetIndex.load(index)
-    if not isinstance(index, DatasetIndex):
-        raise ConfigError(f"compose: expected a DatasetIndex or an index path, got {type(index).__name__}")
-    return index
 
 
 def _spec(spec) -> ComposeSpec:
@@ -129,7 +121,7 @@ def describe_composed(index, spec: ComposeSpec | Mapping, run: RunConfig | None 
     Returns:
         ``{"rule", "backgrounds": {"source", "kind", "classes", "counts"}, "groups": {split: {"fg/bg": n}}}``.
     """
-    index = _load_index(index)
+    index = require_index(index, "compose", load_paths=True)
     spec = _spec(spec)
     run, config = resolve_options("describe_composed", run, None, _Split, options)
     src = pathlib.Path(spec.backgrounds).expanduser()
@@ -308,7 +300,7 @@ def export_composed(index, spec: ComposeSpec | Mapping, out_dir: str | os.PathLi
         A :class:`ComposeExportResult`.
     """
     t0 = time.perf_counter()
-    index = _load_index(index)
+    index = require_index(index, "compose", load_paths=True)
     spec = _spec(spec)
     run, config = resolve_options("export_composed", run, config, ComposeExportConfig, options, batch_kind="decode")
     sub = index.select(split=config.split) if config.split is not None else index
@@ -553,7 +545,7 @@ def evaluate_composed(index, model, spec: ComposeSpec | Mapping, run: RunConfig 
         the drawn class are invalid (counted, not scored).
     """
     t0 = time.perf_counter()
-    index = _load_index(index)
+    index = require_index(index, "compose", load_paths=True)
     spec = _spec(spec)
     n_cls = index.label_space.num_classes
     pred = model if isinstance(model, Predictor) else None
@@ -651,7 +643,7 @@ def compare_correlations(index, spec: ComposeSpec | Mapping, out_dir: str | os.P
     Returns:
         A :class:`CorrelationComparison` (also ``compare.json`` / ``compare.md``).
     """
-    index = _load_index(index)
+    index = require_index(index, "compose", load_paths=True)
     spec = _spec(spec)
     run, _ = resolve_options("compare_correlations", run, None, ComposeEvalConfig, options, batch_kind="train",
                              default_geometry=DEMO_GEOMETRY, progress=True)

@@ -53,7 +53,7 @@ from . import __version__
 from .config import RunConfig, available_cores, check_positive_int, resolve_options
 from .distributed import DistContext, current, shard_ids
 from .errors import ConfigError
-from .index import DatasetIndex
+from .index import DatasetIndex, require_index
 from .models import LABEL_PROTOCOLS, LoadedModel, Predictor, check_label_space
 from .pipeline import create_loader
 from .pool import build_background_pool_sharded, gather_background_pool, pool_from_batches
@@ -204,7 +204,7 @@ def evaluate(
 
 def _resolve(index, model, run, config, options) -> tuple[Predictor, RunConfig, EvalConfig]:
     """The predictor and the resolved run and job configurations of an evaluation (checked before any work)."""
-    _check_index(index, "evaluate")
+    require_index(index, "evaluate")
     loaded = _loaded_model(model)
     defaults = dict(batch_kind="eval", progress=True, device="cpu", amp=None,
                     stored_geometry=getattr(loaded, "geometry", None),
@@ -220,15 +220,6 @@ def _resolve(index, model, run, config, options) -> tuple[Predictor, RunConfig, 
                               label_space=index.label_space)
     check_label_space(predictor, index, "evaluate")
     return predictor, run, config
-
-
-def _check_index(index, owner: str) -> None:
-    """The public functions take a loaded index: a path is loaded once, at the edge (the CLI)."""
-    if isinstance(index, (str, bytes, os.PathLike)):
-        raise ConfigError(f"{owner}: expected a DatasetIndex, got the path {str(index)!r}; load it once with "
-                          f"bgsynth.index.DatasetIndex.load(path) and pass the index")
-    if not isinstance(index, DatasetIndex):
-        raise ConfigError(f"{owner}: expected a DatasetIndex, got {type(index).__name__}")
 
 
 def _loaded_model(model) -> LoadedModel:

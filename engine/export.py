@@ -79,7 +79,7 @@ from PIL import Image
 from .config import RunConfig, resolve_options
 from .errors import ConfigError, PoolTooLargeError
 from .fileio import atomic_write_bytes, atomic_write_json
-from .index import DatasetIndex
+from .index import DatasetIndex, require_index
 from .pipeline import auto_backend, create_loader
 from .pool import build_background_pool, pool_from_batches
 from .runs import Fingerprint, OutputFolder, index_digest
@@ -395,9 +395,7 @@ def export(index: DatasetIndex, out_dir: str | os.PathLike, run: RunConfig | Non
             the settings that differ; ``overwrite=True`` replaces it).
         EmptyInputError: no image to export (an empty index, or a split without images).
     """
-    if not isinstance(index, DatasetIndex):
-        raise ConfigError(f"export: expected a DatasetIndex, got {type(index).__name__}; load an index file once "
-                          f"with bgsynth.index.DatasetIndex.load(path)")
+    require_index(index, "export")
     run, config = resolve_options("export", run, config, ExportConfig, options, batch_kind="decode", device="cpu",
                                   amp=None, progress=True)
     return _Export(index, out_dir, run, config, pool).run()

@@ -40,6 +40,7 @@ __all__ = [
     "Reject",
     "ImageRecord",
     "DatasetIndex",
+    "require_index",
     "rle_encode",
     "rle_decode",
     "rle_union",
@@ -630,3 +631,24 @@ class DatasetIndex:
 
     def __repr__(self) -> str:
         return f"DatasetIndex({self._where()}, images={len(self)}, rejects={len(self.rejects)})"
+
+
+def require_index(index: Any, owner: str, *, load_paths: bool = False) -> DatasetIndex:
+    """The :class:`DatasetIndex` a public function was given (the one check of every consumer).
+
+    Args:
+        index: a loaded index, or (with ``load_paths``) the path of one, loaded here.
+        owner: the function's name, for the error.
+        load_paths: accept a path (the training entry points); elsewhere an index is loaded once, by the caller.
+
+    Raises:
+        ConfigError: anything else, naming ``owner`` and how to load an index once.
+    """
+    is_path = isinstance(index, (str, bytes)) or hasattr(index, "__fspath__")
+    if is_path and load_paths:
+        return DatasetIndex.load(index)
+    if not isinstance(index, DatasetIndex):
+        got = f"the path {os.fsdecode(index)!r}" if is_path else type(index).__name__
+        raise ConfigError(f"{owner}: expected a DatasetIndex, got {got}; load the index file once with "
+                          f"bgsynth.index.DatasetIndex.load(path) and pass the index")
+    return index

@@ -70,7 +70,7 @@ from .config import RunConfig, available_cores, resolve_options
 from .distributed import DistContext, current
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_write_bytes
-from .index import DatasetIndex, ImageRecord, Reject, rle_decode, rle_encode
+from .index import DatasetIndex, ImageRecord, Reject, require_index, rle_decode, rle_encode
 from .masks import (
     FILTER_REASONS,
     GrabCutCost,
@@ -988,11 +988,7 @@ def _write(result: DatasetIndex, plan: _Plan, loop: _Loop, ctx: DistContext, out
 
 
 def _check_call(index, config: PrepareConfig, out) -> None:
-    if not isinstance(index, DatasetIndex):
-        raise ConfigError(
-            f"prepare: expected a DatasetIndex, got {type(index).__name__}; load an index file once, at the edge: "
-            f"prepare(DatasetIndex.load(path), ...)"
-        )
+    require_index(index, "prepare")
     if config.resume and out is None:
         raise ConfigError("prepare: resume=True needs out= (the journal lives next to the output index)")
     if config.filter_existing:

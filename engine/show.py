@@ -22,7 +22,7 @@ from typing import Any
 
 from .config import RunConfig, check_positive_int, resolve_options
 from .errors import ConfigError
-from .index import DatasetIndex
+from .index import DatasetIndex, require_index
 from .pipeline import auto_backend, create_loader
 from .pool import build_background_pool
 from .runs import Fingerprint, OutputFolder, index_digest
@@ -86,9 +86,7 @@ def show_index(index: DatasetIndex, out_path: str | os.PathLike, run: RunConfig 
         ConfigError: ``out_path`` is a folder, or a sheet of other settings is there (the message names them).
         EmptyInputError: no image in the split.
     """
-    if not isinstance(index, DatasetIndex):
-        raise ConfigError(f"show: expected a DatasetIndex, got {type(index).__name__}; load an index file once "
-                          f"with bgsynth.index.DatasetIndex.load(path)")
+    require_index(index, "show")
     run, config = resolve_options("show", run, config, ShowConfig, options, batch_kind="decode", device="cpu",
                                   amp=None)
     pool_index = index.select(split=config.split) if config.split is not None else index

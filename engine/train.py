@@ -55,7 +55,7 @@ from .distributed import DistContext, current
 from .errors import CheckpointError, ConfigError
 from .evaluate import evaluate
 from .fileio import atomic_write_bytes, atomic_write_json
-from .index import DatasetIndex
+from .index import DatasetIndex, require_index
 from .models import LoadedModel, Predictor, create_model, load_model, save_checkpoint
 from .pipeline import create_loader
 from .runs import Fingerprint, OutputFolder, index_digest
@@ -207,15 +207,6 @@ class TrainResult:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
         d["checkpoint"] = None if self.checkpoint is None else str(self.checkpoint)
         return d
-
-
-def _load_index(index) -> DatasetIndex:
-    """The index, loaded once at the edge when a path is given."""
-    if isinstance(index, (str, bytes)) or hasattr(index, "__fspath__"):
-        return DatasetIndex.load(index)
-    if not isinstance(index, DatasetIndex):
-        raise ConfigError(f"train: expected a DatasetIndex or an index path, got {type(index).__name__}")
-    return index
 
 
 # ==============================================================================================================
@@ -676,7 +667,7 @@ def train(index, run: RunConfig | None = None, config: TrainConfig | None = None
         A :class:`TrainResult`.
     """
     t0 = time.perf_counter()
-    index = _load_index(index)
+    index = require_index(index, "train", load_paths=True)
     ctx = current() if dist is None else dist
     run, config = resolve_options("train", run, config, TrainConfig, options, batch_kind="train",
                                   default_geometry=DEMO_GEOMETRY, progress=True,
@@ -741,7 +732,7 @@ def evaluate_original(model: nn.Module, index, split: str | None = "val", run: R
     Returns:
         ``(accuracy, images)``; accuracy is ``None`` when the split has no images.
     """
-    index = _load_index(index)
+    index = require_index(index, "train", load_paths=True)
     run, _ = resolve_options("evaluate_original", run, None, _ValConfig, options, default_geometry=DEMO_GEOMETRY,
                              batch_size=_VAL_BATCH)
     sub = index.select(split=split) if split is not None else index
@@ -934,7 +925,7 @@ def compare_training(index, out_dir: str | os.PathLike, run: RunConfig | None = 
     Returns:
         A :class:`CompareResult` (also written as ``compare.json`` and ``compare.md`` in ``out_dir``).
     """
-    index = _load_index(index)
+    index = require_index(index, "train", load_paths=True)
     extra = {k: v for k, v in options.items() if k not in _COMPARE_NAMED}
     train_kw = {k: options.pop(k) for k in _TRAIN_OPTIONS if k in options}
     run, config = resolve_options("compare_training", run, config, CompareConfig, options, batch_kind="train",

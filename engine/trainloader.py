@@ -30,7 +30,7 @@ from .augment import SWAP_OPTIONS, AugmentedBatch, BackgroundSwap, SwapConfig, s
 from .config import RUN_OPTIONS, RunConfig, check_positive_int, resolve_options
 from .distributed import DistContext, shard_ids
 from .errors import ConfigError
-from .index import DatasetIndex
+from .index import DatasetIndex, require_index
 from .pipeline import create_loader
 from .pool import build_background_pool, build_background_pool_sharded
 from .rng import hash_bits
@@ -152,10 +152,7 @@ class TrainIterator:
 
     # ------------------------------------------------------------------------------------------ setup
     def _select(self, index) -> DatasetIndex:
-        if isinstance(index, (str, bytes)) or hasattr(index, "__fspath__"):
-            index = DatasetIndex.load(index)
-        if not isinstance(index, DatasetIndex):
-            raise ConfigError(f"TrainIterator: expected a DatasetIndex or an index path, got {type(index).__name__}")
+        index = require_index(index, "TrainIterator", load_paths=True)
         split = self.config.split
         sub = index.select(split=split) if split is not None else index
         if len(sub) == 0:

@@ -16,9 +16,9 @@ import bgsynth.distributed
 import bgsynth.geometry
 import bgsynth.index
 from bgsynth.classes import IN9_FOLDERS, in1k_to_in9, in1k_wnids, wnid_to_in9
-from bgsynth.errors import IndexFormatError
+from bgsynth.errors import ConfigError, IndexFormatError
 from bgsynth.geometry import CropGeometry
-from bgsynth.index import DatasetIndex, rle_decode, rle_encode, rle_union
+from bgsynth.index import DatasetIndex, require_index, rle_decode, rle_encode, rle_union
 
 
 @pytest.mark.parametrize("mod", [bgsynth.classes, bgsynth.index, bgsynth.geometry, bgsynth.distributed])
@@ -186,3 +186,17 @@ def test_index_moved_together_with_its_images_keeps_working(tmp_path):
     again = back.save(moved / "deeper" / "more" / "val.json")
     assert DatasetIndex.load(again).data["info"]["image_root"] == "../../images"
     assert pathlib.Path(DatasetIndex.load(again).record(back.ids[0]).path).resolve() == pathlib.Path(rec.path).resolve()
+
+
+def test_require_index_is_the_one_check_of_every_consumer(tiny_index):
+    """A loaded index passes as itself; a path is refused (naming the caller and DatasetIndex.load) unless the
+    caller loads paths, in which case the file is loaded; anything else is refused by type."""
+    assert require_index(tiny_index, "x") is tiny_index
+    with pytest.raises(ConfigError, match=r"^export: expected a DatasetIndex, got the path '.*'; .*DatasetIndex\.load"):
+        require_index(str(tiny_index.path), "export")
+    with pytest.raises(ConfigError, match=r"^show: .*got the path"):
+        require_index(pathlib.Path(tiny_index.path), "show")
+    loaded = require_index(pathlib.Path(tiny_index.path), "train", load_paths=True)
+    assert isinstance(loaded, DatasetIndex) and loaded.ids == DatasetIndex.load(tiny_index.path).ids
+    with pytest.raises(ConfigError, match=r"^train: expected a DatasetIndex, got dict"):
+        require_index({"images": []}, "train", load_paths=True)

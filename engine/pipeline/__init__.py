@@ -20,7 +20,7 @@ import torch
 
 from ..config import RunConfig, resolve_options
 from ..errors import BackendUnavailableError, ConfigError
-from ..index import DatasetIndex
+from ..index import DatasetIndex, require_index
 from .common import BACKENDS, BackendSpec, DecodeLoader, DecodeOptions, backend_available, register_backend
 
 __all__ = [
@@ -111,11 +111,7 @@ def create_loader(
     >>> for batch in loader:                                                                    # doctest: +SKIP
     ...     batch.images.shape, batch.masks.shape                             # [B,3,224,224], [B,1,224,224]
     """
-    if not isinstance(index, DatasetIndex):
-        raise ConfigError(
-            f"create_loader: expected a DatasetIndex, got {type(index).__name__}; load an index file once, at the "
-            f"edge: create_loader(DatasetIndex.load(path), ...)"
-        )
+    require_index(index, "create_loader")
     run, options = resolve_options("create_loader", run, options, DecodeOptions, kwargs, batch_kind="decode",
                                    device="cpu")
     if not isinstance(run.backend, str):

@@ -39,7 +39,7 @@ import torch
 
 from ..config import RunConfig, available_cores, check_positive_int
 from ..errors import BackendUnavailableError, ConfigError, DecodeError
-from ..index import DatasetIndex, Reject
+from ..index import DatasetIndex, Reject, require_index
 from ..probe import SampleError
 from ..types import Batch
 from .host import (
@@ -294,8 +294,7 @@ class DecodeLoader:
     name = "base"
 
     def __init__(self, index: DatasetIndex, run: RunConfig, options: DecodeOptions | None = None):
-        if not isinstance(index, DatasetIndex):
-            raise ConfigError(f"create_loader: expected a DatasetIndex, got {type(index).__name__}")
+        require_index(index, "create_loader")
         if not isinstance(run, RunConfig):
             raise ConfigError(f"{type(self).__name__}: expected a RunConfig, got {type(run).__name__}")
         options = DecodeOptions() if options is None else options
